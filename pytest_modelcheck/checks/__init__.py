@@ -1,0 +1,17 @@
+"""One function per check; each returns a CheckResult. See ``registry`` for the mechanism.
+
+Importing this package registers the built-in checks; it imports neither torch nor pytest.
+Check modules are named for their topic (``gradients``, ``shapes``...) and export the check
+functions, which are re-exported here.
+
+>>> from pytest_modelcheck.checks import all_checks, grads_finite
+>>> grads_finite.spec.name in all_checks()
+True
+"""
+from .registry import CheckSpec, SkipCheck, all_checks, check, default_checks, get_check
+from .gradients import grads_finite
+from .shapes import shapes_consistent
+from .overfit import model_overfits
+
+__all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
+           "grads_finite", "shapes_consistent", "model_overfits"]

@@ -1,0 +1,120 @@
+"""model_overfits: a seeded copy of the model trained on the one batch drives its loss down."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..core.errors import UsageError
+from ..core.result import CheckResult
+from .registry import check
+
+HINTS = (
+    "outputs unconstrained where the loss expects a range (angles, probabilities): add a bounded"
+    " activation",
+    "inputs or targets normalized wrongly (check data_sane / the forward value ranges)",
+    "a .detach(), .item() or torch.no_grad() in the middle of forward cuts the graph"
+    " (grads_finite names parameters that get no gradient)",
+    "learning rate too small or too large for this optimizer: try lr=1e-2 and lr=1e-4",
+)
+
+
+def _number(name: str, value: Any, *, positive: bool = True, integer: bool = False) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and positive:
+        ok = value > 0
+    if not ok:
+        kind = "a positive integer" if integer else ("a positive number" if positive else "a number")
+        raise UsageError(f"{name}={value!r}: expected {kind}")
+    return int(value) if integer else float(value)
+
+
+def _validate(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
+              target: Any = None, chance_level: Any = None, seed: Any = 0) -> dict:
+    from ..core.training import validate_optimizer
+
+    out = {"steps": _number("steps", steps, integer=True), "lr": _number("lr", lr),
+           "optimizer": validate_optimizer(optimizer),
+           "target_ratio": _number("target_ratio", target_ratio),
+           "target": None if target is None else _number("target", target, positive=False),
+           "chance_level": None if chance_level is None else _number("chance_level", chance_level,
+                                                                     positive=False),
+           "seed": _number("seed", seed, positive=False, integer=True)}
+    if out["target_ratio"] >= 1:
+        raise UsageError(f"target_ratio={target_ratio!r}: expected a fraction of the initial loss"
+                         " below 1, such as 0.3")
+    return out
+
+
+@check(default=True, validate=_validate)
+def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
+                   target: Any = None, chance_level: Any = None, seed: Any = 0, *, model: Any,
+                   batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+    """A seeded copy trained on the one batch gets its loss below target_ratio x initial (or target).
+
+    ``chance_level`` (e.g. ``math.log(10)`` for 10-class cross-entropy, ``math.pi / 2`` for an
+    angular-distance loss) lets the failure say "stuck at chance level".
+
+    >>> import torch
+    >>> m = torch.nn.Linear(4, 1)
+    >>> model_overfits(steps=60, lr=0.05, model=m,
+    ...                batch=(torch.randn(8, 4), torch.randn(8, 1))).passed
+    True
+    """
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+    from ..core.training import sparkline, train_steps
+
+    if not batch.has_target and loss is None:
+        raise UsageError("model_overfits needs a target in the batch or a loss= callable;"
+                         " got a batch without target")
+    work = copy_model(model).to(device)
+    data = batch.clone().to(device)
+    import torch
+
+    with torch.no_grad():
+        probe = run_forward(copy_model(work).eval(), data)
+    lossfn = resolve_loss(loss, data, probe)
+    run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr, seed=seed)
+    initial, best, final = run.initial, run.best, run.final
+    goal = target if target is not None else target_ratio * initial
+    goal_text = (f"loss <= {target:.4g}" if target is not None
+                 else f"loss <= {target_ratio:g} x initial {initial:.4g} = {goal:.4g}")
+    curve = sparkline(run.losses)
+    metrics = {"initial_loss": initial, "best_loss": best, "final_loss": final, "goal": goal,
+               "steps_run": len(run.losses), "optimizer": optimizer if isinstance(optimizer, str)
+               else getattr(optimizer, "__name__", "custom"), "lr": lr, "loss_fn": lossfn.name,
+               "losses": [round(v, 6) if math.isfinite(v) else str(v) for v in run.losses],
+               "chance_level": chance_level}
+    if run.terms:
+        metrics["terms"] = {k: [round(v, 6) for v in vs] for k, vs in run.terms.items()}
+    details = [f"loss curve ({len(run.losses)} steps, {optimizer} lr={lr:g}): {curve}",
+               f"  initial {initial:.5g}  best {best:.5g}  final {final:.5g}"]
+    for k, vs in run.terms.items():
+        details.append(f"  term {k}: {vs[0]:.4g} -> {min(vs):.4g}  {sparkline(vs)}")
+    if run.stopped:
+        return CheckResult("model_overfits", False,
+                           f"expected {goal_text} within {steps} steps, observed a non-finite loss:"
+                           f" {run.stopped} {curve}", "\n".join(details), metrics)
+    if not math.isfinite(initial):
+        return CheckResult("model_overfits", False,
+                           f"expected a finite initial loss, observed {initial}", "", metrics)
+    if best <= goal:
+        return CheckResult("model_overfits", True,
+                           f"expected {goal_text} within {steps} steps, observed {best:.4g} {curve}",
+                           "\n".join(details), metrics)
+    at_chance = chance_level is not None and abs(final - chance_level) <= 0.05 * max(abs(chance_level), 1e-12)
+    if at_chance:
+        observed = f"stuck at chance level {chance_level:.4g} (final {final:.4g})"
+    elif best >= 0.95 * initial:
+        observed = f"loss flat at {best:.4g}"
+    else:
+        observed = f"best {best:.4g} (final {final:.4g})"
+    details.append("hints:")
+    details += [f"  - {h}" for h in HINTS]
+    metrics["stuck_at_chance"] = at_chance
+    return CheckResult("model_overfits", False,
+                       f"expected {goal_text} within {steps} steps, observed {observed} {curve}",
+                       "\n".join(details), metrics)

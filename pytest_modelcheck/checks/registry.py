@@ -1,0 +1,211 @@
+"""The check registry: one plain function per check; its signature is the marker's signature.
+
+A check is written as::
+
+    @check(default=True)
+    def grads_finite(allow_unused=(), *, model, batch, loss=None, device=None) -> CheckResult:
+        '''One-line summary used for `pytest --markers`.'''
+
+User arguments come first; ``model``, ``batch``, ``loss`` and ``device`` are keyword-only and
+injected (by ``check_model``, the pytest markers or the ``modelcheck`` fixture). ``validate``
+turns the user arguments into checked values at marker-binding time, before anything runs,
+and raises ``UsageError`` with a one-line message. Registering a name twice is an error.
+This module imports neither torch nor pytest.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from ..core.errors import ModelError, UsageError
+from ..core.result import CheckResult
+
+CONTEXT = ("model", "batch", "loss", "device")
+MARKER_CONTEXT = ("loss", "device")  # context a marker may also set
+
+
+class SkipCheck(Exception):
+    """Raised inside a check when it cannot apply (absent device, nothing to check)."""
+
+
+@dataclass
+class CheckSpec:
+    name: str
+    impl: Callable
+    signature: inspect.Signature
+    summary: str
+    default: bool
+    validate: Optional[Callable[..., dict]]
+    absent_device_ok: bool
+
+    @property
+    def user_params(self) -> list:
+        return [p for p in self.signature.parameters.values() if p.name not in CONTEXT]
+
+    @property
+    def required(self) -> list:
+        return [p.name for p in self.user_params if p.default is inspect.Parameter.empty]
+
+    def marker_help(self) -> str:
+        """``memory_under(limit, phase='train', *, loss=None, device=None): summary``."""
+        parts, star = [], False
+        for p in self.signature.parameters.values():
+            if p.name in ("model", "batch"):
+                continue
+            if p.kind is p.KEYWORD_ONLY and not star:
+                parts.append("*")
+                star = True
+            parts.append(p.name if p.default is p.empty else f"{p.name}={p.default!r}")
+        return f"{self.name}({', '.join(parts)}): {self.summary}"
+
+    def bind(self, args: tuple = (), kwargs: Optional[dict] = None) -> dict:
+        """Bind marker (or call) arguments; validate; return the keyword dict to run with.
+
+        Raises UsageError naming what was given and what is expected.
+        """
+        kwargs = dict(kwargs or {})
+        for name in ("model", "batch"):
+            if name in kwargs:
+                raise UsageError(f"{name}= is not a marker argument; name the fixture with"
+                                 f" {name}_fixture='...' instead")
+        user_sig = self.signature.replace(parameters=[
+            p for p in self.signature.parameters.values() if p.name not in ("model", "batch")])
+        try:
+            bound = user_sig.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise UsageError(f"{exc}; expected {self.marker_help().split(':')[0]}") from None
+        values = dict(bound.arguments)
+        if self.validate is not None:
+            user = {k: v for k, v in values.items() if k not in CONTEXT}
+            checked = self.validate(**user)
+            values.update(checked or {})
+        if "loss" in values:
+            from ..core.losses import validate_loss_arg
+
+            values["loss"] = validate_loss_arg(values["loss"])
+        return values
+
+    def run(self, values: dict, *, model: Any, batch: Any, loss: Any = None,
+            device: Any = None) -> CheckResult:
+        """Run with already-bound ``values``; a failing model becomes a failed result."""
+        from ..core.batch import Batch
+        from ..core.state import preserved_globals
+
+        context = {"loss": loss, "device": device}
+        context.update({k: v for k, v in values.items() if k in MARKER_CONTEXT and v is not None})
+        user = {k: v for k, v in values.items() if k not in CONTEXT}
+        batch = Batch.from_user(batch)
+        start = time.perf_counter()
+        with preserved_globals():
+            try:
+                device = _resolve_device(context["device"], model, self.absent_device_ok)
+                result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
+                                   device=device)
+            except SkipCheck as exc:
+                result = CheckResult(self.name, None, str(exc))
+            except ModelError as exc:
+                result = CheckResult(self.name, False, str(exc), details=_cause(exc),
+                                     metrics={"raised_in": exc.module})
+        result.duration_s = round(time.perf_counter() - start, 4)
+        result.arguments = {k: _describe(v) for k, v in values.items()}
+        return result
+
+    def __call__(self, *args: Any, model: Any, batch: Any, loss: Any = None, device: Any = None,
+                 **kwargs: Any) -> CheckResult:
+        values = self.bind(args, kwargs)
+        return self.run(values, model=model, batch=batch, loss=loss, device=device)
+
+
+def _cause(exc: ModelError) -> str:
+    import traceback
+
+    if exc.original is None:
+        return ""
+    frames = traceback.format_exception(type(exc.original), exc.original, exc.original.__traceback__)
+    text = "".join(frames).rstrip().splitlines()
+    return "\n".join(text[-12:])
+
+
+def _describe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _describe(v) for k, v in value.items()}
+    return getattr(value, "__name__", None) or repr(value)
+
+
+def _resolve_device(device: Any, model: Any, absent_ok: bool) -> Any:
+    import torch
+
+    from ..core.forward import model_device
+
+    if device is None:
+        return model_device(model)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available() and not absent_ok:
+        raise SkipCheck(f"device {device!r} is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "meta") and not absent_ok:
+        try:
+            torch.empty(0, device=dev)
+        except Exception:  # noqa: BLE001 - any backend failure means absent
+            raise SkipCheck(f"device {device!r} is not available on this machine") from None
+    return dev
+
+
+REGISTRY: dict = {}
+
+
+def check(*, default: bool = True, validate: Optional[Callable[..., dict]] = None,
+          absent_device_ok: bool = False, name: Optional[str] = None) -> Callable:
+    """Register a check function; returns the public, validating, state-preserving wrapper."""
+
+    def decorate(fn: Callable) -> Callable:
+        check_name = name or fn.__name__
+        if check_name in REGISTRY:
+            raise ValueError(f"a check named {check_name!r} is already registered")
+        sig = inspect.signature(fn)
+        missing = [c for c in CONTEXT if c not in sig.parameters
+                   or sig.parameters[c].kind is not inspect.Parameter.KEYWORD_ONLY]
+        if missing:
+            raise TypeError(f"check {check_name}: {missing} must be keyword-only parameters")
+        summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else ""
+        spec = CheckSpec(check_name, fn, sig, summary, default, validate, absent_device_ok)
+        REGISTRY[check_name] = spec
+
+        @functools.wraps(fn)
+        def public(*args: Any, **kwargs: Any) -> CheckResult:
+            return spec(*args, **kwargs)
+
+        public.spec = spec  # type: ignore[attr-defined]
+        return public
+
+    return decorate
+
+
+def get_check(name: str) -> CheckSpec:
+    """The registered check called ``name`` (UsageError listing the known names otherwise)."""
+    _load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UsageError(f"unknown check {name!r}; known checks: {', '.join(sorted(REGISTRY))}") from None
+
+
+def all_checks() -> dict:
+    """Every registered check, by name (imports the built-in check modules once)."""
+    _load_all()
+    return dict(REGISTRY)
+
+
+def default_checks() -> list:
+    """Names of the checks that run when nothing is declared (no required argument)."""
+    return [n for n, s in all_checks().items() if s.default and not s.required]
+
+
+def _load_all() -> None:
+    import pytest_modelcheck.checks  # noqa: F401  (importing the package registers the built-ins)

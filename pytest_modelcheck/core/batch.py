@@ -1,0 +1,227 @@
+"""How an example batch is split into model inputs and targets, and how the model is called.
+
+Accepted forms (``Batch.from_user``):
+
+* a tensor ``x``                    -> ``model(x)``, no target
+* a tuple/list ``(inputs, target)`` -> ``inputs`` is a tensor (``model(x)``), a tuple/list of
+  positional inputs (``model(x_sig, t, label, geom)``) or a dict passed as one argument;
+  ``target`` is anything the loss understands (usually a tensor, or ``None``)
+* a dict ``{...}``                  -> ``model(batch_dict)`` (the whole dict is one argument, as a
+  collate function builds it); the target is ``batch_dict["targets"]`` (or ``"target"``, ``"y"``,
+  ``"labels"``, ``"label"``), the first of those keys present
+* ``Batch(args=..., kwargs=..., target=...)`` for anything else (keyword inputs, no target)
+* a callable ``make_batch(batch_size)`` returning any of the above: checks that need other
+  batch sizes call it; otherwise tensors whose first dimension equals the batch size are tiled or
+  sliced (ragged/packed batches, such as pulses packed across events, need the factory).
+
+The batch size is the first dimension of the target when it is a tensor, otherwise of the first
+input tensor.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from .errors import UsageError
+
+TARGET_KEYS = ("targets", "target", "y", "labels", "label")
+FACTORY_EXAMPLE_SIZE = 4
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def map_structure(fn: Callable[[Any], Any], obj: Any) -> Any:
+    """Apply ``fn`` to every tensor in a nest of tuples, lists and dicts.
+
+    >>> import torch
+    >>> map_structure(lambda t: t * 2, {"a": (torch.ones(1), 3)})["a"][0]
+    tensor([2.])
+    """
+    if _is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_structure(fn, v)) for k, v in obj.items())
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(map_structure(fn, v) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_structure(fn, v) for v in obj)
+    return obj
+
+
+def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple]:
+    """Yield ``(path, tensor)`` for every tensor in a nest; paths look like ``[0]['logits']``.
+
+    >>> import torch
+    >>> [p for p, _ in iter_tensors({"a": torch.ones(1), "b": [torch.ones(1)]}, "out")]
+    ["out['a']", "out['b'][0]"]
+    """
+    if _is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_tensors(v, f"{prefix}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from iter_tensors(v, f"{prefix}[{i}]")
+
+
+@dataclass
+class Batch:
+    """Model inputs (positional and keyword) plus an optional target.
+
+    >>> import torch
+    >>> b = Batch.from_user((torch.zeros(3, 4), torch.zeros(3, dtype=torch.long)))
+    >>> (b.batch_size, b.has_target, len(b.args))
+    (3, True, 1)
+    >>> b.resized(5).args[0].shape
+    torch.Size([5, 4])
+    """
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+    target: Any = None
+    has_target: bool = False
+    factory: Optional[Callable[[int], Any]] = None
+    target_key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if not self.has_target and self.target is not None:
+            self.has_target = True
+
+    # construction -------------------------------------------------------------------------
+    @classmethod
+    def from_user(cls, batch: Any, *, name: str = "batch") -> "Batch":
+        """Normalize whatever the user's ``batch`` fixture returned (see the module doc)."""
+        if isinstance(batch, Batch):
+            return batch
+        if _is_tensor(batch):
+            return cls(args=(batch,))
+        if isinstance(batch, dict):
+            key = next((k for k in TARGET_KEYS if k in batch), None)
+            return cls(args=(batch,), target=batch[key] if key else None,
+                       has_target=key is not None, target_key=key)
+        if isinstance(batch, (tuple, list)):
+            if len(batch) != 2:
+                raise UsageError(
+                    f"{name}: a tuple batch must be (inputs, target), got a {type(batch).__name__}"
+                    f" of length {len(batch)}; wrap several inputs as ((a, b, c), target) or use"
+                    " pytest_modelcheck.Batch(args=..., kwargs=..., target=...)")
+            inputs, target = batch
+            if isinstance(inputs, (tuple, list)):
+                args = tuple(inputs)
+            else:
+                args = (inputs,)
+            return cls(args=args, target=target, has_target=target is not None)
+        if callable(batch) and not hasattr(batch, "forward"):
+            example = batch(FACTORY_EXAMPLE_SIZE)
+            if callable(example) and not _is_tensor(example):
+                raise UsageError(f"{name}: the batch factory returned a callable; it must return a batch")
+            made = cls.from_user(example, name=name)
+            made.factory = batch
+            return made
+        raise UsageError(
+            f"{name}: expected a tensor, an (inputs, target) tuple, a dict, a Batch or a"
+            f" make_batch(batch_size) callable, got {type(batch).__name__}")
+
+    # properties -----------------------------------------------------------------------------
+    @property
+    def inputs(self) -> tuple:
+        return (self.args, self.kwargs)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        if _is_tensor(self.target) and self.target.dim() > 0:
+            return int(self.target.shape[0])
+        for _, t in iter_tensors(self.inputs):
+            if t.dim() > 0:
+                return int(t.shape[0])
+        return None
+
+    def input_tensors(self) -> list:
+        return list(iter_tensors(self.args, "input")) + list(iter_tensors(self.kwargs, "input"))
+
+    # operations -----------------------------------------------------------------------------
+    def call(self, model: Any) -> Any:
+        """Run ``model`` on the inputs: ``model(*args, **kwargs)``."""
+        return model(*self.args, **self.kwargs)
+
+    def map(self, fn: Callable) -> "Batch":
+        """A new Batch with ``fn`` applied to every tensor (inputs and target)."""
+        args, kwargs = map_structure(fn, (self.args, self.kwargs))
+        target = map_structure(fn, self.target)
+        if self.target_key is not None and self.args and isinstance(self.args[0], dict):
+            target = self.args[0][self.target_key]
+        return Batch(args=args, kwargs=kwargs, target=target, has_target=self.has_target,
+                     factory=self.factory, target_key=self.target_key)
+
+    def clone(self) -> "Batch":
+        """Deep copy: tensors cloned (detached), other values copied."""
+        return self.map(lambda t: t.detach().clone())
+
+    def to(self, device: Any) -> "Batch":
+        return self.map(lambda t: t.to(device))
+
+    def resized(self, n: int) -> "Batch":
+        """The same kind of batch with ``n`` samples.
+
+        With a factory, ``factory(n)``; otherwise every tensor whose first dimension equals the
+        batch size is sliced (``n`` smaller) or tiled (``n`` larger, samples repeat in order).
+        """
+        if n < 1:
+            raise UsageError(f"batch size must be >= 1, got {n}")
+        if self.factory is not None:
+            made = Batch.from_user(self.factory(n))
+            made.factory = self.factory
+            return made
+        b = self.batch_size
+        if b is None:
+            raise UsageError("cannot change the batch size: the batch holds no tensor with a batch"
+                             " dimension; give a make_batch(batch_size) factory as the batch")
+        if n == b:
+            return self.clone()
+        import torch
+
+        def resize(t: Any) -> Any:
+            if t.dim() == 0 or t.shape[0] != b:
+                return t.detach().clone()
+            index = torch.arange(n, device=t.device) % b
+            return t.detach().index_select(0, index).clone()
+
+        return self.map(resize)
+
+    def differs_from(self, other: "Batch") -> list:
+        """Paths of the input tensors whose values differ (bitwise, NaN-aware) from ``other``."""
+        import torch
+
+        changed = []
+        mine = self.input_tensors() + list(iter_tensors(self.target, "target"))
+        theirs = other.input_tensors() + list(iter_tensors(other.target, "target"))
+        for (path, a), (_, b) in zip(mine, theirs):
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(
+                    a.detach().cpu().view(-1).view(torch.uint8) if a.is_floating_point() else a.detach().cpu(),
+                    b.detach().cpu().view(-1).view(torch.uint8) if b.is_floating_point() else b.detach().cpu()):
+                changed.append(path)
+        return changed
+
+    def describe(self) -> str:
+        """Short text: shapes and dtypes of the inputs and target."""
+        parts = [f"{p}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                 for p, t in self.input_tensors()]
+        if self.has_target:
+            parts += [f"{p}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                      for p, t in iter_tensors(self.target, "target")]
+        return ", ".join(parts)
+
+
+def copy_model(model: Any) -> Any:
+    """A deep copy of the model that a check may train, move or mutate freely."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001 - any failure to copy is a usage problem
+        raise UsageError(f"model: cannot be deep-copied ({type(exc).__name__}: {exc}); checks"
+                         " work on a copy so the original is never changed") from exc

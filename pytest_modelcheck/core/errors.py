@@ -1,0 +1,21 @@
+"""Exceptions with one-line messages for user mistakes (never shown with a traceback)."""
+
+
+class UsageError(ValueError):
+    """A bad argument, marker option or input given by the user.
+
+    The message is one line: what was given and what is expected. The pytest plugin prefixes
+    it with the marker name (``@pytest.mark.memory_under: ...``).
+
+    >>> str(UsageError("limit: expected a size such as '2 GiB', got 'x'"))
+    "limit: expected a size such as '2 GiB', got 'x'"
+    """
+
+
+class ModelError(RuntimeError):
+    """The user's model raised while a check ran it; ``module`` names where, when known."""
+
+    def __init__(self, message: str, module: str = "", original: BaseException = None):
+        super().__init__(message)
+        self.module = module
+        self.original = original

@@ -1,0 +1,498 @@
+"""Throughput measurement that tolerates noise.
+
+:func:`measure_throughput` runs a ``step`` callable a few times to warm up,
+then times ``min_runs`` runs.  If the timings are noisy -- the interquartile
+range is more than ``noise`` times the median -- it keeps adding runs
+(doubling the sample each round) until they are quiet, ``max_runs`` is
+reached or ``max_time`` seconds have been measured.  A noisy measurement is
+therefore extended before a check may fail on it, and the result records
+whether it is still noisy at the end.
+
+Throughput is ``batch_size / median`` run time; the median and quartiles
+are robust to the odd slow run (a garbage collection, another process).
+
+The clock is injectable (``timer``), so the logic can be tested with a
+scripted sequence of readings.  On CUDA devices the default is to time with
+CUDA events (:func:`cuda_event_timer`), which measure GPU time without
+counting Python overhead between kernels.  ``torch`` is imported only when a
+CUDA timer or synchronisation is actually needed.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence, Union
+
+from .units import format_duration, format_rate, parse_duration
+
+__all__ = [
+    "TimingStats",
+    "ThroughputMeasurement",
+    "CudaEventTimer",
+    "cuda_event_timer",
+    "measure_throughput",
+]
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    """Quantile of sorted data by linear interpolation (numpy's default)."""
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    fraction = position - low
+    return ordered[low] + (ordered[high] - ordered[low]) * fraction
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator`` with ``x / 0`` as infinity and ``0 / 0`` as 0."""
+    if denominator == 0:
+        return 0.0 if numerator == 0 else math.inf
+    return numerator / denominator
+
+
+@dataclass
+class TimingStats:
+    """Summary statistics of a list of run times, in seconds.
+
+    ``std`` is the sample standard deviation (0 for a single run); quantiles
+    (``q1``, ``median``, ``q3``, ``p90``) use linear interpolation between
+    the closest ranks, as numpy's default does; ``iqr`` is ``q3 - q1``.
+
+    >>> stats = TimingStats.from_times([4.0, 1.0, 3.0, 2.0])
+    >>> stats.median, stats.q1, stats.q3, stats.iqr
+    (2.5, 1.75, 3.25, 1.5)
+    >>> stats.min, stats.max, stats.p90
+    (1.0, 4.0, 3.7)
+    """
+
+    times: list[float]
+    median: float
+    mean: float
+    std: float
+    min: float
+    max: float
+    p90: float
+    q1: float
+    q3: float
+    iqr: float
+
+    @classmethod
+    def from_times(cls, times: Iterable[float]) -> "TimingStats":
+        """Compute the statistics of ``times`` (seconds, in run order).
+
+        Raises :class:`ValueError` if ``times`` is empty or holds a negative
+        or non-finite value.
+
+        >>> TimingStats.from_times([2.0, 1.0, 3.0]).median
+        2.0
+        """
+        values = [float(t) for t in times]
+        if not values:
+            raise ValueError("expected at least one run time, got none")
+        for index, value in enumerate(values):
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(
+                    f"expected run times that are finite and not negative, got {value!r} for run {index + 1}"
+                )
+        ordered = sorted(values)
+        q1 = _quantile(ordered, 0.25)
+        q3 = _quantile(ordered, 0.75)
+        return cls(
+            times=values,
+            median=_quantile(ordered, 0.5),
+            mean=statistics.fmean(values),
+            std=statistics.stdev(values) if len(values) > 1 else 0.0,
+            min=ordered[0],
+            max=ordered[-1],
+            p90=_quantile(ordered, 0.9),
+            q1=q1,
+            q3=q3,
+            iqr=q3 - q1,
+        )
+
+    @property
+    def spread(self) -> float:
+        """Relative spread ``iqr / median`` (infinite if the median is 0 but the IQR is not)."""
+        return _ratio(self.iqr, self.median)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The statistics as a dict of builtin types.
+
+        >>> TimingStats.from_times([1.0, 3.0]).to_dict()["median"]
+        2.0
+        """
+        return {
+            "times": [float(t) for t in self.times],
+            "median": float(self.median),
+            "mean": float(self.mean),
+            "std": float(self.std),
+            "min": float(self.min),
+            "max": float(self.max),
+            "p90": float(self.p90),
+            "q1": float(self.q1),
+            "q3": float(self.q3),
+            "iqr": float(self.iqr),
+        }
+
+
+@dataclass
+class ThroughputMeasurement:
+    """The result of :func:`measure_throughput`.
+
+    ``samples_per_s`` is ``batch_size / stats.median``; ``spread`` is
+    ``stats.iqr / stats.median``; ``noisy`` says whether ``spread`` was
+    still above the ``noise`` threshold when measuring stopped, and
+    ``extended`` whether runs beyond ``min_runs`` were taken because the
+    first ones were noisy.  ``method`` is ``"perf_counter"`` for a host clock
+    (``time.perf_counter`` unless another timer was injected) or
+    ``"cuda-events"``.  A median of zero (a clock too coarse for the step)
+    gives an infinite rate.
+    """
+
+    batch_size: int
+    samples_per_s: float
+    stats: TimingStats
+    runs: int
+    warmup: int
+    noisy: bool
+    extended: bool
+    device: str
+    method: str
+    spread: float
+    noise: float = 0.10
+
+    @property
+    def samples_per_s_range(self) -> tuple[float, float]:
+        """Throughput at the slow and fast quartile: ``(batch_size / q3, batch_size / q1)``."""
+        return (
+            _ratio(self.batch_size, self.stats.q3),
+            _ratio(self.batch_size, self.stats.q1),
+        )
+
+    def summary(self) -> str:
+        """A one-line description, e.g. for a failure message.
+
+        >>> m = measure_throughput(lambda: None, 32, timer=iter([0.0, 0.25] * 10).__next__)
+        >>> m.summary()
+        '128 samples/s (batch 32, median 250 ms over 10 runs, spread 0.0%, cpu, perf_counter)'
+        """
+        text = (
+            f"{format_rate(self.samples_per_s) if math.isfinite(self.samples_per_s) else 'inf samples/s'}"
+            f" (batch {self.batch_size}, median {format_duration(self.stats.median)}"
+            f" over {self.runs} runs, spread {self.spread:.1%}"
+        )
+        if self.noisy:
+            text += f" > {self.noise:.0%}, noisy"
+        return f"{text}, {self.device}, {self.method})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The measurement as a dict of builtin types (infinities stay ``float('inf')``).
+
+        >>> m = measure_throughput(lambda: None, 8, timer=iter([0.0, 0.5] * 10).__next__)
+        >>> d = m.to_dict()
+        >>> d["samples_per_s"], d["samples_per_s_range"], d["runs"], d["stats"]["median"]
+        (16.0, [16.0, 16.0], 10, 0.5)
+        """
+        low, high = self.samples_per_s_range
+        return {
+            "batch_size": int(self.batch_size),
+            "samples_per_s": float(self.samples_per_s),
+            "samples_per_s_range": [float(low), float(high)],
+            "runs": int(self.runs),
+            "warmup": int(self.warmup),
+            "noisy": bool(self.noisy),
+            "extended": bool(self.extended),
+            "device": str(self.device),
+            "method": str(self.method),
+            "spread": float(self.spread),
+            "noise": float(self.noise),
+            "stats": self.stats.to_dict(),
+        }
+
+
+class CudaEventTimer:
+    """Times one call of a step with a pair of CUDA events.
+
+    Calling the timer with ``step`` synchronises the device, records a start
+    event on the device's current stream, calls ``step()``, records an end
+    event, synchronises again and returns the elapsed time in seconds
+    (``elapsed_time`` reports milliseconds).
+
+    ``event_factory``, ``synchronize`` and ``current_stream`` default to
+    ``torch.cuda.Event``, ``torch.cuda.synchronize`` and
+    ``torch.cuda.current_stream``; passing stand-ins makes the timer usable
+    without a GPU, as in this example:
+
+    >>> class FakeEvent:
+    ...     clock = 0.0
+    ...     def __init__(self, enable_timing=False):
+    ...         self.at = None
+    ...     def record(self, stream=None):
+    ...         FakeEvent.clock += 2.0          # each record is 2 ms later
+    ...         self.at = FakeEvent.clock
+    ...     def elapsed_time(self, end):
+    ...         return end.at - self.at         # milliseconds
+    >>> timer = CudaEventTimer("cuda:0", event_factory=FakeEvent,
+    ...                        synchronize=lambda device: None,
+    ...                        current_stream=lambda device: None)
+    >>> timer(lambda: None)
+    0.002
+    """
+
+    method = "cuda-events"
+
+    def __init__(
+        self,
+        device: Any = "cuda",
+        *,
+        event_factory: Callable[..., Any] | None = None,
+        synchronize: Callable[[Any], Any] | None = None,
+        current_stream: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self.device = str(device)
+        if event_factory is None or synchronize is None or current_stream is None:
+            import torch
+
+            if event_factory is None:
+                event_factory = torch.cuda.Event
+            if synchronize is None:
+                synchronize = torch.cuda.synchronize
+            if current_stream is None:
+                current_stream = torch.cuda.current_stream
+        self._event_factory = event_factory
+        self._synchronize = synchronize
+        self._current_stream = current_stream
+
+    def sync(self) -> None:
+        """Wait for all queued work on the device."""
+        self._synchronize(self.device)
+
+    def __call__(self, step: Callable[[], Any]) -> float:
+        """Run ``step()`` once and return its GPU time in seconds."""
+        stream = self._current_stream(self.device)
+        start = self._event_factory(enable_timing=True)
+        end = self._event_factory(enable_timing=True)
+        self.sync()
+        start.record(stream)
+        step()
+        end.record(stream)
+        self.sync()
+        return float(start.elapsed_time(end)) / 1000.0
+
+    def __repr__(self) -> str:
+        return f"CudaEventTimer({self.device!r})"
+
+
+def cuda_event_timer(
+    device: Any = "cuda",
+    *,
+    event_factory: Callable[..., Any] | None = None,
+    synchronize: Callable[[Any], Any] | None = None,
+    current_stream: Callable[[Any], Any] | None = None,
+) -> CudaEventTimer:
+    """A :class:`CudaEventTimer` for ``device``; pass it as ``timer`` to :func:`measure_throughput`.
+
+    The keyword arguments replace ``torch.cuda.Event``,
+    ``torch.cuda.synchronize`` and ``torch.cuda.current_stream``; ``torch``
+    is imported only for those left out.
+
+    >>> timer = cuda_event_timer("cuda:1", event_factory=object,
+    ...                          synchronize=print, current_stream=print)
+    >>> timer
+    CudaEventTimer('cuda:1')
+    >>> timer.sync()
+    cuda:1
+    """
+    return CudaEventTimer(
+        device,
+        event_factory=event_factory,
+        synchronize=synchronize,
+        current_stream=current_stream,
+    )
+
+
+def _no_sync() -> None:
+    return None
+
+
+def _cuda_synchronizer(device: str) -> Callable[[], None]:
+    import torch
+
+    def sync() -> None:
+        torch.cuda.synchronize(device)
+
+    return sync
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a number, got {value!r}")
+    number = float(value)
+    if math.isnan(number) or number < 0:
+        raise ValueError(f"{name}: expected a number >= 0, got {value!r}")
+    return number
+
+
+Timer = Union[Callable[[], float], CudaEventTimer]
+
+
+def measure_throughput(
+    step: Callable[[], Any],
+    batch_size: int,
+    *,
+    warmup: int = 3,
+    min_runs: int = 10,
+    max_runs: int = 100,
+    max_time: float | str = 10.0,
+    noise: float = 0.10,
+    timer: Timer | None = None,
+    sync: Callable[[], Any] | None = None,
+    device: Any = "cpu",
+) -> ThroughputMeasurement:
+    """Measure how many samples per second ``step()`` processes.
+
+    ``step`` is called ``warmup`` times untimed, then ``min_runs`` times
+    timed: each run is ``sync(); t0 = timer(); step(); sync(); t1 = timer()``.
+    While the relative spread ``iqr / median`` exceeds ``noise``, fewer than
+    ``max_runs`` runs have been taken and less than ``max_time`` seconds have
+    been measured (summed run times; warm-up not included), more runs are
+    added, doubling the sample each round.  ``min_runs`` runs are always
+    taken.
+
+    ``timer`` is a zero-argument clock returning seconds (default
+    ``time.perf_counter``) or a :class:`CudaEventTimer`.  ``sync`` defaults
+    to a no-op, or to ``torch.cuda.synchronize(device)`` when ``device``
+    names a CUDA device.  When ``device`` starts with ``"cuda"`` and no
+    ``timer`` is given, runs are timed with CUDA events (``method`` is
+    ``"cuda-events"``), and ``sync``, if given, replaces
+    ``torch.cuda.synchronize``.  ``max_time`` may be a duration string such
+    as ``"30s"``.
+
+    A steady fake clock that reads 0.25 s later on every call:
+
+    >>> import itertools
+    >>> clock = itertools.count(0.0, 0.25).__next__
+    >>> m = measure_throughput(lambda: None, 32, timer=clock)
+    >>> m.samples_per_s, m.runs, m.noisy, m.extended
+    (128.0, 10, False, False)
+
+    A noisy start (runs alternating 0.25 s and 0.5 s) is extended until the
+    later, steady runs make it quiet:
+
+    >>> durations = [0.25, 0.5] * 5 + [0.25] * 30
+    >>> readings = iter([r for d in durations for r in (0.0, d)])
+    >>> m = measure_throughput(lambda: None, 32, timer=readings.__next__, max_time=60)
+    >>> m.runs, m.extended, m.noisy, m.samples_per_s
+    (40, True, False, 128.0)
+    """
+    if not callable(step):
+        raise TypeError(f"step: expected a callable, got {step!r}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    min_runs = _check_int("min_runs", min_runs, 1)
+    max_runs = _check_int("max_runs", max_runs, 1)
+    if max_runs < min_runs:
+        raise ValueError(f"max_runs: expected at least min_runs ({min_runs}), got {max_runs}")
+    if isinstance(max_time, str):
+        max_time = parse_duration(max_time)
+    max_time = _check_float("max_time", max_time)
+    noise = _check_float("noise", noise)
+    device = str(device)
+    is_cuda = device.startswith("cuda")
+
+    event_timer: CudaEventTimer | None = None
+    if isinstance(timer, CudaEventTimer):
+        if sync is not None:
+            raise ValueError(
+                "sync: cannot be combined with a CudaEventTimer; give synchronize= to cuda_event_timer() instead"
+            )
+        event_timer = timer
+    elif timer is None and is_cuda:
+        user_sync = sync
+        event_timer = cuda_event_timer(
+            device,
+            synchronize=None if user_sync is None else (lambda _device: user_sync()),
+        )
+    elif timer is not None and not callable(timer):
+        raise TypeError(f"timer: expected a zero-argument clock or a CudaEventTimer, got {timer!r}")
+
+    if event_timer is not None:
+        method = "cuda-events"
+        settle: Callable[[], Any] = event_timer.sync
+        timed_step = event_timer
+
+        def run_once() -> float:
+            return timed_step(step)
+
+    else:
+        method = "perf_counter"
+        clock: Callable[[], float] = time.perf_counter if timer is None else timer  # type: ignore[assignment]
+        if sync is None:
+            sync = _cuda_synchronizer(device) if is_cuda else _no_sync
+        settle = sync
+        host_sync = sync
+
+        def run_once() -> float:
+            host_sync()
+            start = clock()
+            step()
+            host_sync()
+            return clock() - start
+
+    for _ in range(warmup):
+        step()
+    settle()
+
+    times: list[float] = []
+    total = 0.0
+
+    def take_run() -> None:
+        nonlocal total
+        elapsed = float(run_once())
+        if not math.isfinite(elapsed) or elapsed < 0:
+            raise ValueError(
+                f"timer: expected a finite, non-negative run time, got {elapsed!r} for run {len(times) + 1}"
+                " (is the clock monotonic?)"
+            )
+        times.append(elapsed)
+        total += elapsed
+
+    for _ in range(min_runs):
+        take_run()
+    stats = TimingStats.from_times(times)
+
+    extended = False
+    while stats.spread > noise and len(times) < max_runs and total < max_time:
+        extended = True
+        for _ in range(min(len(times), max_runs - len(times))):
+            take_run()
+            if total >= max_time:
+                break
+        stats = TimingStats.from_times(times)
+
+    spread = stats.spread
+    return ThroughputMeasurement(
+        batch_size=batch_size,
+        samples_per_s=_ratio(batch_size, stats.median),
+        stats=stats,
+        runs=len(times),
+        warmup=warmup,
+        noisy=spread > noise,
+        extended=extended,
+        device=device,
+        method=method,
+        spread=spread,
+        noise=noise,
+    )

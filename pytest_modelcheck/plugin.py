@@ -1,0 +1,338 @@
+"""pytest glue: options, ini keys, markers, fixtures, hooks and the health summary.
+
+Nothing here computes a metric; checks live in ``pytest_modelcheck.checks`` and the library in
+``pytest_modelcheck.core``. Importing this module does not import torch.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import pytest
+
+from .checks.registry import CheckSpec, all_checks
+from .core.errors import UsageError
+from .core.result import CheckResult
+
+PROPERTY = "modelcheck"            # user_properties key of one CheckResult dict
+MODEL_PROPERTY = "modelcheck_model"  # user_properties key of per-test model facts
+PLUGIN_KEYS = ("model_fixture", "batch_fixture")
+
+
+@dataclass
+class SessionState:
+    enabled: bool
+    json_path: Optional[str]
+    rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
+
+
+@dataclass
+class BoundMarker:
+    spec: CheckSpec
+    values: dict
+    model_fixture: str
+    batch_fixture: str
+
+
+session_key = pytest.StashKey[SessionState]()
+bound_key = pytest.StashKey[list]()
+
+
+# -- options -------------------------------------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("modelcheck", "model checks (pytest-modelcheck)")
+    group.addoption("--modelcheck", action="store_true", default=None, dest="modelcheck",
+                    help="Run the model checks requested by markers and print the model health"
+                         " summary. Default: off (ini: modelcheck).")
+    group.addoption("--modelcheck-json", default=None, dest="modelcheck_json", metavar="PATH",
+                    help="Write every check result to PATH as JSON. Default: none"
+                         " (ini: modelcheck_json).")
+    group.addoption("--modelcheck-device", default=None, dest="modelcheck_device",
+                    metavar="DEVICE", help="Device the checks run on (cpu, cuda, cuda:1)."
+                    " Default: the model's own device (ini: modelcheck_device).")
+    parser.addini("modelcheck", "Run model checks without --modelcheck. Default: false.",
+                  type="bool", default=False)
+    parser.addini("modelcheck_json", "Path of the JSON results file. Default: none.", default="")
+    parser.addini("modelcheck_device", "Device the checks run on. Default: the model's device.",
+                  default="")
+    parser.addini("modelcheck_model_fixture", "Fixture that provides the model. Default: model.",
+                  default="model")
+    parser.addini("modelcheck_batch_fixture", "Fixture that provides the example batch."
+                  " Default: batch.", default="batch")
+    parser.addini("modelcheck_loss_fixture", "Fixture that provides the loss, used when a marker"
+                  " gives no loss=. Default: loss_fn.", default="loss_fn")
+
+
+def _option(config: pytest.Config, name: str) -> Any:
+    value = config.getoption(name)
+    return value if value is not None else config.getini(name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for spec in all_checks().values():
+        config.addinivalue_line("markers", spec.marker_help())
+    json_path = _option(config, "modelcheck_json") or None
+    config.stash[session_key] = SessionState(bool(_option(config, "modelcheck")), json_path)
+    config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
+
+
+def _usage_failure(who: str, exc: Exception) -> None:
+    """Fail the test with a one-line usage message and no traceback or exception chain."""
+    failure = pytest.fail.Exception(f"{who}: {exc}", pytrace=False)
+    failure.__suppress_context__ = True
+    raise failure
+
+
+# -- marker binding (setup, before any expensive work) -------------------------------------
+def _markers(item: pytest.Item) -> list:
+    specs = all_checks()
+    seen, found = set(), []
+    for mark in item.iter_markers():
+        if mark.name in specs and mark.name not in seen:
+            seen.add(mark.name)
+            found.append((specs[mark.name], mark))
+    return found
+
+
+def _bind(item: pytest.Item) -> list:
+    bound = []
+    for spec, mark in reversed(_markers(item)):  # top-down, as written
+        kwargs = dict(mark.kwargs)
+        model_fx = kwargs.pop("model_fixture", None) or item.config.getini("modelcheck_model_fixture")
+        batch_fx = kwargs.pop("batch_fixture", None) or item.config.getini("modelcheck_batch_fixture")
+        try:
+            values = spec.bind(mark.args, kwargs)
+        except UsageError as exc:
+            _usage_failure(f"@pytest.mark.{spec.name}", exc)
+        bound.append(BoundMarker(spec, values, model_fx, batch_fx))
+    return bound
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if not _markers(item):
+        return
+    item.stash[bound_key] = _bind(item)
+    if not item.config.stash[session_key].enabled:
+        pytest.skip("model checks are off: run pytest with --modelcheck (or set modelcheck = true"
+                    " in the ini file)")
+
+
+# -- running the marked checks --------------------------------------------------------------
+def _fixture(request: pytest.FixtureRequest, name: str, who: str) -> Any:
+    try:
+        return request.getfixturevalue(name)
+    except pytest.FixtureLookupError:
+        pytest.fail(f"{who}: no fixture named {name!r}; define it, or name another with"
+                    " model_fixture=/batch_fixture= on the marker or the ini keys"
+                    " modelcheck_model_fixture/modelcheck_batch_fixture",
+                    pytrace=False)
+
+
+def _loss_fixture(request: pytest.FixtureRequest) -> Any:
+    name = request.config.getini("modelcheck_loss_fixture")
+    try:
+        return request.getfixturevalue(name)
+    except pytest.FixtureLookupError:
+        return None
+
+
+@dataclass
+class _Subject:
+    marker: BoundMarker
+    model: Any
+    batch: Any
+    loss: Any
+
+
+subjects_key = pytest.StashKey[list]()
+
+
+@pytest.fixture(autouse=True)
+def _modelcheck_subjects(request: pytest.FixtureRequest) -> None:
+    """Resolve the model, batch and loss fixtures named by the test's check markers."""
+    bound = request.node.stash.get(bound_key, None)
+    if not bound:
+        return
+    subjects = []
+    loss = _loss_fixture(request)
+    for bm in bound:
+        who = f"@pytest.mark.{bm.spec.name}"
+        subjects.append(_Subject(bm, _fixture(request, bm.model_fixture, who),
+                                 _fixture(request, bm.batch_fixture, who), loss))
+    request.node.stash[subjects_key] = subjects
+
+
+def _record(item: pytest.Item, result: CheckResult) -> None:
+    item.user_properties.append((PROPERTY, result.to_dict()))
+
+
+def _record_model(item: pytest.Item, model: Any) -> None:
+    if any(k == MODEL_PROPERTY for k, _ in item.user_properties):
+        return
+    from .core.forward import count_parameters
+
+    item.user_properties.append((MODEL_PROPERTY, {"parameters": count_parameters(model),
+                                                  "type": type(model).__name__}))
+
+
+def _device(config: pytest.Config) -> Optional[str]:
+    return _option(config, "modelcheck_device") or None
+
+
+def _failure_text(failed: list) -> str:
+    lines = [f"{len(failed)} model check{'s' if len(failed) > 1 else ''} failed:"]
+    lines += [f"  [{r.check}] {r.headline}" for r in failed]
+    return "\n".join(lines)
+
+
+def _report_details(item: pytest.Item, results: list) -> None:
+    text = "\n\n".join(r.format() for r in results if r.passed is False and r.details)
+    if text:
+        item.add_report_section("call", "modelcheck", text)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Any:
+    subjects = item.stash.get(subjects_key, None)
+    if not subjects:
+        return (yield)
+    results = []
+    device = _device(item.config)
+    for s in subjects:
+        _record_model(item, s.model)
+        try:
+            result = s.marker.spec.run(s.marker.values, model=s.model, batch=s.batch,
+                                       loss=s.loss, device=device)
+        except UsageError as exc:
+            _usage_failure(f"@pytest.mark.{s.marker.spec.name}", exc)
+        _record(item, result)
+        results.append(result)
+    outcome = yield
+    failed = [r for r in results if r.passed is False]
+    if failed:
+        _report_details(item, failed)
+        pytest.fail(_failure_text(failed), pytrace=False)
+    return outcome
+
+
+# -- the modelcheck fixture ----------------------------------------------------------------
+class ModelCheck:
+    """Run checks from inside a test: ``modelcheck.grads_finite()``, ``modelcheck.check_model()``.
+
+    Every check is a method with the check's own arguments; ``model=``, ``batch=``, ``loss=``
+    default to the test's ``model``, ``batch`` and ``loss_fn`` fixtures. A failing check fails
+    the test with its headline; the result is returned otherwise and always recorded for the
+    health summary and JSON report.
+    """
+
+    def __init__(self, request: pytest.FixtureRequest):
+        self._request = request
+
+    def _subject(self, model: Any, batch: Any, loss: Any) -> tuple:
+        cfg = self._request.config
+        if model is None:
+            model = _fixture(self._request, cfg.getini("modelcheck_model_fixture"), "modelcheck")
+        if batch is None:
+            batch = _fixture(self._request, cfg.getini("modelcheck_batch_fixture"), "modelcheck")
+        if loss is None:
+            loss = _loss_fixture(self._request)
+        return model, batch, loss
+
+    def _run(self, spec: CheckSpec, args: tuple, kwargs: dict) -> CheckResult:
+        model, batch, loss = (kwargs.pop(k, None) for k in ("model", "batch", "loss"))
+        device = kwargs.pop("device", None) or _device(self._request.config)
+        model, batch, loss = self._subject(model, batch, loss)
+        try:
+            values = spec.bind(args, kwargs)
+            result = spec.run(values, model=model, batch=batch, loss=loss, device=device)
+        except UsageError as exc:
+            _usage_failure(f"modelcheck.{spec.name}", exc)
+        _record_model(self._request.node, model)
+        _record(self._request.node, result)
+        if result.passed is False:
+            _report_details(self._request.node, [result])
+            pytest.fail(_failure_text([result]), pytrace=False)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        specs = all_checks()
+        if name not in specs:
+            raise AttributeError(f"modelcheck has no check {name!r}; known: {', '.join(sorted(specs))}")
+        spec = specs[name]
+
+        def method(*args: Any, **kwargs: Any) -> CheckResult:
+            return self._run(spec, args, kwargs)
+
+        method.__doc__ = spec.impl.__doc__
+        method.__name__ = name
+        return method
+
+    def __dir__(self) -> list:
+        return sorted(set(super().__dir__()) | set(all_checks()))
+
+    def check_model(self, model: Any = None, batch: Any = None, *, loss: Any = None,
+                    checks: Any = "default", device: Any = None, fail: bool = True,
+                    **declared: Any) -> Any:
+        """``pytest_modelcheck.check_model`` on the test's fixtures; fails on any failed check."""
+        from .api import check_model
+
+        model, batch, loss = self._subject(model, batch, loss)
+        try:
+            report = check_model(model, batch, loss=loss, checks=checks,
+                                 device=device or _device(self._request.config), **declared)
+        except UsageError as exc:
+            _usage_failure("modelcheck.check_model", exc)
+        _record_model(self._request.node, model)
+        for r in report.results:
+            _record(self._request.node, r)
+        if fail and report.failed:
+            _report_details(self._request.node, report.failed)
+            pytest.fail(_failure_text(report.failed), pytrace=False)
+        return report
+
+
+@pytest.fixture
+def modelcheck(request: pytest.FixtureRequest) -> ModelCheck:
+    """Run model checks from a test body: ``modelcheck.grads_finite()``, ``modelcheck.check_model()``."""
+    return ModelCheck(request)
+
+
+# -- collecting results and reporting ------------------------------------------------------
+class ResultCollector:
+    """Registered per session: gathers results from reports (xdist workers included) and writes
+    the health summary and the JSON file on the controller."""
+
+    def __init__(self, config: pytest.Config):
+        self.config = config
+        self.state = config.stash[session_key]
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        results = [v for k, v in report.user_properties if k == PROPERTY]
+        if not results:
+            return
+        model = next((v for k, v in report.user_properties if k == MODEL_PROPERTY), {})
+        self.state.rows.append({"nodeid": report.nodeid, "outcome": report.outcome,
+                                "model": model, "results": results})
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.state.json_path and not hasattr(self.config, "workerinput"):
+            from .report.json_report import write_json
+
+            write_json(self.state.json_path, self.state.rows)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if not self.state.rows:
+            return
+        from .report.terminal import health_table
+
+        width = min(self.config.get_terminal_writer().fullwidth, 100)
+        terminalreporter.write_sep("=", "model health summary")
+        for line in health_table(self.state.rows, width=width):
+            terminalreporter.write_line(line)
+        if self.state.json_path:
+            terminalreporter.write_line(
+                f"modelcheck results written to {os.path.abspath(self.state.json_path)}")

@@ -1,0 +1,1 @@
+"""Renderers for check results: terminal tables and JSON (no computation here)."""
