@@ -16,10 +16,10 @@ Simplifications with respect to a full Pix2PixCC:
   ``cc_scales`` average-pooled resolutions, computed per sample and averaged;
 * no channel-balancing logic.
 
-Because the loss interface is ``loss_fn(output, target, model)``, the wrapper
-remembers the conditioning volume of its most recent forward call
-(``Pix2PixCC.last_cond``) so the generator loss can feed ``(cond, volume)``
-pairs to the discriminator; pass ``cond=`` explicitly to override it.
+The generator loss is ``loss_fn(output, target, model, inputs)``: pytest-modelcheck passes
+the model being trained (for its discriminator) and the model inputs (``inputs[0]`` is the
+conditioning volume), so the discriminator scores ``(cond, volume)`` pairs and the wrapper
+keeps no state between calls.
 """
 
 from __future__ import annotations
@@ -185,10 +185,8 @@ class Pix2PixCC(nn.Module):
         self.discriminator = MultiScaleDiscriminator3d(
             in_channels + out_channels, disc_channels, disc_layers, n_scales
         )
-        self.last_cond: torch.Tensor | None = None
 
     def forward(self, cond: torch.Tensor) -> torch.Tensor:
-        self.last_cond = cond
         return self.generator(cond)
 
     def discriminate(self, cond: torch.Tensor, volume: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -262,6 +260,7 @@ def generator_loss(
     output: torch.Tensor,
     target: torch.Tensor,
     model: Pix2PixCC,
+    inputs: tuple | None = None,
     *,
     cond: torch.Tensor | None = None,
     lambda_lsgan: float = 2.0,
@@ -273,13 +272,13 @@ def generator_loss(
     """Weighted generator loss terms of Pix2PixCC.
 
     ``model`` is the :class:`Pix2PixCC` being trained; its discriminator
-    scores ``(cond, output)`` and ``(cond, target)``. ``cond`` defaults to the
-    conditioning volume of the model's most recent forward call.
+    scores ``(cond, output)`` and ``(cond, target)``. ``cond`` defaults to
+    ``inputs[0]``, the conditioning volume the model was called with.
     """
     if cond is None:
-        cond = model.last_cond
-        if cond is None:
-            raise ValueError("generator_loss needs cond=..., or a prior forward call on the model")
+        if not inputs:
+            raise ValueError("generator_loss needs the model inputs (inputs=...) or cond=...")
+        cond = inputs[0]
     if cond.shape[0] != output.shape[0] or cond.shape[2:] != output.shape[2:]:
         raise ValueError(
             f"cond shape {tuple(cond.shape)} does not match output shape {tuple(output.shape)}"

@@ -124,10 +124,11 @@ def _fixture(request: pytest.FixtureRequest, name: str, who: str) -> Any:
     try:
         return request.getfixturevalue(name)
     except pytest.FixtureLookupError:
-        pytest.fail(f"{who}: no fixture named {name!r}; define it, or name another with"
-                    " model_fixture=/batch_fixture= on the marker or the ini keys"
-                    " modelcheck_model_fixture/modelcheck_batch_fixture",
-                    pytrace=False)
+        missing = True
+    if missing:
+        _usage_failure(who, f"no fixture named {name!r}; define it, or name another with"
+                            " model_fixture=/batch_fixture= on the marker or the ini keys"
+                            " modelcheck_model_fixture/modelcheck_batch_fixture")
 
 
 def _loss_fixture(request: pytest.FixtureRequest) -> Any:

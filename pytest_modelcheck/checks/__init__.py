@@ -12,6 +12,8 @@ from .registry import CheckSpec, SkipCheck, all_checks, check, default_checks, g
 from .gradients import grads_finite
 from .shapes import shapes_consistent
 from .overfit import model_overfits
+from .throughput import throughput_at_least
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
-           "grads_finite", "shapes_consistent", "model_overfits"]
+           "grads_finite", "shapes_consistent", "model_overfits",
+           "throughput_at_least"]

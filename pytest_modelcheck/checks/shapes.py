@@ -15,10 +15,12 @@ def _validate(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
 
     if out is not None:
         out = validate_spec(out, "out")
-    if isinstance(batch_sizes, int):
+    given = batch_sizes
+    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool):
         batch_sizes = (batch_sizes,)
     if (not isinstance(batch_sizes, (list, tuple)) or not batch_sizes
             or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes)):
+        batch_sizes = given
         raise UsageError(f"batch_sizes={batch_sizes!r}: expected a tuple of positive ints such as (1, 2, 3)")
     if inputs is not None:
         inputs = validate_spec(inputs, "inputs")

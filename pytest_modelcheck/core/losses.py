@@ -1,8 +1,9 @@
 """Loss resolution: a name, a callable, or a sensible default from the batch.
 
 A loss callable is called as ``loss(output, target)``; if it has a parameter named ``model``
-it also gets the model being trained (``loss(output, target, model=...)``), which GAN losses
-need for their discriminator. It returns a scalar tensor, or a dict of scalar terms that are
+it also gets the model being trained (``model=...``, which GAN losses need for their
+discriminator), and if it has one named ``inputs``, the tuple of positional model inputs
+(``inputs=...``, e.g. the conditioning volume of a conditional GAN). It returns a scalar tensor, or a dict of scalar terms that are
 summed (the terms are kept for reports).
 """
 from __future__ import annotations
@@ -61,14 +62,17 @@ class Loss:
     name: str
     fn: Optional[Callable] = None
     wants_model: bool = False
+    wants_inputs: bool = False
 
     def compute(self, output: Any, batch: Batch, model: Any = None) -> tuple:
         if self.fn is None:
             return surrogate_loss(output), {}
+        extra = {}
         if self.wants_model:
-            value = self.fn(output, batch.target, model=model)
-        else:
-            value = self.fn(output, batch.target)
+            extra["model"] = model
+        if self.wants_inputs:
+            extra["inputs"] = batch.args
+        value = self.fn(output, batch.target, **extra)
         if isinstance(value, dict):
             if not value:
                 raise UsageError(f"loss {self.name}: returned an empty dict of terms")
@@ -126,7 +130,7 @@ def resolve_loss(loss: Any, batch: Batch, output: Any = None) -> Loss:
         except (TypeError, ValueError):
             params = {}
         name = getattr(loss, "__name__", type(loss).__name__)
-        return Loss(name, loss, wants_model="model" in params)
+        return Loss(name, loss, wants_model="model" in params, wants_inputs="inputs" in params)
     raise UsageError(f"loss: expected a loss name or a callable, got {type(loss).__name__}")
 
 

@@ -33,7 +33,12 @@ def validate_spec(spec: Any, name: str) -> Any:
     if isinstance(spec, dict) and spec:
         return {k: validate_spec(v, f"{name}[{k!r}]") for k, v in spec.items()}
     if isinstance(spec, (tuple, list)) and spec:
-        return tuple(validate_spec(v, f"{name}[{i}]") for i, v in enumerate(spec))
+        if all(isinstance(v, (tuple, list, dict)) for v in spec):
+            return tuple(validate_spec(v, f"{name}[{i}]") for i, v in enumerate(spec))
+        bad = next(d for d in spec if not (d is None or d is Ellipsis or isinstance(d, (int, str))
+                                           and not isinstance(d, bool)))
+        raise UsageError(f"{name}={spec!r}: dimension {bad!r} is not an int, a symbol such as 'B',"
+                         " None or ...; expected a shape such as ('B', 10)")
     raise UsageError(f"{name}={spec!r}: expected a shape such as ('B', 10), or a tuple/dict of"
                      " shapes such as {'logits': ('B', 'C'), 'angles': ('B', 2)}")
 

@@ -44,6 +44,7 @@ import math
 import numbers
 import re
 from typing import Sequence
+from .errors import UsageError
 
 __all__ = [
     "UnitError",
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 
-class UnitError(ValueError):
+class UnitError(UsageError):
     """A quantity could not be parsed (or formatted).
 
     The message is a single line naming what was given and what is expected:

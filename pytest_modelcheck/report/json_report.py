@@ -14,7 +14,9 @@ def atomic_write_text(path: str, text: str) -> None:
 
     >>> import tempfile, os
     >>> p = os.path.join(tempfile.mkdtemp(), "r.json")
-    >>> atomic_write_text(p, "{}"); open(p).read()
+    >>> atomic_write_text(p, "{}")
+    >>> with open(p) as fh:
+    ...     fh.read()
     '{}'
     """
     folder = os.path.dirname(os.path.abspath(path))

@@ -31,30 +31,31 @@ def health_row(row: dict) -> dict:
 
 
 def health_table(rows: list, width: int = 100) -> list:
-    """Lines of the summary table, fitted to ``width`` columns (long test ids are shortened).
+    """Lines of the summary table, one row per model test, fitted to ``width`` columns.
+
+    The test id comes last and is shortened from the left when too long; failed checks are
+    listed on an indented line under their row so nothing is cut off.
 
     >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 1234},
-    ...          "results": [{"check": "grads_finite", "passed": True, "metrics": {}}]}]
-    >>> print("\\n".join(health_table(rows)))  # doctest: +NORMALIZE_WHITESPACE
-    test          params  peak mem  throughput  checks  failed
-    t.py::test_a  1.23k   -         -           1/1
+    ...          "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
+    >>> print("\\n".join(health_table(rows)))
+    params  peak mem  throughput  checks  test
+    1.23k   -         -           0/1     t.py::test_a
+            failed: grads_finite
     """
     cells = [health_row(r) for r in sorted(rows, key=lambda r: r["nodeid"])]
-    cols = [("test", "test"), ("params", "params"), ("peak", "peak mem"),
-            ("throughput", "throughput"), ("checks", "checks"), ("failed", "failed")]
+    cols = [("params", "params"), ("peak", "peak mem"), ("throughput", "throughput"),
+            ("checks", "checks")]
     widths = {k: max(len(h), *(len(c[k]) for c in cells)) for k, h in cols}
-    fixed = sum(widths[k] + 2 for k, _ in cols if k not in ("test", "failed"))
-    widths["test"] = min(widths["test"], max(20, width - fixed - 12))
-    widths["failed"] = max(6, width - fixed - widths["test"] - 2)
+    lead = sum(widths[k] + 2 for k, _ in cols)
+    room = max(20, width - lead)
 
-    def fit(text: str, w: int, left: bool = True) -> str:
-        if len(text) > w:
-            text = ("…" + text[-(w - 1):]) if left else (text[: w - 1] + "…")
-        return text.ljust(w)
+    def short(text: str) -> str:
+        return text if len(text) <= room else "…" + text[-(room - 1):]
 
-    lines = ["  ".join(fit(h, widths[k]) for k, h in cols).rstrip()]
+    lines = ["  ".join(h.ljust(widths[k]) for k, h in cols) + "  test"]
     for c in cells:
-        lines.append("  ".join(fit(c[k], widths[k], k == "test" or k != "failed")
-                               if k != "failed" else fit(c[k], widths[k], False)
-                               for k, _ in cols).rstrip())
+        lines.append("  ".join(c[k].ljust(widths[k]) for k, _ in cols) + "  " + short(c["test"]))
+        if c["failed"]:
+            lines.append(" " * (widths["params"] + 2) + "failed: " + c["failed"])
     return lines

@@ -1,0 +1,28 @@
+"""GENESIS PMT diffusion transformer (seed 000): model(x_sig, t, label, geom)."""
+import pytest
+import torch
+
+from example_models import genesis_dit
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return genesis_dit.build_model()
+
+
+@pytest.fixture
+def batch():
+    # ((x_sig, t, label, geom), noise): the inputs tuple is unpacked into four arguments.
+    return genesis_dit.make_batch(4)
+
+
+@pytest.mark.grads_finite
+@pytest.mark.shapes_consistent(out=("B", 2, "L"),
+                               inputs=(("B", 2, "L"), ("B",), ("B", 6), ("B", 3, "L")),
+                               sizes={"L": [32, 64, 96]})
+@pytest.mark.model_overfits(loss="mse")
+@pytest.mark.memory_under("128 MiB")
+@pytest.mark.throughput_at_least("100 samples/s")
+def test_genesis_dit_health():
+    """Noise prediction keeps (B, 2, L) for several sequence lengths and overfits one batch."""

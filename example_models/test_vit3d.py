@@ -1,0 +1,25 @@
+"""ViT3D (seed 002): 3D patches, CLS token, learned positional embedding."""
+import pytest
+import torch
+
+from example_models import vit3d
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return vit3d.build_model()
+
+
+@pytest.fixture
+def batch():
+    return vit3d.make_batch(4)
+
+
+@pytest.mark.grads_finite
+@pytest.mark.shapes_consistent(out=("B", 3), batch_sizes=(1, 2, 5))
+@pytest.mark.model_overfits
+@pytest.mark.memory_under("128 MiB")
+@pytest.mark.throughput_at_least("50 samples/s")
+def test_vit3d_health():
+    """Regression head (B, 3); learns its batch; fits and runs fast."""

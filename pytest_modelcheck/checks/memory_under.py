@@ -1,0 +1,122 @@
+"""memory_under: the peak memory of one training (or inference) step stays under a limit.
+
+The step runs on a deep copy of the model and of the batch (see ``core/memory.py``): measured
+from the allocator on CPU, and on CUDA when a GPU is present; estimated on fake tensors when
+CUDA is requested on a machine without one, or when the model lives on the ``meta`` device.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..core.errors import UsageError
+from ..core.result import CheckResult
+from ..core.training import validate_optimizer
+from ..core.units import UnitError, format_bytes, parse_bytes
+from .registry import SkipCheck, check
+
+PHASES = ("train", "inference")
+_SHORT_METHOD = {
+    "cpu allocator events (torch.profiler)": "cpu allocator events",
+    "cuda caching allocator": "cuda caching allocator",
+    "fake-tensor estimate": "fake tensors",
+}
+
+
+def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam") -> dict:
+    """Check the marker arguments before anything runs.
+
+    >>> _validate("2 GiB")["limit"]
+    2147483648
+    >>> _validate("2 GiB", phase="eval")
+    Traceback (most recent call last):
+    ...
+    pytest_modelcheck.core.errors.UsageError: phase='eval': expected 'train' or 'inference'
+    """
+    try:
+        limit_bytes = parse_bytes(limit)
+    except UnitError as exc:
+        raise UsageError(f"limit={limit!r}: {exc}") from None
+    if limit_bytes <= 0:
+        raise UsageError(f"limit={limit!r}: expected a positive size such as '512 MiB' or"
+                         " '2 GiB'")
+    if not isinstance(phase, str) or phase not in PHASES:
+        raise UsageError(f"phase={phase!r}: expected 'train' or 'inference'")
+    return {"limit": limit_bytes, "phase": phase, "optimizer": validate_optimizer(optimizer)}
+
+
+@check(default=False, validate=_validate, absent_device_ok=True)
+def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, model: Any,
+                 batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+    """Peak memory of one training step (or phase='inference') stays under `limit` (e.g. '2 GiB').
+
+    A training step is forward, loss, backward and one optimizer step (the optimizer state
+    created by the step counts); an inference step is one forward under ``no_grad`` in eval
+    mode. Measured on CPU and CUDA; estimated with fake tensors for CUDA on a machine without
+    it (``result.estimated``). The caller's model and batch are not changed.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(1024, 1024)
+    >>> r = memory_under("64 MiB", model=m, batch=torch.ones(256, 1024))
+    >>> r.passed, r.metrics["peak_phase"]
+    (True, 'optimizer step')
+    >>> memory_under("1 MiB", phase="inference", model=m, batch=torch.ones(256, 1024)).passed
+    False
+    """
+    from ..core.memory import EstimateError, step_memory
+
+    what = "a training step" if phase == "train" else "an inference step"
+    try:
+        report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
+                             device=device)
+    except EstimateError as exc:
+        raise SkipCheck(f"memory_under: cannot estimate the peak memory of {what} on"
+                        f" {device}: {exc}") from None
+    passed = report.peak_bytes <= limit
+    verb = "estimated" if report.estimated else "observed"
+    method = _SHORT_METHOD.get(report.method, report.method)
+    if report.estimated:
+        target = report.device.split(" (")[0]
+        how = f"estimated{'' if target == 'cpu' else ' for ' + target}: {method}"
+    else:
+        how = f"measured: {method}"
+    headline = (f"expected peak memory of {what} under {format_bytes(limit)}, {verb}"
+                f" {format_bytes(report.peak_bytes)} (peak in {report.peak_phase}; {how})")
+    details = [report.render()]
+    if report.phase == "train" and report.optimizer_state_bytes:
+        worst_fw_bw = max(v for p, v in report.phase_peaks.items() if p != "optimizer step")
+        later = worst_fw_bw + report.optimizer_state_bytes
+        if later > report.peak_bytes:
+            details.append(
+                f"note: from the second step on, the optimizer state"
+                f" ({format_bytes(report.optimizer_state_bytes)}) is alive during forward and"
+                f" backward too, which puts their peak near {format_bytes(later)}")
+    if not passed:
+        details.append(f"over the limit by {format_bytes(report.peak_bytes - limit)}")
+        details.append(_remedy(report))
+    metrics = {
+        "peak_bytes": report.peak_bytes,
+        "limit_bytes": limit,
+        "peak_phase": report.peak_phase,
+        "method": report.method,
+        "estimated": report.estimated,
+        "device": report.device,
+        "phase": report.phase,
+        "baseline_bytes": report.baseline_bytes,
+        "breakdown": dict(report.breakdown),
+        "phase_peaks": dict(report.phase_peaks),
+        "top_modules": [list(item) for item in report.top_modules],
+    }
+    return CheckResult("memory_under", passed, headline, details="\n".join(details),
+                       metrics=metrics, estimated=report.estimated)
+
+
+def _remedy(report: Any) -> str:
+    """What to try, starting with what holds the peak."""
+    if report.peak_phase == "optimizer step":
+        return ("remedy: the optimizer step holds the peak; build the optimizer with fused=True"
+                " (Adam, AdamW and SGD then update in place, without parameter-sized"
+                " temporaries) or, on CUDA, foreach=False (temporaries for one parameter at a"
+                " time instead of all of them), or use an optimizer with less state")
+    return ("remedy: activations hold the peak; use a smaller batch, activation checkpointing"
+            " (torch.utils.checkpoint) on the modules with the most activation bytes, or bf16"
+            " autocast (torch.autocast(device_type, dtype=torch.bfloat16))")

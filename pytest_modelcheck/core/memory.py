@@ -1,0 +1,822 @@
+"""Peak memory of one training (or inference) step: measured for real, or estimated on fake tensors.
+
+A *training step* is, on a deep copy of the model placed on the step's device::
+
+    model.train(); model.zero_grad(set_to_none=True)     # before measuring: no gradients alive
+    output = model(*inputs); loss = loss_fn(output, target)  # phase "forward" (the loss included)
+    loss.backward()                                      # phase "backward"
+    optimizer.step()                                     # phase "optimizer step"
+
+with a fresh optimizer, so the optimizer state (Adam's ``exp_avg``/``exp_avg_sq``, SGD's
+momentum) is created inside the step and counts, as do the optimizer's temporaries. An
+*inference step* is one forward under ``torch.no_grad()`` in eval mode (phase "forward").
+The output and the loss stay alive until the step ends, as they do in a training loop.
+
+What the peak counts
+    Everything alive at the worst moment of the step on the step's device: the parameters and
+    buffers of the copy, the batch (inputs and target, which the breakdown reports as
+    ``other``), gradients, optimizer state, activations saved for backward and temporaries.
+    ``baseline_bytes`` is the part alive before the step starts: parameters + buffers + batch
+    tensors (+ optimizer state, when an optimizer factory creates it eagerly), each storage
+    counted once. Tensors the model keeps as plain attributes (not registered as parameters or
+    buffers) are not counted, and neither is memory outside PyTorch's allocator.
+
+Methods (``MemoryReport.method``)
+    ``"cpu allocator events (torch.profiler)"``
+        A CPU step runs under ``torch.profiler.profile(profile_memory=True)``; every CPU
+        allocation and free appears as a ``[memory]`` event with a signed size. The running sum
+        of those events in time order, at its maximum, plus ``baseline_bytes`` is the peak. It
+        sees allocations made below the dispatcher too (convolution workspaces, oneDNN
+        buffers), so it is the ground truth the estimate is checked against.
+    ``"cuda caching allocator"``
+        A CUDA step: ``torch.cuda.reset_peak_memory_stats`` at each phase start,
+        ``torch.cuda.max_memory_allocated`` at each phase end (after ``synchronize``). The
+        allocations that existed before the model copy was placed on the device (other tensors
+        of the process, the caller's own model if it lives there) are subtracted; everything of
+        the step, parameters included, is reported.
+    ``"fake-tensor estimate"``
+        The same step on ``FakeTensorMode`` tensors, which carry shapes, dtypes and strides but
+        no storage, so nothing is allocated: a 4 GiB model on the ``meta`` device is estimated
+        in milliseconds. Every storage created is tracked by ``MemTracker`` at the dispatcher.
+        Fake tensors are always CPU tensors. For ``device="cuda"`` on a machine without CUDA,
+        the step runs on CPU kernels, every allocation is rounded up to the CUDA caching
+        allocator's 512-byte block size (what ``max_memory_allocated`` counts), named
+        optimizers use ``foreach=True`` as they default to on CUDA, and the device reads
+        ``"cuda (estimated on CPU)"``. CUDA-only kernels with other temporaries (cuDNN
+        workspaces, fused attention) are not modelled.
+
+Breakdown
+    ``MemTracker`` (``torch.distributed._tools.mem_tracker``) runs in the same step and
+    attributes the bytes alive at its peak to ``parameters``, ``buffers``, ``gradients``,
+    ``optimizer_state`` (everything allocated inside ``optimizer.step()``, its temporaries
+    included), ``activations`` (allocated in forward), ``temporaries`` (allocated in backward,
+    gradients of activations included) and ``other`` (the batch). When the measured peak is
+    above what the dispatcher saw -- memory allocated below it, such as convolution
+    workspaces on CPU -- the difference is reported as ``untracked``.
+    ``top_modules`` lists the modules whose own forward code (submodules excluded) leaves the
+    most activation bytes alive, ``<root>`` being the model itself.
+
+Limitations
+    Ops that need tensor values (``.item()``, ``nonzero``, data-dependent control flow) cannot
+    run on fake tensors: ``estimate_step_memory`` raises ``EstimateError`` for them. The peak
+    is that of the first step; from the second step on the optimizer state is alive during
+    forward and backward as well (``optimizer_state_bytes`` says how much).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from .batch import Batch, copy_model, iter_tensors
+from .errors import ModelError, UsageError
+from .forward import model_device, run_forward
+from .losses import resolve_loss
+from .training import make_optimizer
+from .units import format_bytes
+
+PHASES = ("train", "inference")
+FORWARD, BACKWARD, OPTIMIZER_STEP = "forward", "backward", "optimizer step"
+STEP_PHASES = (FORWARD, BACKWARD, OPTIMIZER_STEP)
+CATEGORIES = ("parameters", "buffers", "gradients", "optimizer_state", "activations",
+              "temporaries", "other")
+UNTRACKED = "untracked"
+METHOD_CPU = "cpu allocator events (torch.profiler)"
+METHOD_CUDA = "cuda caching allocator"
+METHOD_FAKE = "fake-tensor estimate"
+CUDA_BLOCK_BYTES = 512
+TOP_MODULES = 10
+ROOT = "<root>"
+
+# MemTracker's reference types (_MemRefType member names) -> breakdown categories.
+_REFTYPE_CATEGORY = {"PARAM": "parameters", "BUFFER": "buffers", "GRAD": "gradients",
+                     "OPT": "optimizer_state", "ACT": "activations", "TEMP": "temporaries",
+                     "OTH": "other"}
+# Differences smaller than this between the allocator's peak and MemTracker's are bookkeeping
+# scalars (a few 8-byte tensors), not memory worth a line of its own.
+_UNTRACKED_MIN = 4096
+_RANGE_PREFIX = "modelcheck::"
+# Messages MemTracker/ModTracker may warn with when a module dies or is re-entered.
+_TRACKER_WARNINGS = ("Module is None", "The module hierarchy tracking")
+
+
+class EstimateError(RuntimeError):
+    """The step cannot run on fake tensors (it needs tensor values, e.g. ``.item()``).
+
+    >>> str(EstimateError("forward calls .item()"))
+    'forward calls .item()'
+    """
+
+
+@dataclass
+class MemoryReport:
+    """Peak memory of one step, where it happened, and what held the memory at that moment.
+
+    All fields are builtin types. ``breakdown`` maps a category (see ``CATEGORIES``, plus
+    ``untracked`` when the allocator saw more than the dispatcher) to bytes at the peak;
+    ``top_modules`` is ``[[module path, activation bytes], ...]``, largest first;
+    ``phase_peaks`` maps each phase of the step to its own peak.
+
+    >>> r = MemoryReport(peak_bytes=3 << 20, phase="inference", peak_phase="forward",
+    ...                  device="cpu", method=METHOD_CPU, estimated=False,
+    ...                  baseline_bytes=1 << 20, breakdown={"parameters": 1 << 20})
+    >>> r.to_dict()["peak_bytes"]
+    3145728
+    >>> print(r.render().splitlines()[0])
+    peak 3.00 MiB during forward of an inference step on cpu (measured: cpu allocator events (torch.profiler))
+    """
+
+    peak_bytes: int
+    phase: str
+    peak_phase: str
+    device: str
+    method: str
+    estimated: bool
+    baseline_bytes: int
+    breakdown: dict = field(default_factory=dict)
+    top_modules: list = field(default_factory=list)
+    phase_peaks: dict = field(default_factory=dict)
+    optimizer_state_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        """The report as builtin types (JSON-ready)."""
+        return {
+            "peak_bytes": int(self.peak_bytes),
+            "phase": str(self.phase),
+            "peak_phase": str(self.peak_phase),
+            "device": str(self.device),
+            "method": str(self.method),
+            "estimated": bool(self.estimated),
+            "baseline_bytes": int(self.baseline_bytes),
+            "breakdown": {str(k): int(v) for k, v in self.breakdown.items()},
+            "top_modules": [[str(n), int(b)] for n, b in self.top_modules],
+            "phase_peaks": {str(k): int(v) for k, v in self.phase_peaks.items()},
+            "optimizer_state_bytes": int(self.optimizer_state_bytes),
+        }
+
+    def render(self) -> str:
+        """A small text table: the peak, the breakdown at the peak, phase peaks, top modules."""
+        step = "a training step" if self.phase == "train" else "an inference step"
+        device, _, note = self.device.partition(" (")
+        how = note.rstrip(")") if note else ("estimated" if self.estimated else "measured")
+        lines = [f"peak {format_bytes(self.peak_bytes)} during {self.peak_phase} of {step}"
+                 f" on {device} ({how}: {self.method})"]
+        if self.breakdown:
+            width = max(len(k) for k in self.breakdown) + 2
+            lines.append(f"  {'at the peak':<{width}}{'bytes':>12}")
+            for name, value in self.breakdown.items():
+                if value:
+                    lines.append(f"  {name:<{width}}{format_bytes(value):>12}")
+            lines.append(f"  {'total':<{width}}{format_bytes(self.peak_bytes):>12}")
+        lines.append(f"  alive before the step: {format_bytes(self.baseline_bytes)}"
+                     " (parameters, buffers, batch)")
+        if self.phase_peaks:
+            lines.append("  peak by phase: " + ", ".join(
+                f"{p} {format_bytes(v)}" for p, v in self.phase_peaks.items()))
+        if self.top_modules:
+            lines.append("  activation bytes by module (own ops, submodules excluded):")
+            width = max(len(n) for n, _ in self.top_modules) + 2
+            for name, value in self.top_modules:
+                lines.append(f"    {name:<{width}}{format_bytes(value):>12}")
+        return "\n".join(lines)
+
+
+# --- public entry points ------------------------------------------------------------------------
+
+def measure_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train",
+                        optimizer: Any = "adam", lr: float = 1e-3,
+                        device: Any = None) -> MemoryReport:
+    """Run one real step on a deep copy of ``model`` and report its measured peak memory.
+
+    CPU steps are measured from the profiler's allocator events, CUDA steps with the caching
+    allocator's statistics; the breakdown comes from ``MemTracker`` in the same step. The
+    caller's model (values, ``.grad``, training flags) and batch are left untouched, and the
+    RNG states are restored. ``loss`` is anything ``resolve_loss`` accepts.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(1024, 1024)
+    >>> r = measure_step_memory(m, torch.ones(256, 1024), phase="inference")
+    >>> # weight 4 MiB + bias 4 KiB + input 1 MiB + output 1 MiB
+    >>> r.peak_bytes == 4 * 2**20 + 4096 + 2**20 + 2**20, r.peak_phase
+    (True, 'forward')
+    """
+    import torch
+
+    from .state import preserved_globals
+
+    phase = _check_phase(phase)
+    dev = _target_device(model, device)
+    if _has_meta(model) or dev.type == "meta":
+        raise UsageError("model: it is on the meta device, so a step cannot run for real; use"
+                         " estimate_step_memory (fake tensors) instead")
+    data = Batch.from_user(batch)
+    with preserved_globals():
+        if dev.type == "cuda":
+            if not _cuda_api.is_available():
+                raise UsageError(f"device={str(dev)!r}: CUDA is not available on this machine;"
+                                 " use estimate_step_memory for an estimate")
+            measure = _measure_cuda
+        elif dev.type == "cpu":
+            measure = _measure_cpu
+        else:
+            raise UsageError(f"device={str(dev)!r}: peak memory can be measured on 'cpu' and"
+                             " 'cuda'; use estimate_step_memory for other devices")
+        try:
+            return measure(model, data, loss, phase, optimizer, lr, dev, track=True)
+        except Exception as exc:  # noqa: BLE001 - only MemTracker's own limits are retried
+            if not _tracker_limitation(exc):
+                raise
+        # MemTracker refuses a step that calls the whole model twice (e.g. a loss calling
+        # it again): measure again without the breakdown.
+        return measure(model, data, loss, phase, optimizer, lr, dev, track=False)
+
+
+def estimate_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train",
+                         optimizer: Any = "adam", lr: float = 1e-3,
+                         device: Any = None) -> MemoryReport:
+    """Estimate the peak memory of one step without allocating it (fake tensors + MemTracker).
+
+    Works for models on the ``meta`` device (no weight is ever materialized). For
+    ``device="cuda"`` without CUDA, the CPU kernels run on fake CPU tensors and every
+    allocation is rounded up to 512 bytes, as the CUDA caching allocator does.
+
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     big = torch.nn.Linear(32768, 32768)   # 4 GiB of float32 weights, never allocated
+    >>> r = estimate_step_memory(big, torch.ones(2, 32768), phase="inference")
+    >>> r.estimated, r.breakdown["parameters"] >= 4 * 2**30
+    (True, True)
+    """
+    from .state import preserved_globals
+
+    phase = _check_phase(phase)
+    dev = _target_device(model, device)
+    data = Batch.from_user(batch)
+    with preserved_globals():
+        return _estimate(model, data, loss, phase, optimizer, lr, dev)
+
+
+def step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train",
+                optimizer: Any = "adam", lr: float = 1e-3, device: Any = None) -> MemoryReport:
+    """Measure where possible, estimate otherwise.
+
+    Measured: a CPU step, or a CUDA step when CUDA is available. Estimated: a model on the
+    ``meta`` device, CUDA requested on a machine without it, any other device.
+
+    >>> import torch
+    >>> step_memory(torch.nn.Linear(8, 8), torch.ones(4, 8), device="cuda").estimated \\
+    ...     or torch.cuda.is_available()
+    True
+    """
+    dev = _target_device(model, device)
+    measurable = dev.type == "cpu" or (dev.type == "cuda" and _cuda_api.is_available())
+    if measurable and not _has_meta(model):
+        return measure_step_memory(model, batch, loss, phase=phase, optimizer=optimizer, lr=lr,
+                                   device=dev)
+    return estimate_step_memory(model, batch, loss, phase=phase, optimizer=optimizer, lr=lr,
+                                device=dev)
+
+
+# --- the CUDA seam (replaced by a fake in tests) ------------------------------------------------
+
+class _CudaApi:
+    """The few ``torch.cuda`` calls the CUDA measurement makes, in one replaceable object."""
+
+    def is_available(self) -> bool:
+        import torch
+
+        return torch.cuda.is_available()
+
+    def placement(self, device: Any) -> Any:
+        """Where the step's tensors go (the device itself)."""
+        return device
+
+    def synchronize(self, device: Any) -> None:
+        import torch
+
+        torch.cuda.synchronize(device)
+
+    def reset_peak_memory_stats(self, device: Any) -> None:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+    def memory_allocated(self, device: Any) -> int:
+        import torch
+
+        return int(torch.cuda.memory_allocated(device))
+
+    def max_memory_allocated(self, device: Any) -> int:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device))
+
+
+_cuda_api: Any = _CudaApi()
+
+
+# --- the step -------------------------------------------------------------------------------
+
+PhaseContext = Callable[[str], Any]
+
+
+def _run_step(work: Any, data: Batch, loss: Any, phase: str, opt: Any,
+              phase_context: PhaseContext) -> list:
+    """One step; returns the tensors that must outlive it (output, loss) to the caller."""
+    import torch
+
+    if phase == "inference":
+        with torch.no_grad(), phase_context(FORWARD):
+            out = run_forward(work, data)
+        return [out]
+    with phase_context(FORWARD):
+        out = run_forward(work, data)
+        total, _terms = resolve_loss(loss, data, out).compute(out, data, work)
+    if not isinstance(total, torch.Tensor) or not total.requires_grad:
+        raise UsageError("loss: it does not depend on any trainable parameter, so there is no"
+                         " backward to measure; use phase='inference' for a forward-only step")
+    with phase_context(BACKWARD):
+        total.backward()
+    with phase_context(OPTIMIZER_STEP):
+        opt.step()
+    return [out, total]
+
+
+def _prepare(work: Any, phase: str, optimizer: Any, lr: float) -> Any:
+    """Put the copy in the step's mode, drop its gradients, build the optimizer."""
+    if phase == "inference":
+        work.eval()
+        return None
+    work.train()
+    work.zero_grad(set_to_none=True)
+    return make_optimizer(optimizer, work.parameters(), lr)
+
+
+# --- CPU: profiler allocator events -----------------------------------------------------------
+
+def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any,
+                 lr: float, dev: Any, *, track: bool) -> MemoryReport:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    work = copy_model(model).to("cpu")
+    data = batch.clone().to("cpu")
+    opt = _prepare(work, phase, optimizer, lr)
+    baseline = _alive_bytes(_step_tensors(work, data, opt))
+
+    def phase_context(name: str) -> Any:
+        return record_function(_RANGE_PREFIX + name)
+
+    tracker = _optional_tracker(torch.device("cpu"), work, data, opt) if track else None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with _tracking(tracker):
+            keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, phase_context))
+    events = list(prof.profiler.kineto_results.events())
+    ranges = {}
+    for ev in events:
+        name = ev.name()
+        if name.startswith(_RANGE_PREFIX):
+            ranges[name[len(_RANGE_PREFIX):]] = (ev.start_ns(), ev.start_ns() + ev.duration_ns())
+    order = [p for p in STEP_PHASES if p in ranges]
+    # Allocator events in time order, with each phase's start as a zero-byte event so that a
+    # phase's peak starts from what was alive when it began.
+    stream = sorted([(ev.start_ns(), 1, ev.nbytes()) for ev in events
+                     if ev.name() == "[memory]" and _is_cpu_event(ev)]
+                    + [(ranges[p][0], 0, 0) for p in order])
+    starts = [(ranges[p][0], p) for p in order]
+    running, peaks = 0, {}
+    for when, _kind, nbytes in stream:
+        where = _phase_at(when, starts) or (order[0] if order else FORWARD)
+        running += nbytes
+        peaks[where] = max(peaks.get(where, running), running)
+    phase_peaks = {p: baseline + peaks.get(p, 0) for p in order}
+    peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
+    peak = phase_peaks[peak_phase]
+    del keep
+    return _report(peak, phase, peak_phase, "cpu", METHOD_CPU, False, baseline, tracker,
+                   work, phase_peaks, opt, target=torch.device("cpu"))
+
+
+def _is_cpu_event(ev: Any) -> bool:
+    try:
+        return str(ev.device_type()).endswith("CPU")
+    except Exception:  # noqa: BLE001 - an older event API: every event is a CPU event here
+        return True
+
+
+def _phase_at(when: int, starts: list) -> Optional[str]:
+    """The phase whose range started last at or before ``when``."""
+    found = None
+    for start, name in starts:
+        if start <= when:
+            found = name
+    return found
+
+
+# --- CUDA: caching allocator statistics -------------------------------------------------------
+
+def _measure_cuda(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, lr: float,
+                  dev: Any, *, track: bool) -> MemoryReport:
+    import torch
+
+    api = _cuda_api
+    place = api.placement(dev)
+    api.synchronize(dev)
+    before = api.memory_allocated(dev)  # other allocations of the process: not the step's
+    work = copy_model(model).to(place)
+    data = batch.clone().to(place)
+    opt = _prepare(work, phase, optimizer, lr)
+    api.synchronize(dev)
+    baseline = api.memory_allocated(dev) - before
+    phase_peaks: dict = {}
+
+    @contextlib.contextmanager
+    def phase_context(name: str) -> Iterator[None]:
+        api.synchronize(dev)
+        api.reset_peak_memory_stats(dev)
+        yield
+        api.synchronize(dev)
+        phase_peaks[name] = api.max_memory_allocated(dev) - before
+
+    tracker = _optional_tracker(torch.device(place), work, data, opt) if track else None
+    with _tracking(tracker):
+        keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, phase_context))
+    order = [p for p in STEP_PHASES if p in phase_peaks]
+    peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
+    del keep
+    return _report(phase_peaks[peak_phase], phase, peak_phase, str(dev), METHOD_CUDA, False,
+                   baseline, tracker, work, phase_peaks, opt, target=torch.device(place))
+
+
+# --- fake tensors ---------------------------------------------------------------------------
+
+def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, lr: float,
+              dev: Any) -> MemoryReport:
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cuda_like = dev.type == "cuda" or dev.type not in ("cpu", "meta")
+    label = f"{dev} (estimated on CPU)" if cuda_like else "cpu"
+    block = CUDA_BLOCK_BYTES if dev.type == "cuda" else 1
+    try:
+        tracker = _new_tracker(target=torch.device("cpu"), block=block)
+    except ImportError as exc:
+        raise EstimateError(f"estimating memory needs torch.distributed ({exc})") from None
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    work = _fake_model_copy(model, fake_mode)
+    data = batch.map(lambda t: _fake_like(t, fake_mode))
+    try:
+        with fake_mode:
+            opt = _prepare(work, phase, optimizer, lr)
+            if opt is not None and dev.type == "cuda" and isinstance(optimizer, str):
+                for group in opt.param_groups:  # CUDA's default: multi-tensor (foreach) kernels
+                    if group.get("foreach", False) is None:
+                        group["foreach"] = True
+            tracker.track_external(work, *(t for _, t in _batch_tensors(data)),
+                                   *([opt] if opt is not None else []))
+            baseline = _tracker_total(tracker.get_tracker_snapshot("current"), tracker.target)
+            tracker.phase_peaks.clear()
+
+            @contextlib.contextmanager
+            def phase_context(name: str) -> Iterator[None]:
+                yield
+
+            with _tracking(tracker), _mha_fastpath(False), _quiet_fake_tensor_log():
+                keep = _run_step(work, data, loss, phase, opt,
+                                 _tracker_phases(tracker, phase_context))
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - re-raised unless fake tensors are the cause
+        cause = exc.original if isinstance(exc, ModelError) else exc
+        if _is_fake_limitation(cause):
+            raise EstimateError(_fake_limitation_message(cause)) from exc
+        if _tracker_limitation(exc):
+            raise EstimateError(f"the step calls the whole model more than once, which the"
+                                f" memory tracker does not support ({_first_line(cause)})") from exc
+        raise
+    phase_peaks = {p: max(v, baseline) for p, v in tracker.phase_peaks.items()}
+    order = [p for p in STEP_PHASES if p in phase_peaks]
+    peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
+    del keep
+    return _report(phase_peaks[peak_phase], phase, peak_phase, label, METHOD_FAKE, True,
+                   baseline, tracker, work, phase_peaks, opt, target=torch.device("cpu"),
+                   block=block)
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """Drop FakeTensorMode's log record of a failing op; the exception itself still propagates
+    and is reported (e.g. as a shape mismatch in the module that raised)."""
+    import logging
+
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed while attempting to run meta")
+
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """Switch the fused attention/encoder-layer inference path (restored on exit).
+
+    The fused ``_transformer_encoder_layer_fwd`` allocates its intermediates inside one kernel,
+    where no dispatcher-level tracker sees them (an estimate of an eval-mode encoder was 50-58%
+    of the allocator's peak). The unfused path allocates the same kinds of intermediates as
+    visible ops, so the estimate runs it instead (observed: equal, or up to 17% above).
+    """
+    import torch
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not hasattr(mha, "get_fastpath_enabled"):
+        yield
+        return
+    before = mha.get_fastpath_enabled()
+    mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        mha.set_fastpath_enabled(before)
+
+
+def _fake_like(t: Any, fake_mode: Any) -> Any:
+    """A fake CPU tensor with ``t``'s shape, strides, dtype and requires_grad; no storage."""
+    import torch
+
+    with fake_mode:
+        fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype,
+                                   device="cpu")
+    if t.requires_grad and (fake.is_floating_point() or fake.is_complex()):
+        fake.requires_grad_(True)
+    return fake
+
+
+def _fake_model_copy(model: Any, fake_mode: Any) -> Any:
+    """A deep copy whose parameters and buffers are fake CPU tensors (tied weights stay tied).
+
+    The copy is made with a ``deepcopy`` memo that already maps every parameter and buffer to
+    its fake twin, so no real or meta storage of the model is copied.
+    """
+    import torch
+
+    memo: dict = {}
+    for p in model.parameters():
+        if id(p) not in memo:
+            memo[id(p)] = torch.nn.Parameter(_fake_like(p.detach(), fake_mode),
+                                             requires_grad=p.requires_grad)
+    for b in model.buffers():
+        if id(b) not in memo:
+            memo[id(b)] = _fake_like(b, fake_mode)
+    try:
+        return copy.deepcopy(model, memo)
+    except Exception as exc:  # noqa: BLE001 - any failure to copy is a usage problem
+        raise UsageError(f"model: cannot be deep-copied ({type(exc).__name__}: {exc}); checks"
+                         " work on a copy so the original is never changed") from exc
+
+
+def _is_fake_limitation(exc: Any) -> bool:
+    if exc is None:
+        return False
+    from torch._subclasses import fake_tensor as ft
+
+    kinds = tuple(getattr(ft, n) for n in (
+        "DataDependentOutputException", "DynamicOutputShapeException",
+        "UnsupportedOperatorException", "UnsupportedFakeTensorException") if hasattr(ft, n))
+    if isinstance(exc, kinds):
+        return True
+    name = type(exc).__name__
+    return "DataDependent" in name or "GuardOnDataDependent" in name
+
+
+def _fake_limitation_message(exc: Any) -> str:
+    return (f"the step needs tensor values, which fake tensors do not have"
+            f" ({type(exc).__name__}: {_first_line(exc)}); measure it on a real device instead")
+
+
+def _tracker_limitation(exc: Any) -> bool:
+    """MemTracker's refusal of a second call of the root module within one step."""
+    cause = exc.original if isinstance(exc, ModelError) else exc
+    return isinstance(cause, NotImplementedError) and "MemTracker" in str(cause)
+
+
+def _first_line(exc: Any) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+# --- MemTracker -------------------------------------------------------------------------------
+
+_TRACKER_CLASS: Any = None
+
+
+def _new_tracker(*, target: Any, block: int = 1) -> Any:
+    """A MemTracker that also records the largest total per step phase on ``target``'s type.
+
+    ``block`` > 1 rounds every storage up to a multiple of ``block`` bytes (the CUDA caching
+    allocator's granularity) whatever the tensor's device.
+    """
+    global _TRACKER_CLASS
+    if _TRACKER_CLASS is None:
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        class _StepTracker(MemTracker):
+            def __init__(self, target: Any, block: int) -> None:
+                super().__init__()
+                self.target = target
+                self.block = block
+                self.phase = FORWARD
+                self.phase_peaks: dict = {}
+
+            def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: Any = None,
+                             old_reftype: Any = None) -> None:
+                if self.block > 1 and winfo.mem_consumed % self.block:
+                    winfo.mem_consumed += self.block - winfo.mem_consumed % self.block
+                super()._update_snap(u_type, winfo, old_mem_consumed, old_reftype)
+                total = _tracker_total(self._curr_mem_snap, self.target)
+                if total > self.phase_peaks.get(self.phase, 0):
+                    self.phase_peaks[self.phase] = total
+
+        _TRACKER_CLASS = _StepTracker
+    return _TRACKER_CLASS(target, block)
+
+
+def _optional_tracker(target: Any, work: Any, data: Batch, opt: Any) -> Any:
+    """A tracker already following the step's model, batch and optimizer; None without
+    torch.distributed (the measurement then has no breakdown)."""
+    try:
+        tracker = _new_tracker(target=target)
+    except ImportError:
+        return None
+    tracker.track_external(work, *(t for _, t in _batch_tensors(data)),
+                           *([opt] if opt is not None else []))
+    return tracker
+
+
+def _tracker_total(snapshot: dict, target: Any) -> int:
+    return sum(int(snap.get("Total", 0)) for dev, snap in snapshot.items()
+               if dev.type == target.type)
+
+
+@contextlib.contextmanager
+def _tracking(tracker: Any) -> Iterator[None]:
+    """Enter ``tracker`` (if any); its hooks, its patch of ``resize_`` and warnings restored."""
+    if tracker is None:
+        yield
+        return
+    saved_format = warnings.formatwarning  # ModTracker replaces it when it warns
+    with warnings.catch_warnings():
+        for message in _TRACKER_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        try:
+            with tracker:
+                yield
+        finally:
+            warnings.formatwarning = saved_format
+
+
+def _tracker_phases(tracker: Any, inner: PhaseContext) -> PhaseContext:
+    """Wrap ``inner`` so the tracker knows which phase its allocations belong to."""
+    if tracker is None:
+        return inner
+
+    @contextlib.contextmanager
+    def both(name: str) -> Iterator[None]:
+        tracker.phase = name
+        current = _tracker_total(tracker._curr_mem_snap, tracker.target)
+        tracker.phase_peaks[name] = max(tracker.phase_peaks.get(name, 0), current)
+        with inner(name):
+            yield
+
+    return both
+
+
+def _breakdown(tracker: Any, peak: int) -> dict:
+    if tracker is None:
+        return {}
+    snap = tracker.get_tracker_snapshot("peak")
+    out = dict.fromkeys(CATEGORIES, 0)
+    tracked = 0
+    for dev, values in snap.items():
+        if dev.type != tracker.target.type:
+            continue
+        for key, value in values.items():
+            category = _REFTYPE_CATEGORY.get(getattr(key, "name", ""))
+            if category is not None:
+                out[category] += int(value)
+                tracked += int(value)
+    if peak - tracked >= _UNTRACKED_MIN:
+        out[UNTRACKED] = peak - tracked
+    return out
+
+
+def _top_modules(tracker: Any, model: Any) -> list:
+    """Activation bytes left alive by each module's own forward code (children excluded)."""
+    if tracker is None:
+        return []
+    names = {}
+    for name, mod in model.named_modules():
+        names.setdefault(id(mod), name or ROOT)
+    children = {id(m): [id(c) for c in m.children()] for m in model.modules()}
+    inclusive: dict = {}
+    for mod, stats in tracker.memory_tracking.items():
+        pre, post = _snapshots(stats, "PRE_FW"), _snapshots(stats, "POST_FW")
+        total = 0
+        for before, after in zip(pre, post):
+            total += _act(after, tracker.target) - _act(before, tracker.target)
+        inclusive[id(mod)] = total
+    own = []
+    for key, total in inclusive.items():
+        if key not in names:
+            continue
+        value = total - sum(inclusive.get(c, 0) for c in children.get(key, []))
+        if value > 0:
+            own.append([names[key], int(value)])
+    own.sort(key=lambda item: (-item[1], item[0]))
+    return own[:TOP_MODULES]
+
+
+def _snapshots(stats: Any, state: str) -> list:
+    """``stats.snapshots`` for the module state named ``state`` (a ``_ModState`` member)."""
+    for key, value in stats.snapshots.items():
+        if getattr(key, "name", None) == state:
+            return value
+    return []
+
+
+def _act(snapshot: dict, target: Any) -> int:
+    return sum(int(v) for dev, values in snapshot.items() if dev.type == target.type
+               for k, v in values.items() if getattr(k, "name", "") == "ACT")
+
+
+# --- shared helpers ---------------------------------------------------------------------------
+
+def _report(peak: int, phase: str, peak_phase: str, device: str, method: str, estimated: bool,
+            baseline: int, tracker: Any, work: Any, phase_peaks: dict, opt: Any, *,
+            target: Any, block: int = 1) -> MemoryReport:
+    """Assemble the report; ``target`` is the device the step's tensors lived on."""
+    opt_bytes = 0
+    if opt is not None:
+        tensors = [v for state in opt.state.values() for v in state.values()
+                   if _is_tensor(v) and v.device.type == target.type]
+        opt_bytes = _alive_bytes(tensors, block=block)
+    return MemoryReport(
+        peak_bytes=int(peak), phase=phase, peak_phase=peak_phase, device=device, method=method,
+        estimated=estimated, baseline_bytes=int(baseline), breakdown=_breakdown(tracker, peak),
+        top_modules=_top_modules(tracker, work),
+        phase_peaks={k: int(v) for k, v in phase_peaks.items()},
+        optimizer_state_bytes=int(opt_bytes))
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _check_phase(phase: Any) -> str:
+    if phase not in PHASES:
+        raise UsageError(f"phase={phase!r}: expected 'train' or 'inference'")
+    return phase
+
+
+def _target_device(model: Any, device: Any) -> Any:
+    import torch
+
+    return torch.device(device) if device is not None else model_device(model)
+
+
+def _has_meta(model: Any) -> bool:
+    return any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+def _batch_tensors(data: Batch) -> list:
+    return data.input_tensors() + list(iter_tensors(data.target, "target"))
+
+
+def _step_tensors(work: Any, data: Batch, opt: Any) -> list:
+    tensors = list(work.parameters()) + list(work.buffers())
+    tensors += [t for _, t in _batch_tensors(data)]
+    if opt is not None:
+        tensors += [v for state in opt.state.values() for v in state.values() if _is_tensor(v)]
+    return tensors
+
+
+def _alive_bytes(tensors: list, block: int = 1) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views and tied weights counted once)."""
+    storages: dict = {}  # id -> storage; the storages are held, so ids cannot be reused
+    for t in tensors:
+        storage = t.untyped_storage()
+        storages.setdefault(id(storage), storage)
+    total = 0
+    for storage in storages.values():
+        size = storage.nbytes()
+        if block > 1 and size % block:
+            size += block - size % block
+        total += size
+    return total
