@@ -112,9 +112,11 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
         in_obj, in_env = _input_env(base, inputs)
     symbols = sorted(sizes)
     combos = [dict(zip(symbols, vals)) for vals in itertools.product(*(sizes[s] for s in symbols))] or [{}]
-    fixed_env: dict = {}  # output symbols that do not vary must stay constant across runs
     runs, failures = [], []
     for combo in combos:
+        # symbols seen only in the outputs (or trailing output dims) must stay constant across
+        # batch sizes; they may follow the declared input sizes, so they are re-bound per combo
+        fixed_env: dict = {}
         for bsz in batch_sizes:
             if inputs is not None:
                 env = dict(in_env, **combo, B=bsz)

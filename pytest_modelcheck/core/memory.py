@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -191,7 +192,8 @@ def measure_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str 
     """Run one real step on a deep copy of ``model`` and report its measured peak memory.
 
     CPU steps are measured from the profiler's allocator events, CUDA steps with the caching
-    allocator's statistics; the breakdown comes from ``MemTracker`` in the same step. The
+    allocator's statistics. The breakdown comes from ``MemTracker`` in an identical step run
+    just before (on a fresh copy), so that its hooks cannot change what is measured. The
     caller's model (values, ``.grad``, training flags) and batch are left untouched, and the
     RNG states are restored. ``loss`` is anything ``resolve_loss`` accepts.
 
@@ -217,20 +219,14 @@ def measure_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str 
             if not _cuda_api.is_available():
                 raise UsageError(f"device={str(dev)!r}: CUDA is not available on this machine;"
                                  " use estimate_step_memory for an estimate")
-            measure = _measure_cuda
-        elif dev.type == "cpu":
-            measure = _measure_cpu
-        else:
+            place = _cuda_api.placement(dev)
+            tracked = _tracked_run(model, data, loss, phase, optimizer, lr, place)
+            return _measure_cuda(model, data, loss, phase, optimizer, lr, dev, tracked)
+        if dev.type != "cpu":
             raise UsageError(f"device={str(dev)!r}: peak memory can be measured on 'cpu' and"
                              " 'cuda'; use estimate_step_memory for other devices")
-        try:
-            return measure(model, data, loss, phase, optimizer, lr, dev, track=True)
-        except Exception as exc:  # noqa: BLE001 - only MemTracker's own limits are retried
-            if not _tracker_limitation(exc):
-                raise
-        # MemTracker refuses a step that calls the whole model twice (e.g. a loss calling
-        # it again): measure again without the breakdown.
-        return measure(model, data, loss, phase, optimizer, lr, dev, track=False)
+        tracked = _tracked_run(model, data, loss, phase, optimizer, lr, torch.device("cpu"))
+        return _measure_cpu(model, data, loss, phase, optimizer, lr, tracked)
 
 
 def estimate_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train",
@@ -351,13 +347,16 @@ def _prepare(work: Any, phase: str, optimizer: Any, lr: float) -> Any:
         return None
     work.train()
     work.zero_grad(set_to_none=True)
+    if not any(p.requires_grad for p in work.parameters()):
+        raise UsageError("model: no parameter requires grad, so a training step has no backward"
+                         " to measure; use phase='inference' for a forward-only step")
     return make_optimizer(optimizer, work.parameters(), lr)
 
 
 # --- CPU: profiler allocator events -----------------------------------------------------------
 
 def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any,
-                 lr: float, dev: Any, *, track: bool) -> MemoryReport:
+                 lr: float, tracked: Optional[tuple]) -> MemoryReport:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
@@ -369,10 +368,9 @@ def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
     def phase_context(name: str) -> Any:
         return record_function(_RANGE_PREFIX + name)
 
-    tracker = _optional_tracker(torch.device("cpu"), work, data, opt) if track else None
+    gc.collect()  # garbage of earlier work would otherwise be freed inside the profiled step
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        with _tracking(tracker):
-            keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, phase_context))
+        keep = _run_step(work, data, loss, phase, opt, phase_context)
     events = list(prof.profiler.kineto_results.events())
     ranges = {}
     for ev in events:
@@ -393,10 +391,9 @@ def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
         peaks[where] = max(peaks.get(where, running), running)
     phase_peaks = {p: baseline + peaks.get(p, 0) for p in order}
     peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
-    peak = phase_peaks[peak_phase]
     del keep
-    return _report(peak, phase, peak_phase, "cpu", METHOD_CPU, False, baseline, tracker,
-                   work, phase_peaks, opt, target=torch.device("cpu"))
+    return _report(phase_peaks, peak_phase, phase, "cpu", METHOD_CPU, False, baseline,
+                   tracked, opt, target=torch.device("cpu"))
 
 
 def _is_cpu_event(ev: Any) -> bool:
@@ -418,11 +415,12 @@ def _phase_at(when: int, starts: list) -> Optional[str]:
 # --- CUDA: caching allocator statistics -------------------------------------------------------
 
 def _measure_cuda(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, lr: float,
-                  dev: Any, *, track: bool) -> MemoryReport:
+                  dev: Any, tracked: Optional[tuple]) -> MemoryReport:
     import torch
 
     api = _cuda_api
     place = api.placement(dev)
+    gc.collect()
     api.synchronize(dev)
     before = api.memory_allocated(dev)  # other allocations of the process: not the step's
     work = copy_model(model).to(place)
@@ -440,14 +438,46 @@ def _measure_cuda(model: Any, batch: Batch, loss: Any, phase: str, optimizer: An
         api.synchronize(dev)
         phase_peaks[name] = api.max_memory_allocated(dev) - before
 
-    tracker = _optional_tracker(torch.device(place), work, data, opt) if track else None
-    with _tracking(tracker):
-        keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, phase_context))
+    keep = _run_step(work, data, loss, phase, opt, phase_context)
     order = [p for p in STEP_PHASES if p in phase_peaks]
     peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
     del keep
-    return _report(phase_peaks[peak_phase], phase, peak_phase, str(dev), METHOD_CUDA, False,
-                   baseline, tracker, work, phase_peaks, opt, target=torch.device(place))
+    return _report(phase_peaks, peak_phase, phase, str(dev), METHOD_CUDA, False, baseline,
+                   tracked, opt, target=torch.device(place), block=CUDA_BLOCK_BYTES)
+
+
+def _tracked_run(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, lr: float,
+                 place: Any) -> Optional[tuple]:
+    """The step under MemTracker on a fresh copy: (categories at its peak, top modules).
+
+    None when MemTracker is unavailable (no torch.distributed) or refuses the step.
+    """
+    import torch
+
+    try:
+        tracker = _new_tracker(target=torch.device(place))
+    except ImportError:
+        return None
+    work = copy_model(model).to(place)
+    data = batch.clone().to(place)
+    opt = _prepare(work, phase, optimizer, lr)
+    tracker.track_external(work, *(t for _, t in _batch_tensors(data)),
+                           *([opt] if opt is not None else []))
+    try:
+        with _tracking(tracker):
+            keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, _no_phase))
+    except Exception as exc:  # noqa: BLE001 - the model's own errors propagate
+        if _tracker_limitation(exc):
+            return None
+        raise
+    result = (_categories(tracker), _top_modules(tracker, work))
+    del keep, work, data, opt, tracker
+    return result
+
+
+@contextlib.contextmanager
+def _no_phase(name: str) -> Iterator[None]:
+    yield
 
 
 # --- fake tensors ---------------------------------------------------------------------------
@@ -478,14 +508,9 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
                                    *([opt] if opt is not None else []))
             baseline = _tracker_total(tracker.get_tracker_snapshot("current"), tracker.target)
             tracker.phase_peaks.clear()
-
-            @contextlib.contextmanager
-            def phase_context(name: str) -> Iterator[None]:
-                yield
-
             with _tracking(tracker), _mha_fastpath(False), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
-                                 _tracker_phases(tracker, phase_context))
+                                 _tracker_phases(tracker, _no_phase))
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised unless fake tensors are the cause
@@ -500,9 +525,9 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
     order = [p for p in STEP_PHASES if p in phase_peaks]
     peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
     del keep
-    return _report(phase_peaks[peak_phase], phase, peak_phase, label, METHOD_FAKE, True,
-                   baseline, tracker, work, phase_peaks, opt, target=torch.device("cpu"),
-                   block=block)
+    tracked = (_categories(tracker), _top_modules(tracker, work))
+    return _report(phase_peaks, peak_phase, phase, label, METHOD_FAKE, True, baseline,
+                   tracked, opt, target=torch.device("cpu"), block=block)
 
 
 @contextlib.contextmanager
@@ -623,7 +648,7 @@ def _new_tracker(*, target: Any, block: int = 1) -> Any:
     """
     global _TRACKER_CLASS
     if _TRACKER_CLASS is None:
-        from torch.distributed._tools.mem_tracker import MemTracker
+        from torch.distributed._tools.mem_tracker import MemTracker, _ModState
 
         class _StepTracker(MemTracker):
             def __init__(self, target: Any, block: int) -> None:
@@ -642,20 +667,26 @@ def _new_tracker(*, target: Any, block: int = 1) -> Any:
                 if total > self.phase_peaks.get(self.phase, 0):
                     self.phase_peaks[self.phase] = total
 
+            def _pre_fw_hook(self, module: Any, inputs: Any) -> None:
+                try:
+                    super()._pre_fw_hook(module, inputs)
+                except NotImplementedError:
+                    # A module called again from the top level of the same step (a GAN loss
+                    # scoring fake and real with the discriminator, a loss calling the model):
+                    # MemTracker takes it for the next iteration. Record it as a repeated call,
+                    # as MemTracker does for a submodule used twice.
+                    if module not in self.memory_tracking:
+                        raise
+                    stats = self.memory_tracking[module]
+                    stats.input_mem = self._track_inputs_or_outputs(inputs)
+                    snapshot = self.get_tracker_snapshot()
+                    stats.local_peak = {dev: snap["Total"] for dev, snap in snapshot.items()}
+                    stats.snapshots.setdefault(_ModState.PEAK_FW, []).append(snapshot)
+                    stats.snapshots.setdefault(_ModState.PRE_FW, []).append(
+                        copy.deepcopy(snapshot))
+
         _TRACKER_CLASS = _StepTracker
     return _TRACKER_CLASS(target, block)
-
-
-def _optional_tracker(target: Any, work: Any, data: Batch, opt: Any) -> Any:
-    """A tracker already following the step's model, batch and optimizer; None without
-    torch.distributed (the measurement then has no breakdown)."""
-    try:
-        tracker = _new_tracker(target=target)
-    except ImportError:
-        return None
-    tracker.track_external(work, *(t for _, t in _batch_tensors(data)),
-                           *([opt] if opt is not None else []))
-    return tracker
 
 
 def _tracker_total(snapshot: dict, target: Any) -> int:
@@ -696,22 +727,16 @@ def _tracker_phases(tracker: Any, inner: PhaseContext) -> PhaseContext:
     return both
 
 
-def _breakdown(tracker: Any, peak: int) -> dict:
-    if tracker is None:
-        return {}
-    snap = tracker.get_tracker_snapshot("peak")
+def _categories(tracker: Any) -> dict:
+    """Bytes per category in MemTracker's peak snapshot, on the tracker's device type."""
     out = dict.fromkeys(CATEGORIES, 0)
-    tracked = 0
-    for dev, values in snap.items():
+    for dev, values in tracker.get_tracker_snapshot("peak").items():
         if dev.type != tracker.target.type:
             continue
         for key, value in values.items():
             category = _REFTYPE_CATEGORY.get(getattr(key, "name", ""))
             if category is not None:
                 out[category] += int(value)
-                tracked += int(value)
-    if peak - tracked >= _UNTRACKED_MIN:
-        out[UNTRACKED] = peak - tracked
     return out
 
 
@@ -756,19 +781,22 @@ def _act(snapshot: dict, target: Any) -> int:
 
 # --- shared helpers ---------------------------------------------------------------------------
 
-def _report(peak: int, phase: str, peak_phase: str, device: str, method: str, estimated: bool,
-            baseline: int, tracker: Any, work: Any, phase_peaks: dict, opt: Any, *,
+def _report(phase_peaks: dict, peak_phase: str, phase: str, device: str, method: str,
+            estimated: bool, baseline: int, tracked: Optional[tuple], opt: Any, *,
             target: Any, block: int = 1) -> MemoryReport:
     """Assemble the report; ``target`` is the device the step's tensors lived on."""
+    peak = int(phase_peaks[peak_phase])
+    breakdown, top = ({}, []) if tracked is None else (dict(tracked[0]), list(tracked[1]))
+    if breakdown and peak - sum(breakdown.values()) >= _UNTRACKED_MIN:
+        breakdown[UNTRACKED] = peak - sum(breakdown.values())
     opt_bytes = 0
     if opt is not None:
         tensors = [v for state in opt.state.values() for v in state.values()
                    if _is_tensor(v) and v.device.type == target.type]
         opt_bytes = _alive_bytes(tensors, block=block)
     return MemoryReport(
-        peak_bytes=int(peak), phase=phase, peak_phase=peak_phase, device=device, method=method,
-        estimated=estimated, baseline_bytes=int(baseline), breakdown=_breakdown(tracker, peak),
-        top_modules=_top_modules(tracker, work),
+        peak_bytes=peak, phase=phase, peak_phase=peak_phase, device=device, method=method,
+        estimated=estimated, baseline_bytes=int(baseline), breakdown=breakdown, top_modules=top,
         phase_peaks={k: int(v) for k, v in phase_peaks.items()},
         optimizer_state_bytes=int(opt_bytes))
 
