@@ -13,7 +13,7 @@ from .gradients import grads_finite
 from .shapes import shapes_consistent
 from .overfit import model_overfits
 from .throughput import throughput_at_least
-from .memory_under import memory_under
+from .memory import memory_under
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",

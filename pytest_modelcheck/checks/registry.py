@@ -115,7 +115,10 @@ class CheckSpec:
 
     def __call__(self, *args: Any, model: Any, batch: Any, loss: Any = None, device: Any = None,
                  **kwargs: Any) -> CheckResult:
+        from ..core.losses import validate_loss_arg
+
         values = self.bind(args, kwargs)
+        loss = validate_loss_arg(loss)
         return self.run(values, model=model, batch=batch, loss=loss, device=device)
 
 

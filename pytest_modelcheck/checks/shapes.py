@@ -35,8 +35,23 @@ def _validate(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
                              " {'H': [32, 48], 'W': [32, 64]}")
         if "B" in sizes:
             raise UsageError("sizes: 'B' is the batch size; use batch_sizes=(...) instead")
+        named = _symbols(inputs)
+        unknown = sorted(set(sizes) - named)
+        if unknown:
+            raise UsageError(f"sizes={sizes!r}: {', '.join(map(repr, unknown))} does not appear in"
+                             f" inputs={inputs!r}; expected symbols among {sorted(named - {'B'})}")
     return {"out": out, "batch_sizes": tuple(batch_sizes), "inputs": inputs,
             "sizes": {k: tuple(v) for k, v in (sizes or {}).items()}}
+
+
+def _symbols(spec: Any) -> set:
+    """Every symbol (str dim) in a spec nest."""
+    from ..core.shapes import is_tensor_spec
+
+    if is_tensor_spec(spec):
+        return {d for d in spec if isinstance(d, str)}
+    values = spec.values() if isinstance(spec, dict) else spec
+    return set().union(*(_symbols(v) for v in values))
 
 
 def _input_env(batch: Any, inputs: Any) -> tuple:
@@ -107,7 +122,7 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
     from ..core.trace import trace_batch
 
     work = copy_model(model).to(device).eval()
-    base = batch.to(device)
+    base = batch.clone().to(device)
     if inputs is not None:
         in_obj, in_env = _input_env(base, inputs)
     symbols = sorted(sizes)

@@ -1,7 +1,23 @@
-"""Shared helpers for the check tests: a scripted fake clock for throughput_at_least."""
+"""Shared helpers for the check tests: one torch thread, and a fake clock for throughput_at_least."""
 import pytest
+import torch
 
 import pytest_modelcheck.checks.throughput as throughput_module
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    """Run torch on one thread here and in pytester subprocesses.
+
+    The models are tiny; with two intra-op threads on a loaded two-core machine each op waits on
+    the busy other core, and a 30-step training run takes seconds instead of milliseconds.
+    """
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("MKL_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class FakeClock:

@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import pytest_modelcheck.checks.memory_under  # noqa: F401  (registers the check)
-from pytest_modelcheck.checks.memory_under import memory_under
+from pytest_modelcheck.checks import memory_under
 from pytest_modelcheck.core.errors import UsageError
 from pytest_modelcheck.core.result import CheckResult
 from pytest_modelcheck.core.state import fingerprints_equal, model_fingerprint
