@@ -8,6 +8,8 @@ its input in place; every time, the model (parameter and buffer bytes, ``.grad``
 grad mode, default dtype, warning filters, active torch modes...) must be bitwise identical.
 """
 import random
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -110,20 +112,33 @@ SCENARIOS = {
     "mutates_its_input": ({"mutate_input": True}, 1),
 }
 
+# (check, scenario) -> why its outcome is known to be wrong; the state must be kept all the same
+KNOWN_WRONG_OUTCOMES = {
+    ("memory_under", scenario): "memory_under fails on any model with a frozen parameter: MemTracker"
+    " registers a gradient hook on every parameter ('cannot register a hook on a tensor that"
+    " doesn't require gradient'), reported as 'forward raised RuntimeError in module ...'"
+    for scenario in ("passing", "failing", "raises_on_first_forward")
+}
 
-def test_every_registered_check_has_a_configuration():
-    missing = sorted(set(all_checks()) - set(CONFIGS))
-    assert not missing, (f"checks without an entry in CONFIGS of {__file__}: {missing}; add"
-                         " (arguments with which it passes, arguments with which it fails) on Subject()")
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_lazy_imports_done():
+    """Let torch finish the lazy imports that the first check in a process triggers.
+
+    ``preserved_globals`` calls ``torch.use_deterministic_algorithms``, whose first call imports
+    torch._inductor and with it sympy, which adds a warnings filter at import time. Done here
+    once, so that no test depends on running first in its worker;
+    ``test_first_check_in_a_fresh_process_leaves_warning_filters_alone`` covers that case.
+    """
+    torch.use_deterministic_algorithms(torch.are_deterministic_algorithms_enabled(),
+                                       warn_only=torch.is_deterministic_algorithms_warn_only_enabled())
 
 
-@pytest.mark.parametrize("scenario", list(SCENARIOS))
-@pytest.mark.parametrize("name", sorted(all_checks()))
-def test_check_leaves_model_batch_and_globals_unchanged(name, scenario, fake_timer):
+def _run(name, scenario):
+    """Run one check in one scenario; return (result, model, what changed)."""
     if name not in CONFIGS:
         pytest.fail(f"check {name!r} has no entry in CONFIGS of {__file__}; add (arguments with"
                     " which it passes, arguments with which it fails) on Subject()")
-    fake_timer(then=0.25)
     model_kwargs, which = SCENARIOS[scenario]
     args = CONFIGS[name][which]
     check = all_checks()[name]
@@ -138,16 +153,62 @@ def test_check_leaves_model_batch_and_globals_unchanged(name, scenario, fake_tim
 
     result = check(**args, model=model, batch=batch)
 
-    assert _process_state() == process_before
-    assert fingerprints_equal(model_before, model_fingerprint(model)) == []
-    assert all(tensors_identical(a, b) for a, b in zip(batch_before, batch))
-    assert model.calls == 0, "the check ran the caller's model instead of a copy"
-    assert model.training and not model.head.training and model.encoder.training
+    process_after = _process_state()
+    changed = [f"global state: {k}" for k in process_before if process_before[k] != process_after[k]]
+    changed += [f"model: {d}" for d in fingerprints_equal(model_before, model_fingerprint(model))]
+    changed += [f"batch[{i}]" for i, (a, b) in enumerate(zip(batch_before, batch))
+                if not tensors_identical(a, b)]
+    if model.calls:
+        changed.append("the check ran the caller's model instead of a copy")
+    return result, changed
 
+
+def test_every_registered_check_has_a_configuration():
+    missing = sorted(set(all_checks()) - set(CONFIGS))
+    assert not missing, (f"checks without an entry in CONFIGS of {__file__}: {missing}; add"
+                         " (arguments with which it passes, arguments with which it fails) on Subject()")
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("name", sorted(all_checks()))
+def test_check_leaves_model_batch_and_globals_unchanged(name, scenario, fake_timer):
+    fake_timer(then=0.25)
+    result, changed = _run(name, scenario)
+    assert changed == [], f"{name} ({scenario}, {result.status}: {result.headline})"
+
+
+def _outcome_cases():
+    for name in sorted(all_checks()):
+        for scenario in ("passing", "failing", "raises_on_first_forward"):
+            reason = KNOWN_WRONG_OUTCOMES.get((name, scenario))
+            marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+            yield pytest.param(name, scenario, marks=marks, id=f"{name}-{scenario}")
+
+
+@pytest.mark.parametrize("name, scenario", _outcome_cases())
+def test_configurations_have_the_declared_outcome(name, scenario, fake_timer):
+    """The scenarios above really take the passing, failing and raising paths of each check."""
+    fake_timer(then=0.25)
+    result, _ = _run(name, scenario)
     if scenario == "passing":
         assert result.passed is True, result.headline
     elif scenario == "failing":
         assert result.passed is False, result.headline
-    elif scenario == "raises_on_first_forward":
-        assert result.passed is False
-        assert "planted failure on forward call 1" in result.headline
+        assert not result.headline.startswith("forward raised"), result.headline
+    else:
+        assert result.passed is False, result.headline
+        assert result.headline.startswith("forward raised RuntimeError in module 'Subject' (Subject):"
+                                          " planted failure on forward call 1"), result.headline
+
+
+@pytest.mark.xfail(strict=True, reason="preserved_globals() (core/state.py) calls"
+                   " torch.use_deterministic_algorithms() on exit even when nothing changed; its"
+                   " first call imports torch._inductor and sympy, which adds a warnings filter")
+def test_first_check_in_a_fresh_process_leaves_warning_filters_alone():
+    code = ("import warnings, torch\n"
+            "from pytest_modelcheck.checks import shapes_consistent\n"
+            "before = list(warnings.filters)\n"
+            "shapes_consistent(('B', 3), model=torch.nn.Linear(4, 3), batch=torch.zeros(2, 4))\n"
+            "print([f for f in warnings.filters if f not in before])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
