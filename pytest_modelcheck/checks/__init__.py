@@ -14,7 +14,8 @@ from .shapes import shapes_consistent
 from .overfit import model_overfits
 from .throughput import throughput_at_least
 from .memory import memory_under
+from .dispatch_checks import no_host_sync, vectorized
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
-           "throughput_at_least", "memory_under"]
+           "throughput_at_least", "memory_under", "no_host_sync", "vectorized"]

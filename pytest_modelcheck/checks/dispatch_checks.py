@@ -1,0 +1,230 @@
+"""no_host_sync and vectorized: what the dispatcher sees (host-device syncs, op counts)."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ..core.errors import UsageError
+from ..core.result import CheckResult
+from .registry import SkipCheck, check
+
+SYNC_REMEDY = ("remedy: keep values on the device: replace .item()/float()/bool(tensor)/"
+               "`if tensor:` with tensor ops (torch.where, clamp, multiplying by a mask), take sizes"
+               " from shapes or the batch, use masked_fill/torch.where or nonzero_static instead of"
+               " boolean-mask indexing; if a sync is intended, raise allow=")
+LOOP_REMEDY = ("remedy: replace the Python loop over samples with batched tensor ops (index_add,"
+               " scatter, gather, torch.vmap, padding plus a mask); if the growth is intended,"
+               " raise tolerance=")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _validate_sync(allow: Any = 0) -> dict:
+    if not _is_int(allow) or allow < 0:
+        raise UsageError(f"allow={allow!r}: expected an int >= 0, the number of host-device"
+                         " syncs tolerated")
+    return {"allow": allow}
+
+
+def _validate_vectorized(batch_sizes: Any = (4, 8), tolerance: Any = 0) -> dict:
+    if (not isinstance(batch_sizes, (list, tuple)) or len(batch_sizes) < 2
+            or not all(_is_int(n) and n >= 1 for n in batch_sizes)
+            or any(b <= a for a, b in zip(batch_sizes, batch_sizes[1:]))):
+        raise UsageError(f"batch_sizes={batch_sizes!r}: expected two or more increasing ints >= 1,"
+                         " such as (4, 8)")
+    if not _is_int(tolerance) or tolerance < 0:
+        raise UsageError(f"tolerance={tolerance!r}: expected an int >= 0, the number of extra"
+                         " ops tolerated")
+    return {"batch_sizes": tuple(batch_sizes), "tolerance": tolerance}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _counted(model: Any, data: Any, replay: Any, **kwargs: Any) -> Any:
+    """``count_ops(model, data, **kwargs)``; when it raises, ``replay()`` runs the same work with
+    no dispatch mode: a model that fails there too fails the check (ModelError), otherwise the
+    mode is at fault and the check is skipped."""
+    from ..core.dispatch import count_ops
+
+    try:
+        return count_ops(model, data, **kwargs)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - replayed below to tell model from mode
+        replay()
+        raise SkipCheck(f"the model cannot run under a TorchDispatchMode ({_one_line(exc)}), which"
+                        " this check needs to see every op") from None
+
+
+def _short(source: str) -> str:
+    return os.path.basename(source) if source else "an unknown line"
+
+
+@check(default=True, validate=_validate_sync)
+def no_host_sync(allow: Any = 0, *, model: Any, batch: Any, loss: Any = None,
+                 device: Any = None) -> CheckResult:
+    """Forward and backward cause no host-device synchronization (.item(), bool(tensor), nonzero, boolean masks).
+
+    Runs forward, the loss and backward on a copy in train mode under a dispatch mode that sees
+    every aten op; works on a CPU-only runner (the same ops are dispatched as on CUDA).
+    ``allow`` is the number of syncs tolerated.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> no_host_sync(model=m, batch=(torch.randn(2, 4), torch.tensor([0, 2]))).passed
+    True
+    """
+    import torch
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+
+    work = copy_model(model).to(device).train()
+    data = batch.clone().to(device)
+
+    def replay() -> None:
+        again = copy_model(model).to(device).train()
+        fresh = batch.clone().to(device)
+        out = run_forward(again, fresh)
+        total, _ = resolve_loss(loss, fresh, out).compute(out, fresh, again)
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
+
+    counts = _counted(work, data, replay, backward=True, loss=loss)
+    groups = counts.sync_groups()
+    n = len(counts.syncs)
+    by_op: dict = {}
+    by_source: dict = {}
+    for s in counts.syncs:
+        by_op[s.op] = by_op.get(s.op, 0) + 1
+        key = s.source or f"<{s.phase}>"
+        by_source[key] = by_source.get(key, 0) + 1
+    metrics = {"count": n, "by_op": by_op, "by_source": by_source, "ops": counts.total}
+
+    details = []
+    if groups:
+        details.append("host-device syncs (op, user line, phase):")
+        details += [f"  {op:45} x{cnt:<5} {src or '(no user line: inside autograd)'}  [{phase}]"
+                    for op, src, phase, cnt in groups[:20]]
+        if len(groups) > 20:
+            details.append(f"  ... and {len(groups) - 20} more places")
+
+    cuda = getattr(data, "input_tensors", lambda: [])()
+    if torch.cuda.is_available() and any(t.device.type == "cuda" for _, t in cuda):
+        warned = _cuda_sync_warnings(replay)
+        metrics["cuda_sync_warnings"] = warned
+        details.append(f"torch.cuda.set_sync_debug_mode('warn') reported {warned} syncs"
+                       f" (the dispatch mode found {n})")
+
+    expected = f"expected at most {allow} host-device syncs in forward+backward"
+    if n > allow:
+        op, src, _, cnt = groups[0]
+        where = f"{op} x{cnt} from {_short(src)}"
+        if len(groups) > 1:
+            where += f", and {n - cnt} more at {len(groups) - 1} other places"
+        details.append(SYNC_REMEDY)
+        return CheckResult("no_host_sync", False, f"{expected}, observed {n} ({where})",
+                           "\n".join(details), metrics)
+    return CheckResult("no_host_sync", True,
+                       f"{expected}, observed {n} in {counts.total} dispatched ops",
+                       "\n".join(details), metrics)
+
+
+def _cuda_sync_warnings(replay: Any) -> int:
+    """Syncs reported by CUDA's own sync debug mode over ``replay()`` (CUDA machines only)."""
+    import warnings
+
+    import torch
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            torch.cuda.set_sync_debug_mode("warn")
+            replay()
+            torch.cuda.set_sync_debug_mode(previous)
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
+def _depth(path: str) -> int:
+    return -1 if path.startswith("<") else path.count(".")
+
+
+@check(default=True, validate=_validate_vectorized)
+def vectorized(batch_sizes: Any = (4, 8), tolerance: Any = 0, *, model: Any, batch: Any,
+               loss: Any = None, device: Any = None) -> CheckResult:
+    """The number of dispatched ops does not grow with the batch size (no Python loop over samples).
+
+    Counts the forward's aten ops (eval mode, no_grad, on a copy) at each of ``batch_sizes``
+    (``batch.resized(n)``: a make_batch(n) factory is called, other batches are sliced or tiled);
+    fails when a larger size dispatches more than ``tolerance`` ops more than the smaller one.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    >>> vectorized(model=m, batch=torch.randn(2, 4)).passed
+    True
+    """
+    import torch
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+
+    work = copy_model(model).to(device).eval()
+    counts = {}
+    for n in batch_sizes:
+        data = batch.resized(n).to(device)
+
+        def replay(data: Any = data) -> None:
+            with torch.no_grad():
+                run_forward(copy_model(model).to(device).eval(), data.clone())
+
+        with torch.no_grad():
+            counts[n] = _counted(work, data.clone(), replay)
+    totals = {n: c.forward for n, c in counts.items()}
+    metrics = {"ops_by_batch_size": {str(n): t for n, t in totals.items()}}
+    pairs = list(zip(batch_sizes, batch_sizes[1:]))
+    bad = next(((a, b) for a, b in pairs if totals[b] - totals[a] > tolerance), None)
+    if bad is None:
+        a, b = batch_sizes[0], batch_sizes[-1]
+        same = "the same number of" if tolerance == 0 else f"at most {tolerance} more"
+        return CheckResult("vectorized", True,
+                           f"expected {same} ops at batch sizes {_sizes(batch_sizes)}, observed "
+                           + " -> ".join(str(totals[n]) for n in batch_sizes), "", metrics)
+
+    a, b = bad
+    small, large = counts[a], counts[b]
+    growth = totals[b] - totals[a]
+    grown = {p: large.by_module.get(p, 0) - small.by_module.get(p, 0)
+             for p in set(large.by_module) | set(small.by_module)}
+    grown = {p: g for p, g in grown.items() if g > 0}
+    top = max(grown.values()) if grown else 0
+    culprit = max((p for p, g in grown.items() if g == top), key=_depth, default="")
+    metrics.update({"growth": growth, "grew_module": culprit,
+                    "ops_per_extra_sample": round(growth / (b - a), 2)})
+    same = "the same number of" if tolerance == 0 else f"at most {tolerance} more"
+    where = f"; grew in module '{culprit}' (+{top})" if culprit else ""
+    headline = (f"expected {same} ops at batch sizes {a} and {b}, observed"
+                f" {totals[a]} -> {totals[b]} (+{growth}){where}")
+    details = [f"ops per module at batch size {a} -> {b} (modules that grew):"]
+    for p in sorted(grown, key=lambda p: (-grown[p], -_depth(p), p))[:12]:
+        details.append(f"  {p:40} {small.by_module.get(p, 0):>7} -> {large.by_module.get(p, 0):<7}"
+                       f" (+{grown[p]})")
+    op_growth = {op: large.by_op.get(op, 0) - small.by_op.get(op, 0) for op in large.by_op}
+    details.append("ops that grew most:")
+    details += [f"  {op:40} {small.by_op.get(op, 0):>7} -> {large.by_op[op]:<7} (+{g})"
+                for op, g in sorted(op_growth.items(), key=lambda kv: (-kv[1], kv[0]))[:8] if g > 0]
+    details.append(LOOP_REMEDY)
+    return CheckResult("vectorized", False, headline, "\n".join(details), metrics)
+
+
+def _sizes(sizes: tuple) -> str:
+    return " and ".join(str(n) for n in sizes) if len(sizes) == 2 else \
+        ", ".join(str(n) for n in sizes[:-1]) + f" and {sizes[-1]}"
