@@ -97,9 +97,9 @@ class CheckSpec:
         context = {"loss": loss, "device": device}
         context.update({k: v for k, v in values.items() if k in MARKER_CONTEXT and v is not None})
         user = {k: v for k, v in values.items() if k not in CONTEXT}
-        batch = Batch.from_user(batch)
         start = time.perf_counter()
-        with preserved_globals():
+        with preserved_globals():  # a batch factory's random draws are undone too
+            batch = Batch.from_user(batch)
             try:
                 device = _resolve_device(context["device"], model, self.absent_device_ok)
                 result = self.impl(**user, model=model, batch=batch, loss=context["loss"],

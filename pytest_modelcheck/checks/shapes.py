@@ -30,7 +30,8 @@ def _validate(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
                              " e.g. inputs=('B', 1, 'H', 'W'), sizes={'H': [32, 48]}")
         if not isinstance(sizes, dict) or not all(
                 isinstance(k, str) and isinstance(v, (list, tuple)) and v
-                and all(isinstance(x, int) and x >= 1 for x in v) for k, v in sizes.items()):
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in v)
+                for k, v in sizes.items()):
             raise UsageError(f"sizes={sizes!r}: expected a dict of symbol -> list of sizes such as"
                              " {'H': [32, 48], 'W': [32, 64]}")
         if "B" in sizes:
@@ -151,7 +152,7 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
                 continue
             mutated = run_batch.differs_from(pristine)
             if mutated:
-                failures.append((label, f"the model changed its input {mutated[0]} in place", run_batch))
+                failures.append((label, f"the model changed its input {mutated[0]} in place", pristine))
                 continue
             env_out = dict(env, **{k: v for k, v in fixed_env.items() if k not in env})
             if out is not None:

@@ -649,6 +649,13 @@ def _first_line(exc: Any) -> str:
 _TRACKER_CLASS: Any = None
 
 
+class _NoHook:
+    """Stands in for a gradient-hook handle on a frozen parameter."""
+
+    def remove(self) -> None:
+        pass
+
+
 def _new_tracker(*, target: Any, block: int = 1) -> Any:
     """A MemTracker that also records the largest total per step phase on ``target``'s type.
 
@@ -675,6 +682,17 @@ def _new_tracker(*, target: Any, block: int = 1) -> Any:
                 total = _tracker_total(self._curr_mem_snap, self.target)
                 if total > self.phase_peaks.get(self.phase, 0):
                     self.phase_peaks[self.phase] = total
+
+            def _track_module_params_and_buffers(self, module: Any,
+                                                 install_grad_hooks: bool = True) -> Any:
+                # MemTracker hooks every parameter's gradient; frozen parameters cannot take a
+                # hook, so they get a placeholder handle and are tracked as parameters only.
+                if install_grad_hooks:
+                    for param in module.parameters():
+                        if not param.requires_grad and \
+                                self._param_to_grad_hook_handles.get(param, None) is None:
+                            self._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+                return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
             def _pre_fw_hook(self, module: Any, inputs: Any) -> None:
                 try:

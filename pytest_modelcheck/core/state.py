@@ -75,11 +75,19 @@ def preserved_globals() -> Iterator[None]:
         if cuda_states is not None:
             torch.cuda.set_rng_state_all(cuda_states)
         (grad, _inference, dtype, det, det_warn, anomaly, anomaly_nan, precision, threads) = settings
-        torch.set_grad_enabled(grad)
-        torch.set_default_dtype(dtype)
-        torch.use_deterministic_algorithms(det, warn_only=det_warn)
-        torch.autograd.set_detect_anomaly(anomaly, check_nan=anomaly_nan)
-        torch.set_float32_matmul_precision(precision)
+        # Restore only what changed: some setters have side effects on first use (importing
+        # torch's compiler stack, adding warning filters).
+        if torch.is_grad_enabled() != grad:
+            torch.set_grad_enabled(grad)
+        if torch.get_default_dtype() != dtype:
+            torch.set_default_dtype(dtype)
+        if (torch.are_deterministic_algorithms_enabled() != det
+                or torch.is_deterministic_algorithms_warn_only_enabled() != det_warn):
+            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+        if torch.is_anomaly_enabled() != anomaly or torch.is_anomaly_check_nan_enabled() != anomaly_nan:
+            torch.autograd.set_detect_anomaly(anomaly, check_nan=anomaly_nan)
+        if torch.get_float32_matmul_precision() != precision:
+            torch.set_float32_matmul_precision(precision)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
