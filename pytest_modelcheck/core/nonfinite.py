@@ -9,27 +9,11 @@ diagnose a failure, so the happy path pays nothing.
 from __future__ import annotations
 
 import os
-import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def user_frame(skip_torch: bool = True) -> str:
-    """``file:line in function`` of the innermost stack frame outside torch and this package."""
-    import torch
-
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
-    for frame in reversed(traceback.extract_stack()):
-        f = os.path.abspath(frame.filename)
-        if f.startswith(_PKG_DIR) or (skip_torch and f.startswith(torch_dir)):
-            continue
-        if "<frozen" in f or f.endswith(("contextlib.py", "functools.py")):
-            continue
-        return f"{os.path.relpath(f) if not os.path.relpath(f).startswith('..') else f}:{frame.lineno} in {frame.name}"
-    return ""
 
 
 @dataclass
@@ -65,6 +49,7 @@ def locate_nonfinite(model: Any, batch: Any, loss: Any) -> Optional[NonFiniteOri
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from .dispatch import user_source
     from .forward import run_forward
 
     names = {m: n for n, m in model.named_modules()}
@@ -79,7 +64,7 @@ def locate_nonfinite(model: Any, batch: Any, loss: Any) -> Optional[NonFiniteOri
                 if outs and all(bool(torch.isfinite(t).all()) for t in _floating((args, kwargs))):
                     found.append(NonFiniteOrigin("forward", str(func.overloadpacket.__name__)
                                                  if hasattr(func, "overloadpacket") else str(func),
-                                                 stack[-1] if stack else "", user_frame(),
+                                                 stack[-1] if stack else "", user_source(),
                                                  _kind(outs[0])))
             return out
 
