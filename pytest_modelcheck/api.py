@@ -8,16 +8,11 @@ from .core.errors import UsageError
 from .core.result import HealthReport
 
 
-def _select(checks: Any, declared: dict) -> list:
+def _select(checks: Any) -> list:
     if checks == "default":
-        names = default_checks()
-        # a declared argument that only an opt-in check takes selects that check too
-        for name, spec in all_checks().items():
-            if name not in names and spec.required and all(r in declared for r in spec.required):
-                names.append(name)
-        return names
+        return default_checks()
     if checks == "all":
-        return list(all_checks())
+        return [n for n, s in all_checks().items() if not s.required]
     if isinstance(checks, str):
         checks = [checks]
     if not isinstance(checks, (list, tuple)) or not all(isinstance(c, str) for c in checks):
@@ -27,14 +22,55 @@ def _select(checks: Any, declared: dict) -> list:
     return list(checks)
 
 
+def plan_checks(checks: Any = "default", **declared: Any) -> list:
+    """Bind and validate the arguments of the selected checks, before anything runs.
+
+    Returns ``[(CheckSpec, bound_values), ...]``; raises UsageError (one line) for an unknown
+    check, a declared fact no selected check takes, a missing required argument or a bad value.
+
+    >>> [spec.name for spec, _ in plan_checks(["shapes_consistent"], out=("B", 3))]
+    ['shapes_consistent']
+    """
+    specs = all_checks()
+    per_check = {k: declared.pop(k) for k in list(declared) if k in specs}
+    for name, args in per_check.items():
+        if not isinstance(args, dict):
+            raise UsageError(f"{name}={args!r}: per-check arguments must be a dict such as"
+                             f" {name}={{...}}")
+    names = _select(checks)
+    names += [n for n in per_check if n not in names]
+    used: set = set()
+    plans = []
+    for name in names:
+        spec = specs[name]
+        accepted = {p.name for p in spec.user_params}
+        kwargs = {k: v for k, v in declared.items() if k in accepted}
+        used |= set(kwargs)
+        kwargs.update(per_check.get(name, {}))
+        missing = [r for r in spec.required if r not in kwargs]
+        if missing:
+            raise UsageError(f"check {name} needs {', '.join(missing)}=...; pass it as"
+                             f" {name}={{{missing[0]!r}: ...}}")
+        try:
+            plans.append((spec, spec.bind((), kwargs)))
+        except UsageError as exc:
+            raise UsageError(f"{name}: {exc}") from None
+    unknown = sorted(set(declared) - used)
+    if unknown:
+        raise UsageError(f"{', '.join(unknown)}: not an argument of any selected check"
+                         f" ({', '.join(names)}); give it per check, e.g. memory_under={{'limit': '2 GiB'}}")
+    return plans
+
+
 def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "default",
                 device: Any = None, **declared: Any) -> HealthReport:
     """Run the named checks (or the default set) on ``model`` and an example ``batch``.
 
     ``declared`` holds what the user knows about the model, given once and routed to every
     selected check that takes an argument of that name (``out=("B", 10)``,
-    ``chance_level=math.log(10)``, ``limit="2 GiB"``...), or per check as a dict
-    (``model_overfits={"steps": 200}``). A failing check never raises; a usage error does
+    ``chance_level=math.log(10)``...), or per check as a dict (``model_overfits={"steps": 200}``,
+    ``memory_under={"limit": "2 GiB"}``); a per-check dict also selects a check outside the
+    default set. A failing check never raises; a usage error does
     (``UsageError``, one line). See the README for how ``batch`` is split into inputs and target.
 
     >>> import torch
@@ -47,36 +83,7 @@ def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "defa
     from .core.batch import Batch
     from .core.forward import count_parameters
 
-    specs = all_checks()
-    per_check = {k: declared.pop(k) for k in list(declared) if k in specs}
-    for name, args in per_check.items():
-        if not isinstance(args, dict):
-            raise UsageError(f"{name}={args!r}: per-check arguments must be a dict such as"
-                             f" {name}={{...}}")
-    names = _select(checks, declared)
-    for name in per_check:
-        if name not in names:
-            names.append(name)
-    used: set = set()
-    plans = []
-    for name in names:
-        spec = specs[name]
-        accepted = {p.name for p in spec.user_params}
-        kwargs = {k: v for k, v in declared.items() if k in accepted}
-        used |= set(kwargs)
-        kwargs.update(per_check.get(name, {}))
-        missing = [r for r in spec.required if r not in kwargs]
-        if missing:
-            raise UsageError(f"check {name} needs {', '.join(missing)}=...; pass it to check_model"
-                             f" or as {name}={{...}}")
-        try:
-            plans.append((spec, spec.bind((), kwargs)))
-        except UsageError as exc:
-            raise UsageError(f"{name}: {exc}") from None
-    unknown = sorted(set(declared) - used)
-    if unknown:
-        raise UsageError(f"{', '.join(unknown)}: not an argument of any selected check"
-                         f" ({', '.join(names)})")
+    plans = plan_checks(checks, **declared)
     from .core.state import preserved_globals
 
     with preserved_globals():  # calling a batch factory must not move the caller's RNG

@@ -284,6 +284,203 @@ def step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train
                                 device=dev)
 
 
+# --- estimate_memory: a whole-step estimate with its parts, across batch sizes --------------------
+
+AMP_DTYPES = ("bf16", "fp16")
+
+
+@dataclass
+class MemoryEstimate:
+    """What one step needs, estimated on fake tensors: its parts, its peak, and where it is.
+
+    Byte fields: ``parameters_bytes`` (parameters and buffers), ``gradients_bytes`` (all
+    gradients after backward), ``optimizer_state_bytes`` (state alive after the step, e.g.
+    AdamW's two moments), ``activations_bytes`` (forward results kept for backward when
+    backward starts; in an inference step, those alive at the peak), ``temporaries_bytes``
+    (backward/optimizer intermediates alive at the peak) and ``peak_bytes`` with
+    ``peak_phase`` ("forward", "backward" or "optimizer step"). ``breakdown`` is what held the
+    memory at the peak; ``module_activations`` is ``[[module path, bytes], ...]`` of activation
+    bytes each module's own code left alive (submodules excluded), largest first.
+    ``per_batch_size`` holds one dict of the same figures per requested batch size.
+
+    >>> e = MemoryEstimate(batch_size=2, phase="train", optimizer="adamw", amp=None,
+    ...                    device="cpu", peak_bytes=4096, peak_phase="optimizer step")
+    >>> e.to_dict()["peak_phase"]
+    'optimizer step'
+    >>> print(e.render().splitlines()[0])
+    estimated peak 4.00 KiB during optimizer step of a training step (batch 2, adamw, fp32) on cpu
+    """
+
+    batch_size: Optional[int]
+    phase: str
+    optimizer: Optional[str]
+    amp: Optional[str]
+    device: str
+    peak_bytes: int
+    peak_phase: str
+    parameters_bytes: int = 0
+    gradients_bytes: int = 0
+    optimizer_state_bytes: int = 0
+    activations_bytes: int = 0
+    temporaries_bytes: int = 0
+    parameter_count: int = 0
+    breakdown: dict = field(default_factory=dict)
+    phase_peaks: dict = field(default_factory=dict)
+    module_activations: list = field(default_factory=list)
+    per_batch_size: list = field(default_factory=list)
+
+    _SUMMARY = ("batch_size", "peak_bytes", "peak_phase", "parameters_bytes", "gradients_bytes",
+                "optimizer_state_bytes", "activations_bytes", "temporaries_bytes")
+
+    def summary(self) -> dict:
+        """The headline figures of this batch size as builtin types."""
+        return {k: getattr(self, k) for k in self._SUMMARY}
+
+    def to_dict(self) -> dict:
+        """All fields as builtin types (JSON-ready)."""
+        return {
+            "batch_size": self.batch_size, "phase": self.phase, "optimizer": self.optimizer,
+            "amp": self.amp, "device": self.device, "method": METHOD_FAKE,
+            "peak_bytes": int(self.peak_bytes), "peak_phase": self.peak_phase,
+            "parameters_bytes": int(self.parameters_bytes),
+            "gradients_bytes": int(self.gradients_bytes),
+            "optimizer_state_bytes": int(self.optimizer_state_bytes),
+            "activations_bytes": int(self.activations_bytes),
+            "temporaries_bytes": int(self.temporaries_bytes),
+            "parameter_count": int(self.parameter_count),
+            "breakdown": {str(k): int(v) for k, v in self.breakdown.items()},
+            "phase_peaks": {str(k): int(v) for k, v in self.phase_peaks.items()},
+            "module_activations": [[str(n), int(b)] for n, b in self.module_activations],
+            "per_batch_size": [dict(row) for row in self.per_batch_size],
+        }
+
+    def render(self, top: int = 10) -> str:
+        """A text table: peak, parts, breakdown at the peak, top modules, batch sizes."""
+        step = "a training step" if self.phase == "train" else "an inference step"
+        opt = f", {self.optimizer}" if self.phase == "train" else ""
+        lines = [f"estimated peak {format_bytes(self.peak_bytes)} during {self.peak_phase} of"
+                 f" {step} (batch {self.batch_size}{opt}, {self.amp or 'fp32'}) on {self.device}"]
+        parts = [("parameters", self.parameters_bytes), ("gradients", self.gradients_bytes),
+                 ("optimizer state", self.optimizer_state_bytes),
+                 ("activations", self.activations_bytes),
+                 ("temporaries at peak", self.temporaries_bytes)]
+        for name, value in parts:
+            lines.append(f"  {name:<22}{format_bytes(value):>12}")
+        if self.breakdown:
+            lines.append("  at the peak: " + ", ".join(
+                f"{k} {format_bytes(v)}" for k, v in self.breakdown.items() if v))
+        if self.module_activations:
+            lines.append("  activation bytes by module (own ops, submodules excluded):")
+            for name, value in self.module_activations[:top]:
+                lines.append(f"    {name:<30}{format_bytes(value):>12}")
+        if len(self.per_batch_size) > 1:
+            lines.append(f"  {'batch':>7}{'peak':>12}{'activations':>14}  peak phase")
+            for row in self.per_batch_size:
+                lines.append(f"  {row['batch_size']:>7}{format_bytes(row['peak_bytes']):>12}"
+                             f"{format_bytes(row['activations_bytes']):>14}  {row['peak_phase']}")
+        return "\n".join(lines)
+
+
+def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
+                    optimizer: Any = "adamw", amp: Optional[str] = None,
+                    batch_sizes: Any = None, device: Any = None, loss: Any = None,
+                    lr: float = 1e-3) -> MemoryEstimate:
+    """Estimate a step's memory, part by part, without allocating any tensor.
+
+    ``model_or_factory`` is a module (real or on the ``meta`` device) or a zero-argument
+    callable returning one, which is called under ``torch.device("meta")`` so its weights are
+    never allocated. ``batch`` is anything ``Batch.from_user`` accepts (meta tensors too) or a
+    ``make_batch(batch_size)`` factory, which ``batch_sizes`` needs unless the batch's tensors
+    can be resized. ``amp`` ("bf16", "fp16" or None) runs forward and loss under
+    ``torch.autocast("cpu", dtype=...)``, so matmul activations are stored in half precision
+    (and the half-precision copies of the weights that autocast caches count too). The
+    step, its phases and the breakdown are those of ``estimate_step_memory``; the figures of
+    the first batch size are the result's own, and ``per_batch_size`` lists every size.
+
+    >>> import torch
+    >>> def build():
+    ...     return torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.ReLU(),
+    ...                                torch.nn.Linear(1024, 10))
+    >>> e = estimate_memory(build, lambda n: (torch.empty(n, 1024, device="meta"),
+    ...                     torch.empty(n, dtype=torch.long, device="meta")),
+    ...                     batch_sizes=[1, 64])
+    >>> e.parameter_count, e.parameters_bytes == 4 * e.parameter_count
+    (1059850, True)
+    >>> e.optimizer_state_bytes >= 2 * 4 * 1059850   # AdamW: exp_avg + exp_avg_sq (+ steps)
+    True
+    >>> [row["batch_size"] for row in e.per_batch_size]
+    [1, 64]
+    """
+    import torch
+
+    from .state import preserved_globals
+
+    phase = _check_phase(phase)
+    if amp not in (None,) + AMP_DTYPES:
+        raise UsageError(f"amp={amp!r}: expected 'bf16', 'fp16' or None")
+    amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    if isinstance(model_or_factory, torch.nn.Module):
+        model = model_or_factory
+    elif callable(model_or_factory):
+        with torch.device("meta"):
+            model = model_or_factory()
+        if not isinstance(model, torch.nn.Module):
+            raise UsageError(f"model_or_factory: the factory returned {type(model).__name__},"
+                             " expected a torch.nn.Module")
+    else:
+        raise UsageError(f"model_or_factory: expected a torch.nn.Module or a zero-argument"
+                         f" callable returning one, got {type(model_or_factory).__name__}")
+    data = Batch.from_user(batch)
+    if batch_sizes is None:
+        sizes = [data.batch_size]
+    else:
+        try:
+            sizes = [int(n) for n in batch_sizes]
+        except (TypeError, ValueError):
+            raise UsageError(f"batch_sizes={batch_sizes!r}: expected a list of positive"
+                             " integers") from None
+        if not sizes or any(n < 1 for n in sizes) or any(
+                isinstance(n, bool) for n in batch_sizes):
+            raise UsageError(f"batch_sizes={batch_sizes!r}: expected a list of positive"
+                             " integers")
+    dev = _target_device(model, device)
+    opt_name = (optimizer if isinstance(optimizer, str) else
+                getattr(optimizer, "__name__", type(optimizer).__name__))
+    results = []
+    with preserved_globals():
+        for n in sizes:
+            step_data = data if n is None or n == data.batch_size else data.resized(n)
+            held: list = []
+            report = _estimate(model, step_data, loss, phase, optimizer, lr, dev,
+                               amp=amp_dtype, keep_tracker=held)
+            results.append(_to_estimate(report, held, n, phase, opt_name, amp, model))
+            del held
+    first = results[0]
+    first.per_batch_size = [r.summary() for r in results]
+    return first
+
+
+def _to_estimate(report: MemoryReport, held: list, n: Optional[int], phase: str,
+                 opt_name: Any, amp: Optional[str], model: Any) -> MemoryEstimate:
+    tracker, work, opt = held
+    block = CUDA_BLOCK_BYTES if report.device.startswith("cuda") else 1
+    params = _alive_bytes(list(work.parameters()) + list(work.buffers()), block=block)
+    grads = _alive_bytes([p.grad for p in work.parameters() if p.grad is not None], block=block)
+    if phase == "train" and BACKWARD in tracker.phase_starts:
+        activations = tracker.phase_starts[BACKWARD]["activations"]
+    else:
+        activations = report.breakdown.get("activations", 0)
+    return MemoryEstimate(
+        batch_size=n, phase=phase, optimizer=opt_name if phase == "train" else None, amp=amp,
+        device=report.device, peak_bytes=report.peak_bytes, peak_phase=report.peak_phase,
+        parameters_bytes=params, gradients_bytes=grads,
+        optimizer_state_bytes=report.optimizer_state_bytes, activations_bytes=int(activations),
+        temporaries_bytes=int(report.breakdown.get("temporaries", 0)),
+        parameter_count=sum(p.numel() for p in model.parameters()),
+        breakdown=dict(report.breakdown), phase_peaks=dict(report.phase_peaks),
+        module_activations=_top_modules(tracker, work, limit=None))
+
+
 # --- the CUDA seam (replaced by a fake in tests) ------------------------------------------------
 
 class _CudaApi:
@@ -328,17 +525,28 @@ PhaseContext = Callable[[str], Any]
 
 
 def _run_step(work: Any, data: Batch, loss: Any, phase: str, opt: Any,
-              phase_context: PhaseContext) -> list:
-    """One step; returns the tensors that must outlive it (output, loss) to the caller."""
+              phase_context: PhaseContext, amp: Any = None) -> list:
+    """One step; returns the tensors that must outlive it (output, loss) to the caller.
+
+    ``amp`` (a torch dtype or None) runs the forward and the loss under
+    ``torch.autocast("cpu", dtype=amp)``; backward and the optimizer step run outside it, as
+    in an ordinary mixed-precision training loop.
+    """
     import torch
 
+    def autocast() -> Any:
+        if amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cpu", dtype=amp)
+
     if phase == "inference":
-        with torch.no_grad(), phase_context(FORWARD):
+        with torch.no_grad(), phase_context(FORWARD), autocast():
             out = run_forward(work, data)
         return [out]
     with phase_context(FORWARD):
-        out = run_forward(work, data)
-        total, _terms = resolve_loss(loss, data, out).compute(out, data, work)
+        with autocast():
+            out = run_forward(work, data)
+            total, _terms = resolve_loss(loss, data, out).compute(out, data, work)
     if not isinstance(total, torch.Tensor) or not total.requires_grad:
         raise UsageError("loss: it does not depend on any trainable parameter, so there is no"
                          " backward to measure; use phase='inference' for a forward-only step")
@@ -492,7 +700,7 @@ def _no_phase(name: str) -> Iterator[None]:
 # --- fake tensors ---------------------------------------------------------------------------
 
 def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, lr: float,
-              dev: Any) -> MemoryReport:
+              dev: Any, amp: Any = None, keep_tracker: Optional[list] = None) -> MemoryReport:
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -519,7 +727,7 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             tracker.phase_peaks.clear()
             with _tracking(tracker), _mha_fastpath(False), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
-                                 _tracker_phases(tracker, _no_phase))
+                                 _tracker_phases(tracker, _no_phase), amp=amp)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised unless fake tensors are the cause
@@ -535,6 +743,8 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
     peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
     del keep
     tracked = (_categories(tracker), _top_modules(tracker, work))
+    if keep_tracker is not None:
+        keep_tracker.extend([tracker, work, opt])
     return _report(phase_peaks, peak_phase, phase, label, METHOD_FAKE, True, baseline,
                    tracked, opt, target=torch.device("cpu"), block=block)
 
@@ -673,6 +883,7 @@ def _new_tracker(*, target: Any, block: int = 1) -> Any:
                 self.block = block
                 self.phase = FORWARD
                 self.phase_peaks: dict = {}
+                self.phase_starts: dict = {}
 
             def _update_snap(self, u_type: Any, winfo: Any, old_mem_consumed: Any = None,
                              old_reftype: Any = None) -> None:
@@ -746,6 +957,8 @@ def _tracker_phases(tracker: Any, inner: PhaseContext) -> PhaseContext:
     @contextlib.contextmanager
     def both(name: str) -> Iterator[None]:
         tracker.phase = name
+        tracker.phase_starts[name] = _snapshot_categories(tracker._curr_mem_snap,
+                                                          tracker.target)
         current = _tracker_total(tracker._curr_mem_snap, tracker.target)
         tracker.phase_peaks[name] = max(tracker.phase_peaks.get(name, 0), current)
         with inner(name):
@@ -756,9 +969,14 @@ def _tracker_phases(tracker: Any, inner: PhaseContext) -> PhaseContext:
 
 def _categories(tracker: Any) -> dict:
     """Bytes per category in MemTracker's peak snapshot, on the tracker's device type."""
+    return _snapshot_categories(tracker.get_tracker_snapshot("peak"), tracker.target)
+
+
+def _snapshot_categories(snapshot: dict, target: Any) -> dict:
+    """Bytes per category in one MemTracker snapshot, on ``target``'s device type."""
     out = dict.fromkeys(CATEGORIES, 0)
-    for dev, values in tracker.get_tracker_snapshot("peak").items():
-        if dev.type != tracker.target.type:
+    for dev, values in snapshot.items():
+        if dev.type != target.type:
             continue
         for key, value in values.items():
             category = _REFTYPE_CATEGORY.get(getattr(key, "name", ""))
@@ -767,7 +985,7 @@ def _categories(tracker: Any) -> dict:
     return out
 
 
-def _top_modules(tracker: Any, model: Any) -> list:
+def _top_modules(tracker: Any, model: Any, limit: Optional[int] = TOP_MODULES) -> list:
     """Activation bytes left alive by each module's own forward code (children excluded)."""
     if tracker is None:
         return []
@@ -782,15 +1000,22 @@ def _top_modules(tracker: Any, model: Any) -> list:
         for before, after in zip(pre, post):
             total += _act(after, tracker.target) - _act(before, tracker.target)
         inclusive[id(mod)] = total
+    def called_below(key: int) -> list:
+        # The nearest descendants that ran a forward (a ModuleList is never called itself).
+        found = []
+        for c in children.get(key, []):
+            found.extend([c] if c in inclusive else called_below(c))
+        return found
+
     own = []
     for key, total in inclusive.items():
         if key not in names:
             continue
-        value = total - sum(inclusive.get(c, 0) for c in children.get(key, []))
+        value = total - sum(inclusive[c] for c in called_below(key))
         if value > 0:
             own.append([names[key], int(value)])
     own.sort(key=lambda item: (-item[1], item[0]))
-    return own[:TOP_MODULES]
+    return own if limit is None else own[:limit]
 
 
 def _snapshots(stats: Any, state: str) -> list:

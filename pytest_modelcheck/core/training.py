@@ -80,8 +80,10 @@ class TrainingRun:
 
 def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: Any = "adam",
                 lr: float = 1e-3, seed: int = 0,
-                on_step: Optional[Callable[[int, float], None]] = None) -> TrainingRun:
-    """Train ``model`` in place for ``steps`` steps on one batch; stops early on a non-finite loss.
+                on_step: Optional[Callable[[int, float], None]] = None,
+                stop: Optional[Callable[[list], bool]] = None) -> TrainingRun:
+    """Train ``model`` in place for ``steps`` steps on one batch; stops early on a non-finite loss
+    or when ``stop(losses)`` returns True after a step.
 
     >>> import torch
     >>> from pytest_modelcheck.core.losses import resolve_loss
@@ -114,6 +116,8 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
         opt.step()
         if on_step is not None:
             on_step(step, value)
+        if stop is not None and stop(run.losses):
+            break
     return run
 
 
