@@ -29,10 +29,19 @@ class SessionState:
 
 @dataclass
 class BoundMarker:
-    spec: CheckSpec
-    values: dict
+    """One marker with its checks bound: a check marker binds one check, ``model_health`` the
+    default set (plus what it declares)."""
+
+    name: str
+    plans: list  # [(CheckSpec, bound values), ...]
     model_fixture: str
     batch_fixture: str
+
+
+HEALTH_MARKER = "model_health"
+HEALTH_HELP = (f"{HEALTH_MARKER}(checks='default', **declared): run check_model's default set"
+               " (or the named checks) with the facts you declare, e.g. out=('B', 10),"
+               " memory_under={'limit': '2 GiB'}")
 
 
 session_key = pytest.StashKey[SessionState]()
@@ -72,6 +81,7 @@ def _option(config: pytest.Config, name: str) -> Any:
 def pytest_configure(config: pytest.Config) -> None:
     for spec in all_checks().values():
         config.addinivalue_line("markers", spec.marker_help())
+    config.addinivalue_line("markers", HEALTH_HELP)
     json_path = _option(config, "modelcheck_json") or None
     config.stash[session_key] = SessionState(bool(_option(config, "modelcheck")), json_path)
     config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
@@ -86,26 +96,37 @@ def _usage_failure(who: str, exc: Exception) -> None:
 
 # -- marker binding (setup, before any expensive work) -------------------------------------
 def _markers(item: pytest.Item) -> list:
-    specs = all_checks()
+    names = set(all_checks()) | {HEALTH_MARKER}
     seen, found = set(), []
     for mark in item.iter_markers():
-        if mark.name in specs and mark.name not in seen:
+        if mark.name in names and mark.name not in seen:
             seen.add(mark.name)
-            found.append((specs[mark.name], mark))
+            found.append(mark)
     return found
+
+
+def _plans(mark: Any, kwargs: dict) -> list:
+    if mark.name == HEALTH_MARKER:
+        from .api import plan_checks
+
+        if mark.args:
+            raise UsageError(f"takes keyword arguments only, got {mark.args!r}")
+        return plan_checks(kwargs.pop("checks", "default"), **kwargs)
+    spec = all_checks()[mark.name]
+    return [(spec, spec.bind(mark.args, kwargs))]
 
 
 def _bind(item: pytest.Item) -> list:
     bound = []
-    for spec, mark in reversed(_markers(item)):  # top-down, as written
+    for mark in reversed(_markers(item)):  # top-down, as written
         kwargs = dict(mark.kwargs)
         model_fx = kwargs.pop("model_fixture", None) or item.config.getini("modelcheck_model_fixture")
         batch_fx = kwargs.pop("batch_fixture", None) or item.config.getini("modelcheck_batch_fixture")
         try:
-            values = spec.bind(mark.args, kwargs)
+            plans = _plans(mark, kwargs)
         except UsageError as exc:
-            _usage_failure(f"@pytest.mark.{spec.name}", exc)
-        bound.append(BoundMarker(spec, values, model_fx, batch_fx))
+            _usage_failure(f"@pytest.mark.{mark.name}", exc)
+        bound.append(BoundMarker(mark.name, plans, model_fx, batch_fx))
     return bound
 
 
@@ -159,7 +180,7 @@ def _modelcheck_subjects(request: pytest.FixtureRequest) -> None:
     subjects = []
     loss = _loss_fixture(request)
     for bm in bound:
-        who = f"@pytest.mark.{bm.spec.name}"
+        who = f"@pytest.mark.{bm.name}"
         subjects.append(_Subject(bm, _fixture(request, bm.model_fixture, who),
                                  _fixture(request, bm.batch_fixture, who), loss))
     request.node.stash[subjects_key] = subjects
@@ -203,13 +224,14 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     device = _device(item.config)
     for s in subjects:
         _record_model(item, s.model)
-        try:
-            result = s.marker.spec.run(s.marker.values, model=s.model, batch=s.batch,
-                                       loss=s.loss, device=device)
-        except UsageError as exc:
-            _usage_failure(f"@pytest.mark.{s.marker.spec.name}", exc)
-        _record(item, result)
-        results.append(result)
+        for spec, values in s.marker.plans:
+            try:
+                result = spec.run(values, model=s.model, batch=s.batch, loss=s.loss,
+                                  device=device)
+            except UsageError as exc:
+                _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
+            _record(item, result)
+            results.append(result)
     outcome = yield
     failed = [r for r in results if r.passed is False]
     if failed:

@@ -217,3 +217,28 @@ def test_fixture_methods_fail_with_headline(healthy_project):
         "*modelcheck.shapes_consistent: batch_sizes=0: expected a tuple of positive ints*",
         "*modelcheck has no check 'no_such_check'*",
     ])
+
+
+def test_model_health_marker_runs_the_default_set(healthy_project):
+    healthy_project.makepyfile("""
+        import math, pytest
+        @pytest.mark.model_health(out=("B", 5), chance_level=math.log(5))
+        def test_good(): pass
+        @pytest.mark.model_health(out=("B", 6))
+        def test_bad_shape(): pass
+        @pytest.mark.model_health(checks=["grads_finite"], memory_under={"limit": "1 B"})
+        def test_budget(): pass
+        @pytest.mark.model_health(colour="red")
+        def test_usage(): pass
+    """)
+    result = healthy_project.runpytest("--modelcheck")
+    result.assert_outcomes(passed=1, failed=2, errors=1)
+    result.stdout.fnmatch_lines([
+        "*@pytest.mark.model_health: colour: not an argument of any selected check*",
+    ])
+    out = result.stdout.str()
+    assert "[shapes_consistent] expected outputs ('B', 6)" in out
+    assert "[memory_under] expected peak memory" in out
+    from pytest_modelcheck.checks import default_checks
+    n = len(default_checks())
+    result.stdout.fnmatch_lines([f"*{n}/{n}*::test_good"])
