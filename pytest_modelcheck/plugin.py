@@ -261,6 +261,8 @@ class ModelCheck:
             batch = _fixture(self._request, cfg.getini("modelcheck_batch_fixture"), "modelcheck")
         if loss is None:
             loss = _loss_fixture(self._request)
+        elif loss is False:  # not needed by the caller
+            loss = None
         return model, batch, loss
 
     def _run(self, spec: CheckSpec, args: tuple, kwargs: dict) -> CheckResult:
@@ -294,6 +296,53 @@ class ModelCheck:
 
     def __dir__(self) -> list:
         return sorted(set(super().__dir__()) | set(all_checks()))
+
+    # -- library tools on the test's fixtures (return data; never fail the test) -----------
+    def _inputs(self, model: Any, batch: Any) -> tuple:
+        from .core.batch import Batch
+
+        model, batch, _ = self._subject(model, batch, False)
+        return model, Batch.from_user(batch)
+
+    def inspect(self, model: Any = None) -> Any:
+        """``inspect_model`` on the test's model: parameter counts, module types, tensor stats."""
+        from .core.inspect import inspect_model
+
+        return inspect_model(self._subject(model, False, False)[0])
+
+    def trace(self, model: Any = None, batch: Any = None) -> Any:
+        """The forward data flow (module calls, shapes, dtypes, ranges) on the test's batch."""
+        from .core.batch import copy_model
+        from .core.trace import trace_batch
+
+        model, data = self._inputs(model, batch)
+        return trace_batch(copy_model(model).eval(), data.clone())
+
+    def count_flops(self, model: Any = None, batch: Any = None, *, backward: bool = False) -> Any:
+        """MACs and FLOPs (FLOPs = 2 x MACs) of one forward (and backward) on the test's batch."""
+        from .core.batch import copy_model
+        from .core.flops import count_flops
+
+        model, data = self._inputs(model, batch)
+        return count_flops(copy_model(model), *data.args, backward=backward, **data.kwargs)
+
+    def estimate_memory(self, model: Any = None, batch: Any = None, **kwargs: Any) -> Any:
+        """``estimate_memory`` of a training step (no real allocation) on the test's batch."""
+        from .core.memory import estimate_memory
+
+        model, data = self._inputs(model, batch)
+        return estimate_memory(model, data, **kwargs)
+
+    def profile(self, model: Any = None, make_batch: Any = None, **kwargs: Any) -> Any:
+        """``profile_model`` over batch sizes; ``make_batch`` defaults to the batch fixture
+        when it is a factory."""
+        from .core.profiler import profile_model
+
+        model, batch, _ = self._subject(model, make_batch, False)
+        if not callable(batch):
+            _usage_failure("modelcheck.profile", "needs a make_batch(batch_size) factory: pass"
+                                                 " make_batch= or make the batch fixture return one")
+        return profile_model(model, batch, **kwargs)
 
     def check_model(self, model: Any = None, batch: Any = None, *, loss: Any = None,
                     checks: Any = "default", device: Any = None, fail: bool = True,

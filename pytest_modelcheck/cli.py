@@ -1,0 +1,262 @@
+"""The ``modelcheck`` command: ``inspect``, ``profile`` and ``compare`` on top of ``core/``.
+
+    modelcheck inspect --model example_models.vit3d:build_model [--config cfg.yaml|json]
+                       [--checkpoint ckpt.pt] [--batch-size N] [--verbose] [--json out.json]
+    modelcheck inspect ckpt.pt                 # the checkpoint alone
+    modelcheck profile --model pkg.mod:factory [--batch-sizes 1,2,4,8] [--json out.json]
+    modelcheck compare a.pt b.pt
+
+User mistakes (unknown factory, bad config, unreadable file) print one line saying what to fix
+and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect as pyinspect
+import json
+import os
+import sys
+from typing import Any, Callable, Optional
+
+from .core.errors import UsageError
+
+
+class CliError(UsageError):
+    """A one-line command-line mistake."""
+
+
+def load_object(spec: str, what: str = "--model") -> Any:
+    """Import ``package.module:attribute`` (the current directory is importable).
+
+    >>> load_object("os.path:join")("a", "b")
+    'a/b'
+    """
+    if ":" not in spec:
+        raise CliError(f"{what} {spec!r}: expected 'package.module:factory', e.g."
+                       " example_models.vit3d:build_model")
+    module_name, attr = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"{what} {spec!r}: cannot import {module_name!r} ({exc}); run from the"
+                       " directory that contains the package or install it") from None
+    try:
+        obj = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        names = sorted(n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n)))
+        raise CliError(f"{what} {spec!r}: {module_name} has no {attr!r}; callables there:"
+                       f" {', '.join(names[:12])}") from None
+    return obj
+
+
+def load_config(path: Optional[str]) -> dict:
+    """A dict of factory keyword arguments from a JSON or YAML file (``{}`` without a path)."""
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise CliError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CliError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
+                       f" ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise CliError(f"--config {path}: expected a mapping of factory arguments, got"
+                       f" {type(data).__name__}")
+    return data.get("model", data) if isinstance(data.get("model"), dict) else data
+
+
+def build_model(spec: str, config: dict) -> Any:
+    """Call the factory named by ``spec`` with the config's keyword arguments."""
+    factory = load_object(spec)
+    if not callable(factory):
+        raise CliError(f"--model {spec!r}: not callable")
+    try:
+        params = pyinspect.signature(factory).parameters
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        unknown = [k for k in config if k not in params and not accepts_any]
+    except (TypeError, ValueError):
+        unknown = []
+    if unknown:
+        raise CliError(f"--config: {spec} takes no argument {unknown[0]!r}; it takes"
+                       f" {', '.join(params) or 'no arguments'}")
+    try:
+        return factory(**config)
+    except Exception as exc:  # noqa: BLE001 - the user's factory failed
+        raise CliError(f"--model {spec}: the factory raised {type(exc).__name__}: {exc}") from None
+
+
+def _batch_factory(args: argparse.Namespace) -> Optional[Callable[[int], Any]]:
+    if args.batch:
+        return load_object(args.batch, "--batch")
+    module = importlib.import_module(args.model.split(":", 1)[0])
+    return getattr(module, "make_batch", None)
+
+
+def _section(title: str) -> str:
+    return f"\n{title}\n{'=' * len(title)}"
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict:
+    from .core.checkpoint import inspect_checkpoint
+    from .core.inspect import inspect_model
+
+    out: dict = {}
+    if args.model is None:
+        if not args.target:
+            raise CliError("inspect: give --model package.module:factory or a checkpoint file")
+        info = inspect_checkpoint(args.target)
+        print(info.render())
+        return {"checkpoint": info.to_dict()}
+    config = load_config(args.config)
+    model = build_model(args.model, config)
+    print(_section(f"Model: {type(model).__name__}  ({args.model})"))
+    if config:
+        print(_section("Configuration"))
+        width = max(len(k) for k in config)
+        for k, v in config.items():
+            print(f"  {k:<{width}}  {v}")
+    out["config"] = config
+    ckpt = args.checkpoint or args.target
+    if ckpt:
+        cinfo = inspect_checkpoint(ckpt, model=model)
+        print(_section(f"Checkpoint: {ckpt}"))
+        print(cinfo.render())
+        out["checkpoint"] = cinfo.to_dict()
+    info = inspect_model(model)
+    print(_section("Parameters"))
+    print(info.render(verbose=args.verbose))
+    out["model"] = info.to_dict()
+    make_batch = _batch_factory(args)
+    if make_batch is None:
+        print("\n(no make_batch found next to the factory: pass --batch package.module:make_batch"
+              " for the forward flow and the memory estimate)")
+        return out
+    from .core.batch import Batch
+    from .core.trace import trace_batch
+
+    batch = Batch.from_user(make_batch(args.batch_size))
+    import torch
+
+    print(_section(f"Forward flow (batch size {args.batch_size}; * = shape changes)"))
+    trace = trace_batch(model.eval(), batch)
+    print(trace.render(max_lines=400 if args.verbose else 60))
+    out["flow"] = trace.to_dict()
+    from .core.memory import estimate_memory
+
+    print(_section(f"Memory estimate, training step at batch size {args.batch_size}"))
+    out["memory"] = {}
+    for amp in (None, "bf16"):
+        try:
+            est = estimate_memory(model, batch, phase="train", amp=amp)
+        except Exception as exc:  # noqa: BLE001 - an estimate that cannot run is reported
+            print(f"  {'fp32' if amp is None else amp}: not available ({type(exc).__name__}: {exc})")
+            continue
+        print(f"-- {'fp32' if amp is None else 'bf16 autocast'}")
+        print(est.render())
+        out["memory"]["fp32" if amp is None else amp] = est.to_dict()
+    del torch
+    return out
+
+
+def cmd_profile(args: argparse.Namespace) -> dict:
+    from .core.profiler import profile_model
+
+    model = build_model(args.model, load_config(args.config))
+    make_batch = _batch_factory(args)
+    if make_batch is None:
+        raise CliError("profile: no make_batch next to the factory; pass --batch"
+                       " package.module:make_batch")
+    try:
+        sizes = tuple(int(s) for s in args.batch_sizes.split(","))
+        if not sizes or min(sizes) < 1:
+            raise ValueError
+    except ValueError:
+        raise CliError(f"--batch-sizes {args.batch_sizes!r}: expected positive integers such as"
+                       " 1,2,4,8") from None
+    report = profile_model(model, make_batch, batch_sizes=sizes, device=args.device,
+                           warmup=args.warmup, runs=args.runs, progress=True)
+    print(report.render())
+    return json.loads(report.to_json())
+
+
+def cmd_compare(args: argparse.Namespace) -> dict:
+    from .core.checkpoint import compare_checkpoints
+
+    report = compare_checkpoints(args.a, args.b)
+    print(report.render())
+    return report.to_dict()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelcheck", description="Inspect, profile and compare"
+                                " PyTorch models and checkpoints.")
+    sub = p.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="model summary, parameters, forward flow, memory; or a"
+                         " checkpoint alone")
+    ins.add_argument("target", nargs="?", help="a checkpoint file (.pt, .pth, .safetensors)")
+    ins.add_argument("--model", help="factory as package.module:function")
+    ins.add_argument("--config", help="YAML or JSON file of factory keyword arguments")
+    ins.add_argument("--checkpoint", help="checkpoint to check against the model")
+    ins.add_argument("--batch", help="batch factory package.module:make_batch (default: the"
+                     " factory module's make_batch)")
+    ins.add_argument("--batch-size", type=int, default=4)
+    ins.add_argument("--verbose", action="store_true", help="every tensor and every module call")
+    ins.add_argument("--json", help="also write everything to this JSON file")
+    ins.set_defaults(run=cmd_inspect)
+    pro = sub.add_parser("profile", help="latency, throughput, memory and FLOPs per batch size")
+    pro.add_argument("--model", required=True)
+    pro.add_argument("--config")
+    pro.add_argument("--batch")
+    pro.add_argument("--batch-sizes", default="1,2,4,8,16")
+    pro.add_argument("--device", default=None)
+    pro.add_argument("--warmup", type=int, default=10)
+    pro.add_argument("--runs", type=int, default=50)
+    pro.add_argument("--json")
+    pro.set_defaults(run=cmd_profile)
+    cmp_ = sub.add_parser("compare", help="how far two checkpoints drifted, tensor by tensor")
+    cmp_.add_argument("a")
+    cmp_.add_argument("b")
+    cmp_.add_argument("--json")
+    cmp_.set_defaults(run=cmd_compare)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``modelcheck`` console script; returns the exit status."""
+    args = parser().parse_args(argv)
+    if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
+        print(f"modelcheck: error: --batch-size {args.batch_size}: expected a positive integer",
+              file=sys.stderr)
+        return 2
+    try:
+        data = args.run(args)
+    except UsageError as exc:
+        print(f"modelcheck: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        from .report.json_report import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(data, indent=2, default=str) + "\n")
+        print(f"\nwritten to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
