@@ -22,6 +22,13 @@ _EXPORTS = {
     "check_model": "pytest_modelcheck.api",
     "trace_model": "pytest_modelcheck.core.trace",
     "FlowTrace": "pytest_modelcheck.core.trace",
+    "inspect_model": "pytest_modelcheck.core.inspect",
+    "dump_model_info": "pytest_modelcheck.core.inspect",
+    "ModelInfo": "pytest_modelcheck.core.inspect",
+    "inspect_checkpoint": "pytest_modelcheck.core.checkpoint",
+    "compare_checkpoints": "pytest_modelcheck.core.checkpoint",
+    "CheckpointError": "pytest_modelcheck.core.checkpoint",
+    "plan_checks": "pytest_modelcheck.api",
     "parse_bytes": "pytest_modelcheck.core.units",
     "parse_rate": "pytest_modelcheck.core.units",
 }

@@ -24,6 +24,7 @@ PLUGIN_KEYS = ("model_fixture", "batch_fixture")
 class SessionState:
     enabled: bool
     json_path: Optional[str]
+    timeout: Optional[float] = None
     rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
 
 
@@ -60,6 +61,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--modelcheck-device", default=None, dest="modelcheck_device",
                     metavar="DEVICE", help="Device the checks run on (cpu, cuda, cuda:1)."
                     " Default: the model's own device (ini: modelcheck_device).")
+    group.addoption("--modelcheck-timeout", default=None, dest="modelcheck_timeout",
+                    metavar="DURATION", help="Time budget of one check ('90s', '5 min'); a check"
+                    " that overruns fails and the session goes on. Default: none"
+                    " (ini: modelcheck_timeout).")
+    parser.addini("modelcheck_timeout", "Time budget of one check. Default: none.", default="")
     parser.addini("modelcheck", "Run model checks without --modelcheck. Default: false.",
                   type="bool", default=False)
     parser.addini("modelcheck_json", "Path of the JSON results file. Default: none.", default="")
@@ -83,7 +89,19 @@ def pytest_configure(config: pytest.Config) -> None:
         config.addinivalue_line("markers", spec.marker_help())
     config.addinivalue_line("markers", HEALTH_HELP)
     json_path = _option(config, "modelcheck_json") or None
-    config.stash[session_key] = SessionState(bool(_option(config, "modelcheck")), json_path)
+    timeout = _option(config, "modelcheck_timeout") or None
+    if timeout is not None:
+        from .core.units import parse_duration
+
+        try:
+            timeout = parse_duration(timeout)
+        except UsageError as exc:
+            raise pytest.UsageError(f"--modelcheck-timeout / modelcheck_timeout: {exc}") from None
+        if timeout <= 0:
+            raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration such as"
+                                    f" '90s', got {timeout!r}")
+    config.stash[session_key] = SessionState(bool(_option(config, "modelcheck")), json_path,
+                                             timeout)
     config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
 
 
@@ -227,7 +245,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         for spec, values in s.marker.plans:
             try:
                 result = spec.run(values, model=s.model, batch=s.batch, loss=s.loss,
-                                  device=device)
+                                  device=device, timeout=item.config.stash[session_key].timeout)
             except UsageError as exc:
                 _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
             _record(item, result)
@@ -271,7 +289,8 @@ class ModelCheck:
         model, batch, loss = self._subject(model, batch, loss)
         try:
             values = spec.bind(args, kwargs)
-            result = spec.run(values, model=model, batch=batch, loss=loss, device=device)
+            result = spec.run(values, model=model, batch=batch, loss=loss, device=device,
+                              timeout=self._request.config.stash[session_key].timeout)
         except UsageError as exc:
             _usage_failure(f"modelcheck.{spec.name}", exc)
         _record_model(self._request.node, model)

@@ -15,7 +15,11 @@ from .overfit import model_overfits
 from .throughput import throughput_at_least
 from .memory import memory_under
 from .dispatch_checks import no_host_sync, vectorized
+from .behaviour import (batch_independent, eval_deterministic, params_learn, state_roundtrip,
+                        stateless_forward)
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
-           "throughput_at_least", "memory_under", "no_host_sync", "vectorized"]
+           "throughput_at_least", "memory_under", "no_host_sync", "vectorized",
+           "batch_independent", "params_learn", "eval_deterministic", "stateless_forward",
+           "state_roundtrip"]

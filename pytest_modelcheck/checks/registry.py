@@ -89,9 +89,11 @@ class CheckSpec:
         return values
 
     def run(self, values: dict, *, model: Any, batch: Any, loss: Any = None,
-            device: Any = None) -> CheckResult:
-        """Run with already-bound ``values``; a failing model becomes a failed result."""
+            device: Any = None, timeout: Optional[float] = None) -> CheckResult:
+        """Run with already-bound ``values``; a failing model becomes a failed result, and so do
+        an overrun of ``timeout`` seconds and running out of memory (memory is released)."""
         from ..core.batch import Batch
+        from ..core.guard import CheckTimeout, is_out_of_memory, release_memory, time_budget
         from ..core.state import preserved_globals
 
         context = {"loss": loss, "device": device}
@@ -102,13 +104,26 @@ class CheckSpec:
             batch = Batch.from_user(batch)
             try:
                 device = _resolve_device(context["device"], model, self.absent_device_ok)
-                result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
-                                   device=device)
+                with time_budget(timeout):
+                    result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
+                                       device=device)
             except SkipCheck as exc:
                 result = CheckResult(self.name, None, str(exc))
+            except CheckTimeout as exc:
+                result = CheckResult(self.name, False, f"expected the check to finish in"
+                                     f" {timeout:g} s, observed it {exc}", metrics={"timeout_s": timeout},
+                                     details="raise the budget with --modelcheck-timeout or the"
+                                     " modelcheck_timeout ini key, or use a smaller batch")
             except ModelError as exc:
-                result = CheckResult(self.name, False, str(exc), details=_cause(exc),
-                                     metrics={"raised_in": exc.module})
+                if is_out_of_memory(exc.original or exc):
+                    result = _oom_result(self.name, exc.original or exc, release_memory())
+                else:
+                    result = CheckResult(self.name, False, str(exc), details=_cause(exc),
+                                         metrics={"raised_in": exc.module})
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is turned into a result
+                if not is_out_of_memory(exc):
+                    raise
+                result = _oom_result(self.name, exc, release_memory())
         result.duration_s = round(time.perf_counter() - start, 4)
         result.arguments = {k: _describe(v) for k, v in values.items()}
         return result
@@ -120,6 +135,17 @@ class CheckSpec:
         values = self.bind(args, kwargs)
         loss = validate_loss_arg(loss)
         return self.run(values, model=model, batch=batch, loss=loss, device=device)
+
+
+def _oom_result(name: str, exc: BaseException, peak: Optional[int]) -> CheckResult:
+    from ..core.units import format_bytes
+
+    seen = f", peak {format_bytes(peak)} allocated" if peak is not None else ""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return CheckResult(name, False, f"expected the check to fit in device memory, observed out of"
+                       f" memory{seen} ({first[:160]})", metrics={"oom": True, "peak_bytes": peak},
+                       details="memory was released (gc, torch.cuda.empty_cache); use a smaller"
+                       " batch or a larger device")
 
 
 def _cause(exc: ModelError) -> str:

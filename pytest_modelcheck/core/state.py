@@ -30,7 +30,7 @@ def tensors_identical(a: Any, b: Any) -> bool:
     a = a.detach().cpu().contiguous()
     b = b.detach().cpu().contiguous()
     if a.is_floating_point() or a.is_complex():
-        return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.numel() else True
+        return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)) if a.numel() else True
     return torch.equal(a, b)
 
 

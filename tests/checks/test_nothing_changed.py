@@ -45,6 +45,11 @@ CONFIGS = {
     "memory_under": ({"limit": "64 GiB"}, {"limit": "1 B"}),
     "no_host_sync": ({}, {}, {"host_sync": True}),
     "vectorized": ({}, {}, {"python_loop": True}),
+    "batch_independent": ({}, {"mode": "train"}),  # train-mode BatchNorm mixes samples
+    "params_learn": ({}, {"frozen": ["head.*"]}),  # declared frozen but still trained
+    "eval_deterministic": ({}, {}, {"noisy_eval": True}),
+    "stateless_forward": ({"ignore": ["calls"]}, {}),  # Subject counts its calls
+    "state_roundtrip": ({}, {"factory": lambda: nn.Linear(6, 4)}),
 }
 
 
@@ -53,10 +58,12 @@ class Subject(nn.Module):
 
     ``raise_on_call=k`` raises on the k-th forward of each copy, after the encoder ran;
     ``mutate_input`` scales the input tensor in place; ``host_sync`` branches on a tensor's
-    value in Python; ``python_loop`` runs the head sample by sample.
+    value in Python; ``python_loop`` runs the head sample by sample; ``noisy_eval`` leaves
+    dropout on in eval.
     """
 
-    def __init__(self, raise_on_call=None, mutate_input=False, host_sync=False, python_loop=False):
+    def __init__(self, raise_on_call=None, mutate_input=False, host_sync=False, python_loop=False,
+                 noisy_eval=False):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU())
@@ -73,6 +80,7 @@ class Subject(nn.Module):
         self.mutate_input = mutate_input
         self.host_sync = host_sync
         self.python_loop = python_loop
+        self.noisy_eval = noisy_eval
         self.calls = 0
 
     def forward(self, x):
@@ -83,6 +91,8 @@ class Subject(nn.Module):
         if self.calls == self.raise_on_call:
             raise RuntimeError(f"planted failure on forward call {self.calls}")
         h = h + self.frozen(h)
+        if self.noisy_eval:
+            h = F.dropout(h, 0.1)  # dropout left on in eval: training= not passed
         if self.host_sync and bool((h.detach().abs() > 1e6).any()):
             h = h.clamp(-1e6, 1e6)
         if self.python_loop:

@@ -1,0 +1,839 @@
+"""Behaviour checks: samples stay independent, parameters learn, eval is deterministic and
+stateless, and a saved state_dict reproduces the model.
+
+* ``batch_independent`` -- the output of sample i has a zero gradient with respect to the input
+  of every other sample (eval mode): wrong reshapes, batch statistics in eval, attention across
+  the batch, means over dim 0 all show up as a cross-sample gradient.
+* ``params_learn`` -- one optimizer step moves every trainable parameter (all of its elements)
+  and leaves frozen parameters and the buffers of frozen modules alone.
+* ``eval_deterministic`` -- two eval forwards on identical inputs under different RNG seeds agree
+  bitwise (dropout or noise left on in eval).
+* ``stateless_forward`` -- an eval forward changes no parameter, buffer, plain attribute or input.
+* ``state_roundtrip`` -- ``state_dict`` through ``torch.save``/``torch.load(weights_only=True)``
+  into a fresh instance reproduces the outputs; tensors kept as plain attributes are named.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Any, Optional
+
+from ..core.errors import UsageError
+from ..core.result import CheckResult
+from .registry import SkipCheck, check
+
+
+def _globs(name: str, value: Any, example: str) -> tuple:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple, set)) or not all(isinstance(p, str) for p in value):
+        raise UsageError(f"{name}={value!r}: expected a list of names or glob patterns such as"
+                         f" {example}")
+    return tuple(value)
+
+
+def _matches(name: str, patterns: tuple) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _kind(model: Any, path: str) -> str:
+    try:
+        mod = model.get_submodule(path) if path else model
+    except AttributeError:
+        return path
+    return f"{type(mod).__name__} '{path or '<root>'}'"
+
+
+def _owner(model: Any, name: str) -> str:
+    return _kind(model, name.rsplit(".", 1)[0] if "." in name else "")
+
+
+def _identical(a: Any, b: Any) -> bool:
+    """``tensors_identical`` that also takes 0-d tensors (compared as one-element tensors)."""
+    from ..core.state import tensors_identical
+
+    if a is None or b is None or a.shape != b.shape:
+        return tensors_identical(a, b)
+    return tensors_identical(a.reshape(-1), b.reshape(-1))
+
+
+def _more(items: list) -> str:
+    return f" and {len(items) - 1} more" if len(items) > 1 else ""
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# batch_independent
+# --------------------------------------------------------------------------------------------
+def _validate_independent(atol: Any = 1e-6, mode: Any = "eval") -> dict:
+    if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not atol >= 0:
+        raise UsageError(f"atol={atol!r}: expected a number >= 0, the largest cross-sample"
+                         " gradient tolerated relative to the sample's own gradient")
+    if mode not in ("eval", "train"):
+        raise UsageError(f"mode={mode!r}: expected 'eval' or 'train'")
+    return {"atol": float(atol), "mode": mode}
+
+
+def _batched_outputs(out: Any, n: int) -> list:
+    from ..core.batch import iter_tensors
+
+    return [(p, t) for p, t in iter_tensors(out, "output")
+            if t.dim() > 0 and t.shape[0] == n and (t.is_floating_point() or t.is_complex())
+            and t.requires_grad]
+
+
+def _weighted_sample_sum(outputs: list, i: int) -> Any:
+    """Sum of sample i's outputs with fixed random weights (no cancellation such as softmax's)."""
+    import torch
+
+    total = None
+    for k, (_, t) in enumerate(outputs):
+        row = t[i]
+        if row.is_complex():
+            row = torch.view_as_real(row)
+        g = torch.Generator().manual_seed(1000 + k)
+        w = (torch.rand(row.shape, generator=g) + 0.5).to(device=row.device, dtype=row.dtype)
+        term = (row * w).sum()
+        total = term if total is None else total + term
+    return total
+
+
+def _cross_gradients(outputs: list, inputs: list, i: int, atol: float) -> Optional[tuple]:
+    """(sample j, input path, max |grad|) of the largest cross-sample gradient above tolerance."""
+    import torch
+
+    s = _weighted_sample_sum(outputs, i)
+    grads = torch.autograd.grad(s, [t for _, t in inputs], retain_graph=True, allow_unused=True)
+    own = 0.0
+    worst = None
+    for (path, _), g in zip(inputs, grads):
+        if g is None:
+            continue
+        g = g.detach().abs().flatten(1)
+        per_sample = g.max(dim=1).values if g.shape[1] else torch.zeros(g.shape[0])
+        own = max(own, float(per_sample[i]))
+        per_sample[i] = 0
+        j = int(per_sample.argmax())
+        value = float(per_sample[j])
+        if worst is None or value > worst[2]:
+            worst = (j, path, value)
+    if worst is None or worst[2] == 0.0 or worst[2] <= atol * own:
+        return None
+    return worst
+
+
+def _first_mixing_module(work: Any, data: Any, inputs_of: Any, i: int, atol: float) -> str:
+    """Name the first module (in order of completion) whose output already mixes samples."""
+    from ..core.forward import run_forward
+
+    n = data.batch_size
+    records: list = []
+    handles = []
+    for name, mod in work.named_modules():
+        if name:
+            def hook(m: Any, args: Any, out: Any, name: str = name) -> None:
+                records.append((name, out))
+            handles.append(mod.register_forward_hook(hook))
+    try:
+        inputs = inputs_of(data)
+        run_forward(work, data)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, out in records[:200]:
+        outs = _batched_outputs(out, n)
+        if not outs:
+            continue
+        try:
+            if _cross_gradients(outs, inputs, i, atol) is not None:
+                return name
+        except RuntimeError:
+            continue
+    return ""
+
+
+@check(default=True, validate=_validate_independent)
+def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch: Any,
+                      loss: Any = None, device: Any = None) -> CheckResult:
+    """The output of each sample depends on that sample's input only (no mixing across the batch).
+
+    In ``mode`` ('eval' by default; 'train' for models without batch statistics) on a copy, the
+    floating inputs whose first dimension is the batch size require grad; the outputs of sample 0
+    and of the last sample are summed (with fixed random weights) and differentiated. A gradient
+    reaching another sample's input, larger than ``atol`` times the sample's own largest
+    gradient, fails: a reshape that mixes samples, BatchNorm using batch statistics in eval,
+    attention or a mean across dim 0. Batches of fewer than 3 samples are tiled to 3. Packed or
+    ragged batches (a floating input whose first dimension is not the batch size) are skipped.
+
+    >>> import torch
+    >>> batch_independent(model=torch.nn.Linear(4, 2), batch=torch.randn(3, 4)).passed
+    True
+    >>> class MeanOverBatch(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x - x.mean(0)
+    >>> batch_independent(model=MeanOverBatch(), batch=torch.randn(3, 4)).passed
+    False
+    """
+    b = batch.batch_size
+    if b is None:
+        raise SkipCheck("the batch holds no tensor with a batch dimension")
+    floating = [(p, t) for p, t in batch.input_tensors() if t.is_floating_point() and t.dim() > 0]
+    packed = [(p, t) for p, t in floating if t.shape[0] != b]
+    if packed:
+        p, t = packed[0]
+        raise SkipCheck(f"packed or ragged batch: {p} has first dimension {t.shape[0]} for"
+                        f" {b} samples, so samples cannot be told apart by the first dimension")
+    if not floating:
+        raise SkipCheck("no floating input tensor with a batch dimension to differentiate (integer"
+                        " inputs only)")
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+
+    n = max(3, b)
+    data = (batch.resized(n) if n != b else batch.clone()).to(device)
+
+    def inputs_of(d: Any) -> list:
+        found = [(p, t) for p, t in d.input_tensors()
+                 if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n]
+        for _, t in found:
+            t.requires_grad_(True)
+        return found
+
+    work = copy_model(model).to(device)
+    work.train(mode == "train")
+    inputs = inputs_of(data)
+    out = run_forward(work, data)
+    outputs = _batched_outputs(out, n)
+    if not outputs:
+        raise SkipCheck(f"no differentiable output tensor with a leading batch dimension of {n}")
+    metrics: dict = {"samples": n, "mode": mode, "inputs": len(inputs), "outputs": len(outputs)}
+    for i in (0, n - 1):
+        found = _cross_gradients(outputs, inputs, i, atol)
+        if found is None:
+            continue
+        j, path, value = found
+        metrics.update({"sample": i, "other_sample": j, "input": path,
+                        "max_cross_grad": value})
+        where = _first_mixing_module(copy_model(model).to(device).train(mode == "train"),
+                                     (batch.resized(n) if n != b else batch.clone()).to(device),
+                                     inputs_of, i, atol)
+        details = [f"batch of {n} samples ({data.describe()}), {mode} mode",
+                   f"d(output of sample {i}) / d({path} of sample {j}): max |grad| {_fmt(value)}"]
+        place = ""
+        if where:
+            metrics["module"] = where
+            place = f"; first mixing in module '{where}' ({_kind(work, where).split(' ')[0]})"
+            details.append(f"first module whose output mixes samples: {_kind(work, where)}")
+        details.append("remedy: look for a view/reshape that moves the batch dimension, a"
+                       " reduction over dim 0, BatchNorm without running statistics in eval"
+                       " (track_running_stats=False), or attention whose sequence axis is the"
+                       " batch")
+        return CheckResult("batch_independent", False,
+                           f"expected output of sample {i} to depend only on input sample {i},"
+                           f" observed a gradient from sample {j} ({path}, max |grad|"
+                           f" {_fmt(value)}){place}", "\n".join(details), metrics)
+    return CheckResult("batch_independent", True,
+                       f"expected each sample's output to depend only on its own input, observed no"
+                       f" cross-sample gradient (samples 0 and {n - 1} of {n}, {mode} mode)",
+                       metrics=metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# params_learn
+# --------------------------------------------------------------------------------------------
+def _validate_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: Any = "adam",
+                    min_fraction: Any = 0.1) -> dict:
+    from ..core.training import validate_optimizer
+
+    frozen = _globs("frozen", frozen, "['encoder.*', 'head.bias']")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise UsageError(f"steps={steps!r}: expected an int >= 1")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
+        raise UsageError(f"lr={lr!r}: expected a learning rate > 0")
+    if (isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float))
+            or not 0 < min_fraction <= 1):
+        raise UsageError(f"min_fraction={min_fraction!r}: expected a fraction in (0, 1], the share"
+                         " of a parameter's elements that may stay unchanged before it is reported")
+    return {"frozen": frozen, "steps": steps, "lr": float(lr),
+            "optimizer": validate_optimizer(optimizer), "min_fraction": float(min_fraction)}
+
+
+def _unchanged_mask(before: Any, after: Any) -> Any:
+    import torch
+
+    a, b = before.detach().reshape(-1), after.detach().reshape(-1)
+    if a.is_floating_point() or a.is_complex():
+        return (a.contiguous().view(torch.uint8).view(a.numel(), -1)
+                == b.contiguous().view(torch.uint8).view(b.numel(), -1)).all(dim=1)
+    return (a == b).flatten()
+
+
+@check(default=True, validate=_validate_learn)
+def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: Any = "adam",
+                 min_fraction: Any = 0.1, *, model: Any, batch: Any, loss: Any = None,
+                 device: Any = None) -> CheckResult:
+    """One optimizer step moves every trainable parameter and leaves frozen ones alone.
+
+    On a copy in train mode, ``steps`` steps of ``optimizer`` at ``lr``. Every parameter that
+    requires grad and is not listed in ``frozen`` (names or glob patterns) must change; in a
+    parameter of a user-defined module (not a ``torch.nn`` layer, whose conv taps on padding or
+    dead ReLU rows may legitimately stay still) less than ``min_fraction`` of the elements may
+    stay bitwise unchanged (weights a slicing bug never reaches, such as Fourier modes).
+    Parameters with ``requires_grad=False`` or listed in ``frozen`` must not change, nor the
+    buffers (BatchNorm running statistics) whose names match ``frozen``.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> params_learn(model=m, batch=torch.randn(6, 4)).passed
+    True
+    >>> params_learn(frozen=["0.*"], model=m, batch=torch.randn(6, 4)).headline.split(",")[0]
+    "expected frozen parameter '0.weight' (Linear '0') unchanged after 1 step"
+    """
+    import torch
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+    from ..core.training import make_optimizer
+
+    work = copy_model(model).to(device)
+    data = batch.clone().to(device)
+    work.train()
+    params = dict(work.named_parameters())
+    buffers = dict(work.named_buffers())
+    p_before = {n: p.detach().clone() for n, p in params.items()}
+    b_before = {n: b.detach().clone() for n, b in buffers.items() if _matches(n, frozen)}
+    # elements of torch.nn layers may legitimately stay still (conv taps that only see padding,
+    # rows of ReLU units dead on this batch, embedding rows not in the batch, biases cancelled by
+    # a following normalization): only parameters of user-defined modules get the element test
+    custom = {f"{name}.{pn}" if name else pn for name, mod in work.named_modules()
+              if not type(mod).__module__.startswith("torch.")
+              for pn, _ in mod.named_parameters(recurse=False)}
+    opt = make_optimizer(optimizer, work.parameters(), lr)
+    lossfn = None
+    grad_state: dict = {}
+    torch.manual_seed(0)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = run_forward(work, data)
+        if lossfn is None:
+            lossfn = resolve_loss(loss, data, out)
+        total, _ = lossfn.compute(out, data, work)
+        if total.requires_grad:
+            total.backward()
+        for n, p in params.items():
+            if p.requires_grad:
+                seen = "none" if p.grad is None else (
+                    "zero" if not bool(p.grad.detach().ne(0).any()) else "nonzero")
+                if grad_state.get(n) != "nonzero":
+                    grad_state[n] = seen
+        opt.step()
+
+    moved_frozen, dead, partial = [], [], []
+    for n, p in params.items():
+        unchanged = _unchanged_mask(p_before[n], p)
+        still = int(unchanged.sum())
+        size = max(int(unchanged.numel()), 1)
+        declared = (not p.requires_grad) or _matches(n, frozen)
+        if declared:
+            if still < unchanged.numel():
+                moved_frozen.append((n, p.requires_grad, unchanged.numel() - still, size))
+        elif still == unchanged.numel():
+            dead.append((n, grad_state.get(n, "none")))
+        elif n in custom and still / size >= min_fraction:
+            partial.append((n, still, size))
+    changed_buffers = [n for n, b in b_before.items() if not bool(_unchanged_mask(b, buffers[n]).all())]
+
+    s = "step" if steps == 1 else "steps"
+    trainable = sum(1 for n, p in params.items() if p.requires_grad and not _matches(n, frozen))
+    metrics = {"steps": steps, "optimizer": getattr(optimizer, "__name__", optimizer), "lr": lr,
+               "trainable": trainable, "frozen": len(params) - trainable, "unchanged": len(dead),
+               "partially_unchanged": len(partial), "frozen_moved": len(moved_frozen),
+               "frozen_buffers_changed": len(changed_buffers),
+               "loss_fn": lossfn.name if lossfn else None}
+    details = []
+    if dead:
+        details.append("trainable parameters that did not change:")
+        why = {"none": "no gradient (not reached by the loss)",
+               "zero": "gradient exactly zero (dead branch, detach, masked out)"}
+        details += [f"  {n:40} {why.get(g, g)}  ({_owner(work, n)})" for n, g in dead[:20]]
+    if partial:
+        details.append(f"trainable parameters with >= {min_fraction:.0%} of elements unchanged:")
+        details += [f"  {n:40} {st}/{sz} elements ({st / sz:.0%}) unchanged  ({_owner(work, n)})"
+                    for n, st, sz in partial[:20]]
+    if moved_frozen:
+        details.append("frozen parameters that changed:")
+        details += [f"  {n:40} {c}/{sz} elements changed, requires_grad={rg}  ({_owner(work, n)})"
+                    for n, rg, c, sz in moved_frozen[:20]]
+    if changed_buffers:
+        details.append("buffers of frozen modules that changed (train mode updates BatchNorm"
+                       " running statistics: keep frozen modules in eval, e.g. override train()):")
+        details += [f"  {n}  ({_owner(work, n)})" for n in changed_buffers[:20]]
+
+    if moved_frozen:
+        n, rg, c, sz = moved_frozen[0]
+        reason = (" (it requires grad: call requires_grad_(False) on it)" if rg else
+                  " (requires_grad is False, yet the step changed it)")
+        return CheckResult("params_learn", False,
+                           f"expected frozen parameter '{n}' ({_owner(work, n)}) unchanged after"
+                           f" {steps} {s}, observed {c}/{sz} elements changed{reason}"
+                           f"{_more(moved_frozen)}", "\n".join(details), metrics)
+    if changed_buffers:
+        n = changed_buffers[0]
+        return CheckResult("params_learn", False,
+                           f"expected buffers of frozen modules unchanged after {steps} {s},"
+                           f" observed '{n}' ({_owner(work, n)}) changed{_more(changed_buffers)}",
+                           "\n".join(details), metrics)
+    if dead:
+        n, g = dead[0]
+        how = {"none": "no gradient", "zero": "zero gradient"}.get(g, g)
+        return CheckResult("params_learn", False,
+                           f"expected every trainable parameter to change after {steps} {s},"
+                           f" observed '{n}' ({_owner(work, n)}) unchanged ({how})"
+                           f"{_more(dead)}", "\n".join(details), metrics)
+    if partial:
+        n, st, sz = partial[0]
+        return CheckResult("params_learn", False,
+                           f"expected every element of every trainable parameter to change after"
+                           f" {steps} {s}, observed {st / sz:.0%} of '{n}' ({_owner(work, n)})"
+                           f" unchanged ({st}/{sz} elements){_more(partial)}",
+                           "\n".join(details), metrics)
+    return CheckResult("params_learn", True,
+                       f"expected all {trainable} trainable tensors to change and frozen ones to"
+                       f" stay, observed that after {steps} {s}", "\n".join(details), metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# eval_deterministic
+# --------------------------------------------------------------------------------------------
+def _max_diff(a: Any, b: Any) -> float:
+    import torch
+
+    a, b = a.detach(), b.detach()
+    if a.shape != b.shape:
+        return float("inf")
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    d = (a.double() - b.double()).abs()
+    d = torch.where(torch.isnan(d), torch.full_like(d, float("inf")), d)
+    return float(d.max()) if d.numel() else 0.0
+
+
+def _traced_forward(work: Any, data: Any) -> tuple:
+    """(output, [(module name, [tensors]) in order of completion]) of one no-grad forward."""
+    import torch
+
+    from ..core.batch import iter_tensors
+    from ..core.forward import run_forward
+
+    records: list = []
+    handles = []
+    for name, mod in work.named_modules():
+        def hook(m: Any, args: Any, out: Any, name: str = name or "<root>") -> None:
+            records.append((name, [t.detach().clone() for _, t in iter_tensors(out)]))
+        handles.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            out = run_forward(work, data)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, records
+
+
+@check(default=True)
+def eval_deterministic(*, model: Any, batch: Any, loss: Any = None,
+                       device: Any = None) -> CheckResult:
+    """Two eval forwards on identical inputs, under different RNG seeds, agree bitwise.
+
+    Catches dropout or sampling left on in eval (``F.dropout(x, p)`` without
+    ``training=self.training``, ``torch.randn_like`` noise). Names the first module (in order of
+    completion) whose output differs between the runs.
+
+    >>> import torch
+    >>> eval_deterministic(model=torch.nn.Dropout(0.5), batch=torch.ones(2, 8)).passed
+    True
+    >>> class Noisy(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return torch.nn.functional.dropout(x, 0.5)
+    >>> eval_deterministic(model=Noisy(), batch=torch.ones(2, 8)).passed
+    False
+    """
+    import random
+
+    import torch
+
+    from ..core.batch import copy_model, iter_tensors
+
+    work = copy_model(model).to(device).eval()
+    runs = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            import numpy as np
+
+            np.random.seed(seed)
+        except ImportError:  # pragma: no cover - numpy is optional
+            pass
+        runs.append(_traced_forward(work, batch.clone().to(device)))
+    (out1, rec1), (out2, rec2) = runs
+    outs1, outs2 = list(iter_tensors(out1, "output")), list(iter_tensors(out2, "output"))
+    metrics: dict = {"outputs": len(outs1)}
+    differing = [(p, _max_diff(a, b)) for (p, a), (_, b) in zip(outs1, outs2)
+                 if not _identical(a, b)]
+    if not differing and len(outs1) == len(outs2):
+        return CheckResult("eval_deterministic", True,
+                           f"expected identical eval outputs under different seeds, observed"
+                           f" {len(outs1)} output tensor(s) bitwise identical", metrics=metrics)
+    module = ""
+    for (name, ta), (_, tb) in zip(rec1, rec2):
+        if len(ta) != len(tb) or any(not _identical(a, b) for a, b in zip(ta, tb)):
+            module = name
+            break
+    path, diff = differing[0] if differing else ("output structure", float("inf"))
+    metrics.update({"output": path, "max_abs_diff": diff, "module": module})
+    details = [f"{p}: max |difference| {_fmt(d)}" for p, d in differing[:10]]
+    place = ""
+    if module:
+        kind = "root" if module == "<root>" else _kind(work, module)
+        details.append(f"first module whose output differs between the runs: {kind}")
+        if module != "<root>":
+            place = f"; first differing module '{module}' ({type(work.get_submodule(module)).__name__})"
+    details.append("remedy: pass training=self.training to F.dropout, use nn.Dropout, and guard"
+                   " sampling/noise with `if self.training:`")
+    return CheckResult("eval_deterministic", False,
+                       f"expected identical eval outputs under different seeds, observed {path}"
+                       f" differs by up to {_fmt(diff)}{place}", "\n".join(details), metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# stateless_forward
+# --------------------------------------------------------------------------------------------
+def _validate_stateless(ignore: Any = ()) -> dict:
+    return {"ignore": _globs("ignore", ignore, "['calls', 'encoder.cache']")}
+
+
+_MODULE_INTERNALS: Optional[frozenset] = None
+
+
+def _internals() -> frozenset:
+    global _MODULE_INTERNALS
+    if _MODULE_INTERNALS is None:
+        import torch
+
+        _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"training"}
+    return _MODULE_INTERNALS
+
+
+def _summary(value: Any) -> tuple:
+    """A comparable (kind, value, text) summary of an attribute value."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.detach().clone(), f"tensor {tuple(value.shape)}")
+    if value is None or isinstance(value, (bool, int, float, str, bytes, complex)):
+        return (type(value).__name__, value, repr(value) if len(repr(value)) < 40 else type(value).__name__)
+    if isinstance(value, (list, tuple, dict, set, frozenset)) or (
+            hasattr(value, "__len__") and hasattr(value, "__iter__")):
+        try:
+            n = len(value)
+        except TypeError:
+            return (type(value).__name__, id(value), type(value).__name__)
+        return (type(value).__name__, n, f"{type(value).__name__} length {n}")
+    return (type(value).__name__, id(value), type(value).__name__)
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    if a[0] != b[0]:
+        return False
+    if a[0] == "tensor":
+        return _identical(a[1], b[1])
+    if isinstance(a[1], float) and isinstance(b[1], float) and a[1] != a[1] and b[1] != b[1]:
+        return True
+    return a[1] == b[1]
+
+
+def _snapshot(work: Any, ignore: tuple) -> dict:
+    snap = {}
+    internals = _internals()
+    for mname, mod in work.named_modules():
+        for attr, value in vars(mod).items():
+            if attr in internals:
+                continue
+            path = f"{mname}.{attr}" if mname else attr
+            if not _matches(path, ignore):
+                snap[("attribute", mname, attr)] = _summary(value)
+    for n, p in work.named_parameters():
+        snap[("parameter", n, "")] = ("tensor", p.detach().clone(), "")
+    for n, b in work.named_buffers():
+        snap[("buffer", n, "")] = ("tensor", b.detach().clone(), "")
+    return snap
+
+
+def _describe_change(key: tuple, old: Optional[tuple], new: Optional[tuple]) -> str:
+    kind, name, attr = key
+    if kind == "attribute":
+        where = f"attribute '{attr}' of module '{name}'" if name else f"attribute '{attr}' of the model"
+        if old is None:
+            return f"{where} added ({new[2]})"
+        if new is None:
+            return f"{where} deleted"
+        if old[0] == new[0] == "tensor":
+            return f"{where} changed (tensor values)"
+        if old[0] == new[0] and old[2].startswith(old[0] + " length"):
+            return f"{where} changed ({old[0]} length {old[1]} -> {new[1]})"
+        return f"{where} changed ({old[2]} -> {new[2]})"
+    return f"{kind} '{name}' changed"
+
+
+@check(default=True, validate=_validate_stateless)
+def stateless_forward(ignore: Any = (), *, model: Any, batch: Any, loss: Any = None,
+                      device: Any = None) -> CheckResult:
+    """An eval forward leaves parameters, buffers, plain attributes and the inputs unchanged.
+
+    Two no-grad eval forwards on a copy; after each, every parameter and buffer is compared
+    bitwise and every plain attribute of every submodule by value (tensors, numbers, strings) or
+    length (containers). A change made by every call (a counter, a growing list, a cache that
+    follows the input) fails; an attribute set once from ``None`` by the first call (a lazily
+    built table) does not. ``ignore`` lists attribute paths (``'calls'``, ``'encoder.cache'``,
+    globs) that may change. Inputs changed in place fail too.
+
+    >>> import torch
+    >>> stateless_forward(model=torch.nn.BatchNorm1d(3), batch=torch.randn(4, 3)).passed
+    True
+    >>> class Counting(torch.nn.Linear):
+    ...     calls = 0
+    ...     def forward(self, x):
+    ...         self.calls += 1
+    ...         return super().forward(x)
+    >>> stateless_forward(model=Counting(3, 2), batch=torch.randn(4, 3)).headline
+    "expected forward to leave the model unchanged, observed attribute 'calls' of the model added (1)"
+    """
+    import torch
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+
+    work = copy_model(model).to(device).eval()
+    snaps = [_snapshot(work, ignore)]
+    changed_inputs: list = []
+    for _ in range(2):
+        data = batch.clone().to(device)
+        reference = batch.clone().to(device)
+        with torch.no_grad():
+            run_forward(work, data)
+        changed_inputs = changed_inputs or data.differs_from(reference)
+        snaps.append(_snapshot(work, ignore))
+    s0, s1, s2 = snaps
+
+    def diff(a: dict, b: dict) -> list:
+        return [k for k in list(a) + [k for k in b if k not in a]
+                if (k in a) != (k in b) or not _same(a[k], b[k])]
+
+    every_call = set(diff(s1, s2))
+    first_call = diff(s0, s1)
+    problems = []
+    lazy = []
+    for k in first_call:
+        is_lazy = (k[0] == "attribute" and k not in every_call
+                   and (k not in s0 or s0[k][0] == "NoneType"))
+        if is_lazy:
+            lazy.append(k)
+        else:
+            problems.append((k, s0.get(k), s1.get(k)))
+    problems += [(k, s1.get(k), s2.get(k)) for k in diff(s1, s2) if k not in set(first_call)]
+    metrics = {"attributes": sum(1 for k in s0 if k[0] == "attribute"),
+               "changed": len(problems), "lazily_set": len(lazy),
+               "inputs_changed": len(changed_inputs)}
+    details = [_describe_change(k, o, n) for k, o, n in problems[:20]]
+    if lazy:
+        details.append("set once by the first forward (lazy initialisation, tolerated): "
+                       + ", ".join(".".join(x for x in k[1:] if x) for k in lazy[:10]))
+    if problems:
+        k, o, n = problems[0]
+        details.append("remedy: keep per-call values local, register state as buffers updated"
+                       " only in training, or list intended attributes in ignore=[...]")
+        return CheckResult("stateless_forward", False,
+                           f"expected forward to leave the model unchanged, observed"
+                           f" {_describe_change(k, o, n)}{_more(problems)}", "\n".join(details),
+                           metrics)
+    if changed_inputs:
+        return CheckResult("stateless_forward", False,
+                           f"expected forward to leave its inputs unchanged, observed"
+                           f" {changed_inputs[0]} modified in place{_more(changed_inputs)}",
+                           "\n".join(details), metrics)
+    return CheckResult("stateless_forward", True,
+                       f"expected forward to leave the model unchanged, observed all"
+                       f" {len(s0)} parameters, buffers and attributes unchanged after 2 calls",
+                       "\n".join(details), metrics)
+
+
+# --------------------------------------------------------------------------------------------
+# state_roundtrip
+# --------------------------------------------------------------------------------------------
+def _validate_roundtrip(factory: Any = None) -> dict:
+    if factory is not None and not callable(factory):
+        raise UsageError(f"factory={factory!r}: expected None or a callable returning a fresh"
+                         " instance of the model, such as build_model")
+    return {"factory": factory}
+
+
+def _scramble(t: Any, gen: Any) -> None:
+    import torch
+
+    with torch.no_grad():
+        if t.is_floating_point() or t.is_complex():
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype if t.is_floating_point()
+                                else torch.complex64).to(device=t.device, dtype=t.dtype) * 3 + 1)
+        elif t.dtype == torch.bool:
+            t.logical_not_()
+        else:
+            t.add_(1)
+
+
+def _plain_tensor_attributes(work: Any) -> list:
+    import torch
+
+    internals = _internals()
+    found = []
+    for mname, mod in work.named_modules():
+        for attr, value in vars(mod).items():
+            if attr not in internals and isinstance(value, torch.Tensor) and (
+                    value.is_floating_point() or value.is_complex()) and value.numel():
+                found.append((mname, attr))
+    return found
+
+
+def _same_outputs(a: Any, b: Any) -> Optional[tuple]:
+    """None when identical, else (path, max |difference|) of the first differing output."""
+    from ..core.batch import iter_tensors
+
+    ta, tb = list(iter_tensors(a, "output")), list(iter_tensors(b, "output"))
+    if len(ta) != len(tb):
+        return ("output structure", float("inf"))
+    for (p, x), (_, y) in zip(ta, tb):
+        if not _identical(x, y):
+            return (p, _max_diff(x, y))
+    return None
+
+
+@check(default=True, validate=_validate_roundtrip)
+def state_roundtrip(factory: Any = None, *, model: Any, batch: Any, loss: Any = None,
+                    device: Any = None) -> CheckResult:
+    """A saved and reloaded state_dict reproduces the outputs in a fresh instance (eval mode).
+
+    The copy's ``state_dict`` goes through ``torch.save`` and ``torch.load(weights_only=True)``
+    into a fresh instance: ``factory()`` when given, otherwise a deep copy whose parameters and
+    persistent buffers are overwritten with noise. The outputs must be bitwise identical.
+    Without a factory, each floating tensor kept as a plain attribute (``self.scale =
+    torch.tensor(2.0)``, not a registered buffer) is also replaced by noise in turn, as a fresh
+    instance would re-create it; one that changes the outputs is named. Non-persistent buffers
+    are covered only with a ``factory``.
+
+    >>> import torch
+    >>> state_roundtrip(model=torch.nn.Linear(4, 2), batch=torch.randn(3, 4)).passed
+    True
+    >>> class Scaled(torch.nn.Linear):
+    ...     def __init__(self):
+    ...         super().__init__(4, 2)
+    ...         self.scale = torch.rand(())
+    ...     def forward(self, x):
+    ...         return super().forward(x) * self.scale
+    >>> print(state_roundtrip(model=Scaled(), batch=torch.randn(3, 4)).headline.split(", ")[1])
+    observed plain tensor attribute 'scale' of the model (not in state_dict) changes them
+    """
+    import copy
+    import io
+
+    import torch
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+
+    work = copy_model(model).to(device).eval()
+
+    def forward(m: Any) -> Any:
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return run_forward(m, batch.clone().to(device))
+
+    reference = forward(work)
+    try:
+        buf = io.BytesIO()
+        torch.save(work.state_dict(), buf)
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure here is the finding
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return CheckResult("state_roundtrip", False,
+                           f"expected the state_dict to survive torch.save/torch.load("
+                           f"weights_only=True), observed {type(exc).__name__}: {msg}",
+                           metrics={"stage": "save_load"})
+    metrics: dict = {"keys": len(saved), "factory": factory is not None}
+    gen = torch.Generator().manual_seed(1234)
+    if factory is not None:
+        torch.manual_seed(4321)
+        try:
+            fresh = factory()
+        except Exception as exc:  # noqa: BLE001
+            raise UsageError(f"factory: calling it raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(fresh, torch.nn.Module):
+            raise UsageError(f"factory: expected it to return a torch.nn.Module, got"
+                             f" {type(fresh).__name__}")
+        fresh = fresh.to(device).eval()
+    else:
+        fresh = copy.deepcopy(work)
+        for t in fresh.state_dict(keep_vars=True).values():
+            _scramble(t.data if isinstance(t, torch.nn.Parameter) else t, gen)
+    try:
+        fresh.load_state_dict(saved)
+    except Exception as exc:  # noqa: BLE001 - missing/unexpected keys or shape mismatches
+        first = str(exc).strip().splitlines()
+        text = " ".join(line.strip() for line in first[:2])[:300]
+        return CheckResult("state_roundtrip", False,
+                           f"expected the saved state_dict to load into a fresh instance,"
+                           f" observed {type(exc).__name__}: {text}", str(exc),
+                           dict(metrics, stage="load_state_dict"))
+    diff = _same_outputs(reference, forward(fresh))
+    if diff is not None:
+        path, value = diff
+        metrics.update({"stage": "outputs", "output": path, "max_abs_diff": value})
+        return CheckResult("state_roundtrip", False,
+                           f"expected a reloaded state_dict to reproduce the outputs, observed"
+                           f" {path} differs by up to {_fmt(value)}",
+                           "the fresh instance holds state that state_dict does not save: a"
+                           " non-persistent buffer, a plain tensor attribute, or a Python value"
+                           " set at construction", metrics)
+    culprits = []
+    if factory is None:
+        attrs = _plain_tensor_attributes(work)
+        metrics["plain_tensor_attributes"] = len(attrs)
+        for mname, attr in attrs[:32]:
+            trial = copy.deepcopy(fresh)
+            mod = trial.get_submodule(mname) if mname else trial
+            value = getattr(mod, attr).detach().clone()
+            _scramble(value, gen)
+            setattr(mod, attr, value)
+            d = _same_outputs(reference, forward(trial))
+            if d is not None:
+                culprits.append((mname, attr, d))
+    if culprits:
+        mname, attr, (path, value) = culprits[0]
+        where = f"'{attr}' of module '{mname}'" if mname else f"'{attr}' of the model"
+        metrics.update({"stage": "plain_attribute", "attribute": f"{mname}.{attr}" if mname else attr,
+                        "output": path, "max_abs_diff": value})
+        details = [f"plain tensor attribute {m + '.' if m else ''}{a}: re-created, {p} differs by"
+                   f" up to {_fmt(v)}" for m, a, (p, v) in culprits]
+        details.append("remedy: self.register_buffer(name, tensor) so that state_dict saves it"
+                       " (and .to(device) moves it)")
+        return CheckResult("state_roundtrip", False,
+                           f"expected a reloaded state_dict to reproduce the outputs, observed"
+                           f" plain tensor attribute {where} (not in state_dict) changes them,"
+                           f" {path} by up to {_fmt(value)}{_more(culprits)}",
+                           "\n".join(details), metrics)
+    return CheckResult("state_roundtrip", True,
+                       f"expected a reloaded state_dict to reproduce the outputs, observed"
+                       f" identical outputs ({len(saved)} saved tensors)", metrics=metrics)

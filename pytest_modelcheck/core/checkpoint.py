@@ -1,0 +1,697 @@
+"""Look inside checkpoints safely, check them against a model, and measure how far weights moved.
+
+:func:`inspect_checkpoint` opens a PyTorch checkpoint (``torch.save`` zip or legacy format) or a
+``.safetensors`` file and returns a :class:`CheckpointInfo`: stored config and metadata (epoch,
+step, best metric, optimizer/scheduler state present), parameters by top-level prefix, dtypes,
+sizes and, given a model, the missing/unexpected keys and shape mismatches.
+
+Safety
+    PyTorch files are read with ``torch.load(path, map_location="cpu", weights_only=True,
+    mmap=True)`` (``mmap=False`` only for the legacy non-zip format): the restricted unpickler
+    refuses any global that is not a tensor, container or plain value, so a hostile pickle
+    (``__reduce__`` calling ``os.system``, ``eval``, ``subprocess``...) is refused before its
+    payload can run and becomes a :class:`CheckpointError`. ``allow_unsafe=True`` switches to
+    ``weights_only=False``: DANGEROUS, it executes whatever code the file contains; use it only
+    for a file you created or fully trust. ``.safetensors`` files are parsed here (8-byte
+    little-endian header length, JSON header, raw data); the header is validated against the
+    file size before anything is allocated, and tensors are read through a memory map only
+    when their values are needed (:func:`load_state_dict`, :func:`compare_checkpoints`).
+
+Every problem with the file (missing, a directory, empty, truncated, corrupt, wrong format,
+untrusted) is a :class:`CheckpointError` with a one-line message naming the file.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .errors import UsageError
+from .result import _builtin
+from .units import format_bytes
+
+__all__ = ["CheckpointError", "CheckpointInfo", "TensorDrift", "DriftReport",
+           "inspect_checkpoint", "load_state_dict", "compare_checkpoints"]
+
+STATE_KEYS = ("model_state_dict", "state_dict", "model", "module", "net", "network",
+              "ema", "ema_state_dict", "model_ema", "ema_model")
+OPTIMIZER_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_states", "optim", "opt")
+SCHEDULER_KEYS = ("scheduler", "lr_scheduler", "scheduler_state_dict", "lr_schedulers")
+CONFIG_KEYS = ("config", "cfg", "hparams", "hyper_parameters", "args", "model_config")
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the reference implementation's own limit
+_CHUNK = 1 << 22  # elements compared in float64 at a time
+
+_ST_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8),
+    "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+}
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot be read (or may not be read safely); the message is one line.
+
+    >>> str(CheckpointError("checkpoint 'x.pt': no such file"))
+    "checkpoint 'x.pt': no such file"
+    """
+
+
+def _err(path: Any, problem: str) -> CheckpointError:
+    problem = " ".join(str(problem).split())
+    return CheckpointError(f"checkpoint {str(path)!r}: {problem}")
+
+
+@dataclass
+class CheckpointInfo:
+    """What :func:`inspect_checkpoint` found.
+
+    ``tensors`` maps each weight name to ``[shape list, dtype name]``; ``by_prefix`` maps the
+    first dotted component of each name to ``{"tensors", "numel", "bytes"}``.
+
+    >>> import torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "ck.pt")
+    >>> torch.save({"model_state_dict": torch.nn.Linear(3, 2).state_dict(), "epoch": 7}, path)
+    >>> info = inspect_checkpoint(path)
+    >>> info.state_key, info.total_numel, info.metadata["epoch"]   # 3*2 + 2 = 8
+    ('model_state_dict', 8, 7)
+    """
+
+    path: str
+    format: str
+    file_bytes: int
+    state_key: Optional[str]
+    tensors: dict
+    total_numel: int
+    total_bytes: int
+    dtypes: dict
+    by_prefix: dict
+    config: Any = None
+    metadata: dict = field(default_factory=dict)
+    has_optimizer: bool = False
+    has_scheduler: bool = False
+    other_state_dicts: list = field(default_factory=list)
+    other_keys: list = field(default_factory=list)
+    model_checked: bool = False
+    missing_keys: list = field(default_factory=list)
+    unexpected_keys: list = field(default_factory=list)
+    shape_mismatches: list = field(default_factory=list)
+    stripped_prefix: str = ""
+
+    @property
+    def matches_model(self) -> Optional[bool]:
+        """True when a model was given and keys and shapes all agree (None without a model).
+
+        >>> CheckpointInfo("p", "torch-zip", 0, None, {}, 0, 0, {}, {}).matches_model is None
+        True
+        """
+        if not self.model_checked:
+            return None
+        return not (self.missing_keys or self.unexpected_keys or self.shape_mismatches)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary.
+
+        >>> CheckpointInfo("p", "safetensors", 8, None, {}, 0, 0, {}, {}).to_dict()["format"]
+        'safetensors'
+        """
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["matches_model"] = self.matches_model
+        return _builtin(data)
+
+    def render(self, verbose: bool = False) -> str:
+        """Text report; ``verbose`` lists every tensor.
+
+        >>> info = CheckpointInfo("ck.pt", "torch-zip", 1024, "", {"w": [[2], "float32"]}, 2, 8,
+        ...                       {"float32": 2}, {"w": {"tensors": 1, "numel": 2, "bytes": 8}})
+        >>> print(info.render())
+        Checkpoint: ck.pt (torch-zip, 1.00 KiB)
+          Weights:             top level (raw state dict)
+          Tensors:             1, 2 elements, 8 B
+          Dtypes:              float32: 2
+          Optimizer state:     no
+          Scheduler state:     no
+        Parameters by prefix:
+          w                   :          2 (100.0%)  8 B
+        """
+        where = "top level (raw state dict)" if self.state_key == "" else (
+            repr(self.state_key) if self.state_key else "none found")
+        lines = [f"Checkpoint: {self.path} ({self.format}, {format_bytes(self.file_bytes)})",
+                 f"  Weights:             {where}",
+                 f"  Tensors:             {len(self.tensors):,}, {self.total_numel:,} elements, "
+                 f"{format_bytes(self.total_bytes)}",
+                 "  Dtypes:              " + (", ".join(f"{k}: {v:,}" for k, v in self.dtypes.items())
+                                              or "-")]
+        for key, value in self.metadata.items():
+            lines.append(f"  {str(key) + ':':<21}{_short(value)}")
+        lines.append(f"  Optimizer state:     {'yes' if self.has_optimizer else 'no'}")
+        lines.append(f"  Scheduler state:     {'yes' if self.has_scheduler else 'no'}")
+        if self.other_state_dicts:
+            lines.append(f"  Other weight sets:   {', '.join(self.other_state_dicts)}")
+        if self.other_keys:
+            lines.append(f"  Other entries:       {', '.join(map(str, self.other_keys))}")
+        if self.config is not None:
+            lines.append("Config:")
+            if isinstance(self.config, dict):
+                for k, v in self.config.items():
+                    lines.append(f"  {str(k) + ':':<21}{_short(v)}")
+            else:
+                lines.append(f"  {_short(self.config)}")
+        lines.append("Parameters by prefix:")
+        for prefix, d in self.by_prefix.items():
+            pct = 100.0 * d["numel"] / self.total_numel if self.total_numel else 0.0
+            lines.append(f"  {prefix:<20}: {d['numel']:>10,} ({pct:5.1f}%)  {format_bytes(d['bytes'])}")
+        if self.model_checked:
+            lines.append("Model check: " + ("keys and shapes match" if self.matches_model else
+                                            "MISMATCH"))
+            if self.stripped_prefix:
+                lines.append(f"  (prefix {self.stripped_prefix!r} stripped from checkpoint keys)")
+            for name in self.missing_keys:
+                lines.append(f"  missing in checkpoint: {name}")
+            for name in self.unexpected_keys:
+                lines.append(f"  unexpected (not in model): {name}")
+            for name, ck, mo in self.shape_mismatches:
+                lines.append(f"  shape mismatch: {name}: checkpoint {tuple(ck)}, model {tuple(mo)}")
+        if verbose:
+            lines.append("Tensors:")
+            for name, (shape, dtype) in self.tensors.items():
+                lines.append(f"  {name}  {tuple(shape)}  {dtype}")
+        return "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 100) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------
+# reading files
+# ---------------------------------------------------------------------------
+
+
+def _check_path(path: Any) -> int:
+    p = os.fspath(path)
+    if not os.path.exists(p):
+        raise _err(path, "no such file")
+    if os.path.isdir(p):
+        raise _err(path, "is a directory, expected a checkpoint file")
+    size = os.path.getsize(p)
+    if size == 0:
+        raise _err(path, "is empty (0 bytes)")
+    return size
+
+
+def _sniff(path: Any, size: int) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80":
+        return "torch-legacy"
+    if size >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    if str(path).endswith(".safetensors"):
+        return "safetensors"
+    raise _err(path, f"not a PyTorch (zip or pickle) or safetensors file (starts with {head[:8]!r})")
+
+
+def _safetensors_header(path: Any, size: int) -> tuple:
+    """Validated (entries, metadata, data_start); nothing is allocated from declared sizes."""
+    if size < 8:
+        raise _err(path, f"truncated safetensors file ({size} bytes, the header length alone needs 8)")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - 8:
+            raise _err(path, f"safetensors header declares {n:,} bytes but the file has only "
+                             f"{size - 8:,} after the length field (truncated or not safetensors)")
+        if n > MAX_SAFETENSORS_HEADER:
+            raise _err(path, f"safetensors header of {format_bytes(n)} exceeds the "
+                             f"{format_bytes(MAX_SAFETENSORS_HEADER)} limit")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _err(path, f"corrupt safetensors header (not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise _err(path, "corrupt safetensors header (not a JSON object)")
+    data_len = size - 8 - n
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise _err(path, "corrupt safetensors header (__metadata__ is not an object)")
+    entries = {}
+    for name, spec in header.items():
+        if not isinstance(spec, dict) or spec.get("dtype") not in _ST_DTYPES:
+            raise _err(path, f"safetensors tensor {name!r}: unknown or missing dtype "
+                             f"{spec.get('dtype') if isinstance(spec, dict) else spec!r}")
+        shape, offsets = spec.get("shape"), spec.get("data_offsets")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise _err(path, f"safetensors tensor {name!r}: bad shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            raise _err(path, f"safetensors tensor {name!r}: bad data_offsets {offsets!r}")
+        dtype, itemsize = _ST_DTYPES[spec["dtype"]]
+        nbytes = math.prod(shape) * itemsize
+        if offsets[1] > data_len:
+            raise _err(path, f"safetensors tensor {name!r} declares {format_bytes(nbytes)} ending at "
+                             f"byte {offsets[1]:,} of the data, but the file holds only "
+                             f"{format_bytes(data_len)} of data (truncated or corrupt)")
+        if offsets[1] - offsets[0] != nbytes:
+            raise _err(path, f"safetensors tensor {name!r}: shape {shape} of {dtype} needs "
+                             f"{nbytes:,} bytes, data_offsets span {offsets[1] - offsets[0]:,}")
+        entries[name] = (shape, dtype, offsets[0], nbytes)
+    return entries, {str(k): v for k, v in metadata.items()}, 8 + n
+
+
+def _safetensors_tensors(path: Any, entries: dict, start: int) -> dict:
+    import torch
+
+    out = {}
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if entries and any(
+            e[3] for e in entries.values()) else None
+    for name, (shape, dtype, offset, nbytes) in entries.items():
+        tdtype = getattr(torch, dtype)
+        if nbytes == 0:
+            out[name] = torch.empty(shape, dtype=tdtype)
+            continue
+        flat = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start + offset)
+        out[name] = flat.view(tdtype).reshape(shape)
+    return out
+
+
+def _verify_zip(path: Any, full: bool) -> None:
+    """CRC-check the small records (pickle, version, byteorder) or, with ``full``, every record."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for item in zf.infolist():
+                if full or "/data/" not in item.filename:
+                    with zf.open(item) as member:
+                        while member.read(1 << 24):
+                            pass
+    except zipfile.BadZipFile as exc:
+        raise _err(path, f"corrupt or truncated zip archive ({exc})") from None
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+        raise _err(path, f"corrupt or truncated zip archive ({type(exc).__name__}: {exc})") from None
+
+
+def _torch_load(path: Any, fmt: str, allow_unsafe: bool, verify: bool) -> Any:
+    import pickle
+
+    import torch
+
+    if fmt == "torch-zip":
+        _verify_zip(path, verify)
+    try:
+        if allow_unsafe:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if "Weights only load failed" in text and (found or "Unsupported" in text):
+            what = f" (it references {found.group(1)})" if found else ""
+            raise _err(path, f"refused: loading it needs an untrusted (weights_only=False) load, "
+                             f"which can run arbitrary code{what}; pass allow_unsafe=True only "
+                             f"for a file you trust") from None
+        raise _err(path, f"corrupt or truncated pickle data ({_first_line(text)})") from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for bad files
+        problem = _first_line(str(exc)) or type(exc).__name__
+        raise _err(path, f"corrupt or truncated ({type(exc).__name__}: {problem})") from None
+
+
+def _first_line(text: str) -> str:
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("Weights only load failed"):
+            return line[:200]
+    return ""
+
+
+def _is_tensor(x: Any) -> bool:
+    import torch
+
+    return isinstance(x, torch.Tensor)
+
+
+def _is_state_dict(x: Any) -> bool:
+    return isinstance(x, dict) and bool(x) and all(isinstance(k, str) for k in x) and \
+        sum(_is_tensor(v) for v in x.values()) >= max(1, len(x) // 2)
+
+
+def _open(path: Any, allow_unsafe: bool, verify: bool, need_values: bool) -> tuple:
+    """(format, file size, loaded object or None, safetensors (entries, metadata, start) or None)."""
+    size = _check_path(path)
+    fmt = _sniff(path, size)
+    if fmt == "safetensors":
+        header = _safetensors_header(path, size)
+        obj = _safetensors_tensors(path, header[0], header[2]) if need_values else None
+        return fmt, size, obj, header
+    return fmt, size, _torch_load(path, fmt, allow_unsafe, verify), None
+
+
+def _split(obj: Any) -> tuple:
+    """(state key, state dict, the rest of a wrapper dict)."""
+    if _is_state_dict(obj):
+        return "", {k: v for k, v in obj.items() if _is_tensor(v)}, {}
+    if isinstance(obj, dict):
+        for key in STATE_KEYS:
+            if key in obj and _is_state_dict(obj[key]):
+                return key, {k: v for k, v in obj[key].items() if _is_tensor(v)}, \
+                    {k: v for k, v in obj.items() if k != key}
+        return None, {}, dict(obj)
+    return None, {}, {"<object>": obj}
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _resolve_model(model: Any) -> Any:
+    import torch
+
+    if model is None or isinstance(model, torch.nn.Module):
+        return model
+    if callable(model):
+        built = model()
+        if isinstance(built, torch.nn.Module):
+            return built
+        raise UsageError(f"model: expected an nn.Module or a zero-argument factory returning one, "
+                         f"the factory returned {type(built).__name__}")
+    raise UsageError(f"model: expected an nn.Module or a zero-argument factory, got "
+                     f"{type(model).__name__}")
+
+
+def load_state_dict(path: Any, allow_unsafe: bool = False, verify: bool = False) -> dict:
+    """The weights stored in ``path`` (state dict found as in :func:`inspect_checkpoint`), CPU,
+    memory-mapped where the format allows.
+
+    >>> import torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "ck.pt")
+    >>> torch.save({"state_dict": {"w": torch.ones(2)}, "step": 3}, path)
+    >>> load_state_dict(path)
+    {'w': tensor([1., 1.])}
+    """
+    fmt, _, obj, _ = _open(path, allow_unsafe, verify, need_values=True)
+    if fmt == "safetensors":
+        return obj
+    key, state, _ = _split(obj)
+    if key is None:
+        raise _err(path, "holds no state dict (no tensors at the top level nor under "
+                         f"{', '.join(STATE_KEYS[:4])}, ...)")
+    return state
+
+
+def inspect_checkpoint(path: Any, model: Any = None, allow_unsafe: bool = False,
+                       verify: bool = False) -> CheckpointInfo:
+    """Describe the checkpoint at ``path`` (see the module doc for what is safe).
+
+    ``model`` (an ``nn.Module`` or a zero-argument factory; a ``meta``-device model is fine)
+    adds the key and shape comparison; a ``"module."`` prefix on every checkpoint key (saved
+    from ``DataParallel``) is stripped for it. ``verify=True`` CRC-checks every record of a zip
+    checkpoint (reads the whole file); by default only the small metadata records are checked.
+    ``allow_unsafe=True`` runs an unrestricted unpickler: it executes any code in the file.
+
+    >>> import torch, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "ck.pt")
+    >>> torch.save({"fc.weight": torch.zeros(4, 3)}, path)
+    >>> info = inspect_checkpoint(path, model=torch.nn.Sequential(torch.nn.Linear(3, 4)))
+    >>> info.missing_keys, info.unexpected_keys
+    (['0.bias', '0.weight'], ['fc.weight'])
+    """
+    fmt, size, obj, header = _open(path, allow_unsafe, verify, need_values=False)
+    metadata: dict = {}
+    config = None
+    rest: dict = {}
+    if fmt == "safetensors":
+        entries, st_meta, _ = header
+        tensors = {name: [list(e[0]), e[1]] for name, e in entries.items()}
+        nbytes = {name: e[3] for name, e in entries.items()}
+        key = ""
+        metadata.update(st_meta)
+        for ck in CONFIG_KEYS:
+            if isinstance(metadata.get(ck), str):
+                try:
+                    config = json.loads(metadata.pop(ck))
+                except ValueError:
+                    config = metadata.pop(ck)
+                break
+    else:
+        key, state, rest = _split(obj)
+        tensors = {n: [list(t.shape), _dtype_name(t.dtype)] for n, t in state.items()}
+        nbytes = {n: t.numel() * t.element_size() for n, t in state.items()}
+    info = CheckpointInfo(str(path), fmt, size, key, tensors, 0, 0, {}, {})
+    for name, (shape, dtype) in tensors.items():
+        n = math.prod(shape)
+        info.total_numel += n
+        info.total_bytes += nbytes[name]
+        info.dtypes[dtype] = info.dtypes.get(dtype, 0) + n
+        prefix = name.split(".", 1)[0]
+        d = info.by_prefix.setdefault(prefix, {"tensors": 0, "numel": 0, "bytes": 0})
+        d["tensors"] += 1
+        d["numel"] += n
+        d["bytes"] += nbytes[name]
+    for k, v in rest.items():
+        if k in OPTIMIZER_KEYS:
+            info.has_optimizer = info.has_optimizer or bool(v)
+        elif k in SCHEDULER_KEYS:
+            info.has_scheduler = info.has_scheduler or bool(v)
+        elif k in CONFIG_KEYS and config is None:
+            config = v if isinstance(v, (dict, list, str, int, float, bool)) else \
+                getattr(v, "__dict__", str(v))
+        elif _is_state_dict(v):
+            info.other_state_dicts.append(str(k))
+        elif v is None or isinstance(v, (int, float, str, bool)) or (
+                _is_tensor(v) and v.numel() == 1):
+            metadata[str(k)] = v.item() if _is_tensor(v) else v
+        else:
+            info.other_keys.append(k)
+    info.metadata = _builtin(metadata)
+    info.config = _builtin(config) if config is not None else None
+    info.dtypes = dict(sorted(info.dtypes.items(), key=lambda kv: -kv[1]))
+    info.by_prefix = dict(sorted(info.by_prefix.items(), key=lambda kv: -kv[1]["numel"]))
+    module = _resolve_model(model)
+    if module is not None:
+        _compare_with_model(info, module)
+    return info
+
+
+def _compare_with_model(info: CheckpointInfo, module: Any) -> None:
+    expected = {n: list(t.shape) for n, t in module.state_dict().items()}
+    stored = dict(info.tensors)
+    for prefix in ("module.", "_orig_mod."):
+        if stored and all(n.startswith(prefix) for n in stored) and not any(
+                n.startswith(prefix) for n in expected):
+            stored = {n[len(prefix):]: v for n, v in stored.items()}
+            info.stripped_prefix = prefix
+            break
+    info.model_checked = True
+    info.missing_keys = sorted(set(expected) - set(stored))
+    info.unexpected_keys = sorted(set(stored) - set(expected))
+    info.shape_mismatches = [[n, stored[n][0], expected[n]] for n in sorted(set(stored) & set(expected))
+                             if list(stored[n][0]) != expected[n]]
+
+
+# ---------------------------------------------------------------------------
+# drift between two checkpoints
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class TensorDrift:
+    """How one tensor moved from checkpoint ``a`` to ``b``.
+
+    ``relative_change`` is ||b - a|| / ||a|| (inf when ``a`` is all zeros and ``b`` is not,
+    0 when both are); ``cosine`` is None when either tensor is all zeros.
+
+    >>> TensorDrift("w", [2], 0.5, 1.0, 0.25, 2.0, 2.5).moved
+    True
+    """
+
+    name: str
+    shape: list
+    relative_change: float
+    cosine: Optional[float]
+    max_abs_diff: float
+    norm_a: float
+    norm_b: float
+
+    @property
+    def moved(self) -> bool:
+        """False when the two tensors are exactly equal.
+
+        >>> TensorDrift("w", [2], 0.0, 1.0, 0.0, 2.0, 2.0).moved
+        False
+        """
+        return self.max_abs_diff != 0.0
+
+
+@dataclass
+class DriftReport:
+    """What :func:`compare_checkpoints` found; ``tensors`` is ranked, most moved first.
+
+    >>> import torch
+    >>> r = compare_checkpoints({"w": torch.ones(4)}, {"w": torch.ones(4) * 1.5})
+    >>> r.tensors[0].relative_change  # ||0.5 * 1|| / ||1|| over 4 elements = 1/2
+    0.5
+    """
+
+    a: str
+    b: str
+    tensors: list
+    layers: list
+    unchanged: list
+    only_in_a: list
+    only_in_b: list
+    shape_mismatches: list
+    dtype_mismatches: list
+
+    def to_dict(self) -> dict:
+        """JSON-ready dictionary (non-finite floats as strings).
+
+        >>> import torch
+        >>> compare_checkpoints({"w": torch.ones(1)}, {"w": torch.ones(1)}).to_dict()["unchanged"]
+        ['w']
+        """
+        return _builtin({k: getattr(self, k) for k in self.__dataclass_fields__ if k != "tensors"}
+                        | {"tensors": [t.__dict__ for t in self.tensors]})
+
+    def render(self, top: int = 10) -> str:
+        """Text report: the ``top`` tensors and layers that moved most, the tensors that did not
+        move, keys present on one side only, shape and dtype differences.
+
+        >>> import torch
+        >>> r = compare_checkpoints({"fc.w": torch.ones(4), "fc.b": torch.ones(1)},
+        ...                         {"fc.w": torch.ones(4) * 2, "fc.b": torch.ones(1)})
+        >>> print(r.render())  # doctest: +NORMALIZE_WHITESPACE
+        Drift from <dict> to <dict>: 2 tensors compared, 1 moved, 1 unchanged
+        Tensors that moved most (relative change ||b-a||/||a||, cosine, max |b-a|):
+          fc.w  1  1  1
+        Layers that moved most:
+          fc  0.8944
+        Unchanged (frozen or dead): fc.b
+        """
+        moved = [t for t in self.tensors if t.moved]
+        lines = [f"Drift from {self.a} to {self.b}: {len(self.tensors)} tensors compared, "
+                 f"{len(moved)} moved, {len(self.unchanged)} unchanged"]
+        if moved:
+            lines.append("Tensors that moved most (relative change ||b-a||/||a||, cosine, max |b-a|):")
+            width = max(len(t.name) for t in moved[:top])
+            for t in moved[:top]:
+                cos = "-" if t.cosine is None else f"{t.cosine:.4g}"
+                lines.append(f"  {t.name:<{width}}  {t.relative_change:.4g}  {cos}  {t.max_abs_diff:.4g}")
+            layers = [lay for lay in self.layers if lay[1] > 0][:top]
+            if layers:
+                lines.append("Layers that moved most:")
+                width = max(len(lay[0]) for lay in layers)
+                for name, rel in layers:
+                    lines.append(f"  {name:<{width}}  {rel:.4g}")
+        if self.unchanged:
+            lines.append(f"Unchanged (frozen or dead): {', '.join(self.unchanged)}")
+        if self.only_in_a:
+            lines.append(f"Only in a: {', '.join(self.only_in_a)}")
+        if self.only_in_b:
+            lines.append(f"Only in b: {', '.join(self.only_in_b)}")
+        for name, sa, sb in self.shape_mismatches:
+            lines.append(f"Shape differs: {name}: {tuple(sa)} vs {tuple(sb)}")
+        for name, da, db in self.dtype_mismatches:
+            lines.append(f"Dtype differs: {name}: {da} vs {db}")
+        return "\n".join(lines)
+
+
+def _as_state(x: Any, allow_unsafe: bool) -> tuple:
+    import torch
+
+    if isinstance(x, torch.nn.Module):
+        return f"<{type(x).__name__}>", x.state_dict()
+    if isinstance(x, dict):
+        key, state, _ = _split(x)
+        if key is None:
+            raise UsageError("compare_checkpoints: expected a path, a state dict or an nn.Module, "
+                             "got a dict without tensors")
+        return "<dict>", state
+    if isinstance(x, (str, os.PathLike)):
+        return str(x), load_state_dict(x, allow_unsafe=allow_unsafe)
+    raise UsageError(f"compare_checkpoints: expected a path, a state dict or an nn.Module, got "
+                     f"{type(x).__name__}")
+
+
+def _pair_sums(a: Any, b: Any) -> tuple:
+    """(sum a^2, sum b^2, sum a*b, sum (b-a)^2, max |b-a|) in float64, chunk by chunk."""
+    import torch
+
+    a, b = (torch.view_as_real(t.detach().resolve_conj()) if t.is_complex() else t.detach()
+            for t in (a, b))
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    aa = bb = ab = dd = 0.0
+    mx = 0.0
+    step = _CHUNK
+    with torch.no_grad():
+        for s in range(0, fa.numel(), step):
+            ca = fa[s:s + step].to(device="cpu", dtype=torch.float64)
+            cb = fb[s:s + step].to(device="cpu", dtype=torch.float64)
+            d = cb - ca
+            aa += float((ca * ca).sum())
+            bb += float((cb * cb).sum())
+            ab += float((ca * cb).sum())
+            dd += float((d * d).sum())
+            if d.numel():
+                mx = max(mx, float(d.abs().max()))
+    return aa, bb, ab, dd, mx
+
+
+def compare_checkpoints(a: Any, b: Any, allow_unsafe: bool = False) -> DriftReport:
+    """Per-tensor drift between two checkpoints (paths, state dicts or modules).
+
+    For each tensor present in both with the same shape: relative change ||b-a||/||a||, cosine
+    similarity, max |b-a| (float64; a dtype difference is reported and compared anyway);
+    "layers" aggregate the tensors of one module (name up to the last dot) as
+    sqrt(sum ||b-a||^2) / sqrt(sum ||a||^2). Complex tensors are compared as pairs of reals;
+    a complex/real pair or a tensor on ``meta`` (no data) is not compared. Exactly equal tensors are listed as unchanged
+    (frozen, or dead: they received no update).
+
+    >>> import torch
+    >>> r = compare_checkpoints({"x": torch.tensor([3.0, 4.0]), "old": torch.ones(1)},
+    ...                         {"x": torch.tensor([3.0, 4.0]), "new": torch.ones(1)})
+    >>> r.unchanged, r.only_in_a, r.only_in_b
+    (['x'], ['old'], ['new'])
+    """
+    name_a, sa = _as_state(a, allow_unsafe)
+    name_b, sb = _as_state(b, allow_unsafe)
+    rows, unchanged, shapes, dtypes = [], [], [], []
+    layer_sums: dict = {}
+    for name in [n for n in sa if n in sb]:
+        ta, tb = sa[name], sb[name]
+        if tuple(ta.shape) != tuple(tb.shape):
+            shapes.append([name, list(ta.shape), list(tb.shape)])
+            continue
+        if ta.dtype != tb.dtype:
+            dtypes.append([name, _dtype_name(ta.dtype), _dtype_name(tb.dtype)])
+        if ta.is_complex() != tb.is_complex() or "meta" in (ta.device.type, tb.device.type):
+            continue
+        aa, bb, ab, dd, mx = _pair_sums(ta, tb)
+        na, nb, nd = math.sqrt(aa), math.sqrt(bb), math.sqrt(dd)
+        rel = nd / na if na > 0 else (0.0 if nd == 0 else math.inf)
+        cos = ab / (na * nb) if na > 0 and nb > 0 else None
+        rows.append(TensorDrift(name, list(ta.shape), rel, cos, mx, na, nb))
+        if mx == 0.0 and not math.isnan(dd):
+            unchanged.append(name)
+        layer = name.rpartition(".")[0] or name
+        s = layer_sums.setdefault(layer, [0.0, 0.0])
+        s[0] += dd
+        s[1] += aa
+    rows.sort(key=lambda t: (-(t.relative_change if not math.isnan(t.relative_change) else math.inf),
+                             t.name))
+    layers = []
+    for layer, (dd, aa) in layer_sums.items():
+        rel = math.sqrt(dd / aa) if aa > 0 else (0.0 if dd == 0 else math.inf)
+        layers.append([layer, rel])
+    layers.sort(key=lambda lay: (-lay[1], lay[0]))
+    return DriftReport(name_a, name_b, rows, layers, unchanged,
+                       [n for n in sa if n not in sb], [n for n in sb if n not in sa],
+                       shapes, dtypes)
