@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--amp", default="bf16")
+    parser.add_argument("--device", default=None, help="'cuda' rounds to 512-byte blocks and"
+                        " uses foreach AdamW, as on a GPU")
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -39,7 +41,8 @@ def main() -> None:
     amp = None if args.amp == "none" else args.amp
     est = estimate_memory(lambda: LlamaLike(cfg),
                           lambda n: make_batch(n, args.seq, cfg.vocab),
-                          batch_sizes=[args.batch], optimizer="adamw", amp=amp, loss=lm_loss)
+                          batch_sizes=[args.batch], optimizer="adamw", amp=amp, loss=lm_loss,
+                          device=args.device)
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     n = cfg.parameter_count()
@@ -50,13 +53,21 @@ def main() -> None:
         ("parameters fp32 = 4 x N", est.parameters_bytes, 4 * n),
         ("gradients fp32 = 4 x N", est.gradients_bytes, 4 * n),
         # AdamW: 2 states x 4 bytes x N params, plus a 4-byte step counter per parameter tensor
-        # (embedding, final norm, head + 9 per layer: 4 attention, 3 MLP, 2 norms)
+        # (embedding, final norm, head + 9 per layer: 4 attention, 3 MLP, 2 norms); a CUDA
+        # estimate rounds each counter up to a 512-byte block
         ("AdamW state = 2 x 4 x N (+ steps)", est.optimizer_state_bytes,
-         2 * 4 * n + 4 * (3 + 9 * cfg.n_layers)),
+         2 * 4 * n + (512 if args.device == "cuda" else 4) * (3 + 9 * cfg.n_layers)),
     ]
     for name, got, want in checks:
         print(f"  check {name:<36} {format_bytes(got):>12} vs {format_bytes(want):>12}"
               f"  {'ok' if got == want else 'MISMATCH'}")
+    if amp is not None:
+        # autocast caches a half-precision copy of every weight it casts, and matmuls save
+        # that copy for backward: 2 bytes x N of the activations are these copies
+        copies = 2 * (n - cfg.d_model * cfg.vocab - (2 * cfg.n_layers + 1) * cfg.d_model)
+        print(f"  of the activations, {amp} weight copies kept for backward:"
+              f" {format_bytes(copies)} (2 bytes x linear weights; the embedding and norms"
+              f" are not cast); the rest {format_bytes(est.activations_bytes - copies)}")
     print(f"wall time {wall:.1f} s, max RSS {format_bytes(rss)}")
     print(f"targets: under 120 s -> {'met' if wall < 120 else 'MISSED'};"
           f" under 2 GiB RSS -> {'met' if rss < 2 * 2**30 else 'MISSED'}")

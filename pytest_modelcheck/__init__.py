@@ -29,6 +29,10 @@ _EXPORTS = {
     "compare_checkpoints": "pytest_modelcheck.core.checkpoint",
     "CheckpointError": "pytest_modelcheck.core.checkpoint",
     "plan_checks": "pytest_modelcheck.api",
+    "count_flops": "pytest_modelcheck.core.flops",
+    "FlopReport": "pytest_modelcheck.core.flops",
+    "estimate_memory": "pytest_modelcheck.core.memory",
+    "profile_model": "pytest_modelcheck.core.profiler",
     "parse_bytes": "pytest_modelcheck.core.units",
     "parse_rate": "pytest_modelcheck.core.units",
 }

@@ -208,13 +208,12 @@ def _record(item: pytest.Item, result: CheckResult) -> None:
     item.user_properties.append((PROPERTY, result.to_dict()))
 
 
-def _record_model(item: pytest.Item, model: Any) -> None:
+def _record_model(item: pytest.Item, model: Any, batch: Any = None) -> None:
     if any(k == MODEL_PROPERTY for k, _ in item.user_properties):
         return
-    from .core.forward import count_parameters
+    from .core.facts import model_facts
 
-    item.user_properties.append((MODEL_PROPERTY, {"parameters": count_parameters(model),
-                                                  "type": type(model).__name__}))
+    item.user_properties.append((MODEL_PROPERTY, model_facts(model, batch)))
 
 
 def _device(config: pytest.Config) -> Optional[str]:
@@ -241,7 +240,7 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     results = []
     device = _device(item.config)
     for s in subjects:
-        _record_model(item, s.model)
+        _record_model(item, s.model, s.batch)
         for spec, values in s.marker.plans:
             try:
                 result = spec.run(values, model=s.model, batch=s.batch, loss=s.loss,
@@ -293,7 +292,7 @@ class ModelCheck:
                               timeout=self._request.config.stash[session_key].timeout)
         except UsageError as exc:
             _usage_failure(f"modelcheck.{spec.name}", exc)
-        _record_model(self._request.node, model)
+        _record_model(self._request.node, model, batch)
         _record(self._request.node, result)
         if result.passed is False:
             _report_details(self._request.node, [result])
@@ -375,7 +374,7 @@ class ModelCheck:
                                  device=device or _device(self._request.config), **declared)
         except UsageError as exc:
             _usage_failure("modelcheck.check_model", exc)
-        _record_model(self._request.node, model)
+        _record_model(self._request.node, model, batch)
         for r in report.results:
             _record(self._request.node, r)
         if fail and report.failed:

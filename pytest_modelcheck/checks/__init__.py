@@ -17,9 +17,18 @@ from .memory import memory_under
 from .dispatch_checks import no_host_sync, vectorized
 from .behaviour import (batch_independent, eval_deterministic, params_learn, state_roundtrip,
                         stateless_forward)
+from .numerics import activations_healthy, device_portable, dtype_stable, output_range
+from .invariance import padding_invariant, permutation_equivariant, permutation_invariant
+from .stability import operator_stable
+from .data import data_sane
+from .dynamics import grad_norms_stable, loss_components, lr_schedule
+from .budgets import flops_under, params_under
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
            "throughput_at_least", "memory_under", "no_host_sync", "vectorized",
            "batch_independent", "params_learn", "eval_deterministic", "stateless_forward",
-           "state_roundtrip"]
+           "state_roundtrip", "device_portable", "dtype_stable", "activations_healthy",
+           "output_range", "permutation_invariant", "permutation_equivariant",
+           "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
+           "loss_components", "lr_schedule", "flops_under", "params_under"]

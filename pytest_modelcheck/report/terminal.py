@@ -15,6 +15,7 @@ def health_row(row: dict) -> dict:
     """Cells of one summary row from a collected test row (see ``ResultCollector``)."""
     results = row["results"]
     params = row.get("model", {}).get("parameters")
+    flops = row.get("model", {}).get("flops")
     peak, est = _metric(results, "memory_under", "peak_bytes")
     rate, _ = _metric(results, "throughput_at_least", "samples_per_s")
     passed = sum(1 for r in results if r["passed"] is True)
@@ -23,6 +24,7 @@ def health_row(row: dict) -> dict:
     return {
         "test": row["nodeid"],
         "params": format_count(params) if params is not None else "-",
+        "flops": format_count(flops) if flops is not None else "-",
         "peak": (format_bytes(peak) + ("~" if est else "")) if peak is not None else "-",
         "throughput": format_rate(rate).replace(" samples/s", "/s") if rate else "-",
         "checks": f"{passed}/{len(results)}" + (f" ({skipped} skipped)" if skipped else ""),
@@ -39,13 +41,13 @@ def health_table(rows: list, width: int = 100) -> list:
     >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 1234},
     ...          "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
     >>> print("\\n".join(health_table(rows)))
-    params  peak mem  throughput  checks  test
-    1.23k   -         -           0/1     t.py::test_a
+    params  FLOPs  peak mem  throughput  checks  test
+    1.23k   -      -         -           0/1     t.py::test_a
             failed: grads_finite
     """
     cells = [health_row(r) for r in sorted(rows, key=lambda r: r["nodeid"])]
-    cols = [("params", "params"), ("peak", "peak mem"), ("throughput", "throughput"),
-            ("checks", "checks")]
+    cols = [("params", "params"), ("flops", "FLOPs"), ("peak", "peak mem"),
+            ("throughput", "throughput"), ("checks", "checks")]
     widths = {k: max(len(h), *(len(c[k]) for c in cells)) for k, h in cols}
     lead = sum(widths[k] + 2 for k, _ in cols)
     room = max(20, width - lead)

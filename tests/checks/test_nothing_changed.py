@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from torch.optim.lr_scheduler import CosineAnnealingLR
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +26,11 @@ from pytest_modelcheck.core.state import (
     model_fingerprint,
     tensors_identical,
 )
+
+
+def _two_terms(out, target):
+    ce = F.cross_entropy(out, target)
+    return {"ce": ce, "ce_small": 0.01 * ce}  # ratio 100
 
 
 def _nan_in_backward(out, target):
@@ -50,6 +56,25 @@ CONFIGS = {
     "eval_deterministic": ({}, {}, {"noisy_eval": True}),
     "stateless_forward": ({"ignore": ["calls"]}, {}),  # Subject counts its calls
     "state_roundtrip": ({}, {"factory": lambda: nn.Linear(6, 4)}),
+    "device_portable": ({}, {}, {"cpu_constant": True}),
+    "dtype_stable": ({}, {}, {"float64": True}),
+    "activations_healthy": ({}, {"max_growth": 1.0}),
+    "output_range": ({"ranges": (-1e6, 1e6)}, {"ranges": (0, 1e-9)}),
+    "permutation_invariant": ({"dim": 0}, {"dim": 0}),
+    "permutation_equivariant": ({"dim": 0}, {"dim": 0}, {"positional": True}),
+    "padding_invariant": ({"mask": 0, "input_index": (), "dim": 0},
+                          {"mask": 0, "input_index": (), "dim": 0}, {"positional": True}),
+    "operator_stable": ({"examples": 5}, {"examples": 5, "max_sensitivity": 1e-9}),
+    "data_sane": ({}, {"spec": {0: {"range": (0, 1)}}}),  # randn inputs leave [0, 1]
+    "lr_schedule": ({"scheduler": lambda opt: CosineAnnealingLR(opt, T_max=10), "expected": "cosine",
+                     "steps": 10},
+                    {"scheduler": lambda opt: CosineAnnealingLR(opt, T_max=5), "expected": "cosine",
+                     "steps": 10}),
+    "grad_norms_stable": ({"steps": 5}, {"steps": 5, "min_norm": 1e6}),
+    "loss_components": ({"steps": 3, "loss": _two_terms},
+                        {"steps": 3, "loss": _two_terms, "max_ratio": 10}),
+    "flops_under": ({"limit": "1M"}, {"limit": 100}),
+    "params_under": ({"limit": "1M"}, {"limit": 100}),
 }
 
 
@@ -63,7 +88,7 @@ class Subject(nn.Module):
     """
 
     def __init__(self, raise_on_call=None, mutate_input=False, host_sync=False, python_loop=False,
-                 noisy_eval=False):
+                 noisy_eval=False, cpu_constant=False, float64=False, positional=False):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU())
@@ -81,6 +106,9 @@ class Subject(nn.Module):
         self.host_sync = host_sync
         self.python_loop = python_loop
         self.noisy_eval = noisy_eval
+        self.cpu_constant = cpu_constant
+        self.float64 = float64
+        self.positional = positional
         self.calls = 0
 
     def forward(self, x):
@@ -96,8 +124,16 @@ class Subject(nn.Module):
         if self.host_sync and bool((h.detach().abs() > 1e6).any()):
             h = h.clamp(-1e6, 1e6)
         if self.python_loop:
-            return torch.stack([self.head(row) for row in h])
-        return self.head(h)
+            out = torch.stack([self.head(row) for row in h])
+        else:
+            out = self.head(h)
+        if self.cpu_constant:  # a tensor created without device=
+            out = out + torch.zeros(out.shape[-1])
+        if self.float64:  # a numpy float64 scalar promotes the output
+            out = out * torch.tensor(np.float64(1.0))
+        if self.positional:  # position information leaks into the output
+            out = out + torch.linspace(0, 1, out.shape[0], device=out.device).unsqueeze(1)
+        return out
 
 
 def _batch():
@@ -135,7 +171,10 @@ SCENARIOS = {
 }
 
 # (check, scenario) -> why its outcome is known to be wrong; the state must be kept all the same
-KNOWN_WRONG_OUTCOMES: dict = {}
+KNOWN_WRONG_OUTCOMES: dict = {
+    ("permutation_invariant", "passing"): "Subject has no set dimension: a permutation of the"
+    " batch moves its rows",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,0 +1,482 @@
+"""Training dynamics on short seeded runs of a copy: lr schedule, gradient norms, loss terms, G/D balance."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from ..core.errors import UsageError
+from ..core.result import CheckResult
+from .registry import SkipCheck, check
+
+SCHEDULES = ("warmup_cosine", "cosine", "linear_warmup", "cyclic", "triangular")
+
+
+def _pos(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> Any:
+    if value is None and allow_none:
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and value > 0
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "a positive integer" if integer else "a positive number"
+        raise UsageError(f"{name}={value!r}: expected {kind}" + (" or None" if allow_none else ""))
+    return int(value) if integer else float(value)
+
+
+# ------------------------------------------------------------------------------------------
+# expected schedules (torch's own formulas: LinearLR, CosineAnnealingLR, CyclicLR 'triangular')
+# ------------------------------------------------------------------------------------------
+def expected_lr(kind: str, params: dict, base_lr: float, steps: int) -> Callable[[int], float]:
+    """The learning rate at step ``t`` of a named schedule.
+
+    ``cosine``: ``min_lr + (base - min_lr) (1 + cos(pi t / T)) / 2`` with ``T`` (default steps).
+    ``linear_warmup``: ``base (s + (1 - s) min(t, W) / W)``, ``W = warmup``, ``s = start_factor``
+    (default ``1 / W``), then constant. ``warmup_cosine``: that warmup, then cosine from base to
+    ``min_lr`` over the remaining ``T - W`` steps. ``cyclic``/``triangular``: CyclicLR's triangle
+    between ``base_lr`` (default the optimizer's lr) and ``max_lr`` with ``step_size`` steps up.
+
+    >>> f = expected_lr("cosine", {}, 1.0, 4)
+    >>> [round(f(t), 3) for t in range(5)]
+    [1.0, 0.854, 0.5, 0.146, 0.0]
+    """
+    total = params.get("T", steps)
+    min_lr = params.get("min_lr", 0.0)
+    warmup = params.get("warmup", 0)
+    start = params.get("start_factor", 1.0 / warmup if warmup else 1.0)
+
+    def warm(t: int) -> float:
+        return base_lr * (start + (1 - start) * min(t, warmup) / warmup) if warmup else base_lr
+
+    def cos(t: int, length: int) -> float:
+        t = min(t, length)
+        return min_lr + (base_lr - min_lr) * (1 + math.cos(math.pi * t / max(length, 1))) / 2
+
+    if kind == "cosine":
+        return lambda t: cos(t, total)
+    if kind == "linear_warmup":
+        return warm
+    if kind == "warmup_cosine":
+        return lambda t: warm(t) if t < warmup else cos(t - warmup, total - warmup)
+    low = params.get("base_lr", base_lr)
+    high = params["max_lr"]
+    size = params["step_size"]
+
+    def tri(t: int) -> float:
+        cycle = math.floor(1 + t / (2 * size))
+        x = abs(t / size - 2 * cycle + 1)
+        return low + (high - low) * max(0.0, 1 - x)
+
+    return tri
+
+
+def _validate_expected(expected: Any) -> Any:
+    if callable(expected):
+        return expected
+    kind, params = expected, {}
+    if isinstance(expected, dict):
+        params = dict(expected)
+        kind = params.pop("kind", None)
+    elif isinstance(expected, (tuple, list)) and len(expected) == 2 and isinstance(expected[1], dict):
+        kind, params = expected[0], dict(expected[1])
+    if kind not in SCHEDULES:
+        raise UsageError(f"expected={expected!r}: expected one of {', '.join(SCHEDULES)} (optionally"
+                         " as (name, {params}) or {'kind': name, ...}) or a callable step -> lr")
+    allowed = {"warmup", "start_factor", "min_lr", "T", "base_lr", "max_lr", "step_size"}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise UsageError(f"expected={expected!r}: unknown parameter(s) {', '.join(unknown)};"
+                         f" expected some of {', '.join(sorted(allowed))}")
+    if kind in ("warmup_cosine", "linear_warmup"):
+        params["warmup"] = _pos("expected warmup", params.get("warmup"), integer=True)
+    if kind in ("cyclic", "triangular"):
+        params["max_lr"] = _pos("expected max_lr", params.get("max_lr"))
+        params["step_size"] = _pos("expected step_size", params.get("step_size"), integer=True)
+    return (kind, params)
+
+
+def _validate_lr(scheduler: Any = None, expected: Any = None, steps: Any = 20, tolerance: Any = 0.02,
+                 lr: Any = 0.01, optimizer: Any = "sgd", plot: Any = None) -> dict:
+    from ..core.training import validate_optimizer
+
+    if not callable(scheduler):
+        raise UsageError(f"scheduler={scheduler!r}: expected a callable factory(optimizer) returning"
+                         " a torch LR scheduler, e.g. lambda opt: CosineAnnealingLR(opt, 20)")
+    if plot is not None and not isinstance(plot, (str, bytes)) and not hasattr(plot, "__fspath__"):
+        raise UsageError(f"plot={plot!r}: expected a file path for the PNG, or None")
+    return {"scheduler": scheduler, "expected": _validate_expected(expected),
+            "steps": _pos("steps", steps, integer=True), "tolerance": _pos("tolerance", tolerance),
+            "lr": _pos("lr", lr), "optimizer": validate_optimizer(optimizer), "plot": plot}
+
+
+def run_with_scheduler(model: Any, batch: Any, loss: Any, *, steps: int, optimizer: Any, lr: float,
+                       scheduler: Callable, seed: int = 0) -> tuple:
+    """Train ``model`` in place with ``scheduler(opt)``; returns (lrs, losses), one per step.
+
+    The learning rate is read before each step's update; a non-finite loss skips the backward
+    but the scheduler still steps, so the schedule is followed to the end.
+
+    >>> import torch
+    >>> from pytest_modelcheck.core.batch import Batch
+    >>> from pytest_modelcheck.core.losses import resolve_loss
+    >>> b = Batch.from_user((torch.ones(4, 2), torch.zeros(4, 1)))
+    >>> lrs, _ = run_with_scheduler(torch.nn.Linear(2, 1), b, resolve_loss("mse", b), steps=3,
+    ...     optimizer="sgd", lr=1.0, scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5))
+    >>> lrs
+    [1.0, 0.5, 0.25]
+    """
+    import torch
+
+    from ..core.forward import run_forward
+    from ..core.training import make_optimizer
+
+    torch.manual_seed(seed)
+    model.train()
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    sched = scheduler(opt)
+    lrs, losses = [], []
+    for _ in range(steps):
+        lrs.append(float(opt.param_groups[0]["lr"]))
+        opt.zero_grad(set_to_none=True)
+        out = run_forward(model, batch)
+        total, _ = loss.compute(out, batch, model)
+        value = float(total.detach())
+        losses.append(value)
+        if math.isfinite(value) and total.requires_grad:
+            total.backward()
+        opt.step()
+        sched.step()
+    return lrs, losses
+
+
+def _save_plot(path: Any, lrs: list, expected: list, losses: list) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    ax1.plot(lrs, label="observed lr", marker=".")
+    ax1.plot(expected, label="expected lr", linestyle="--")
+    ax1.set_ylabel("learning rate")
+    ax1.legend()
+    ax2.plot(losses, color="tab:red")
+    ax2.set_ylabel("loss")
+    ax2.set_xlabel("step")
+    fig.savefig(path, format="png")
+
+
+@check(default=False, validate=_validate_lr)
+def lr_schedule(scheduler: Any = None, expected: Any = None, steps: Any = 20, tolerance: Any = 0.02,
+                lr: Any = 0.01, optimizer: Any = "sgd", plot: Any = None, *, model: Any, batch: Any,
+                loss: Any = None, device: Any = None) -> CheckResult:
+    """The optimizer's learning rate over ``steps`` follows the declared schedule shape.
+
+    ``scheduler`` is ``factory(optimizer) -> LR scheduler``; ``expected`` a name from
+    ``SCHEDULES`` with parameters (``("warmup_cosine", {"warmup": 5, "min_lr": 0})``) or a
+    callable ``step -> lr``. Each step's lr must be within ``tolerance * lr`` (peak-relative) of
+    the expected one; the failure names the first step that deviates. ``plot=path`` saves the
+    schedule and the loss as a PNG. Trains a seeded copy on the batch.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 1)
+    >>> b = (torch.ones(4, 2), torch.zeros(4, 1))
+    >>> cos = lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    >>> lr_schedule(cos, "cosine", steps=10, model=m, batch=b).passed
+    True
+    """
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+
+    work = copy_model(model).to(device)
+    data = batch.clone().to(device)
+    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    lrs, losses = run_with_scheduler(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr,
+                                     scheduler=scheduler)
+    if callable(expected):
+        fn, name = expected, getattr(expected, "__name__", "callable")
+    else:
+        kind, params = expected
+        fn, name = expected_lr(kind, params, lr, steps), kind
+    want = [float(fn(t)) for t in range(steps)]
+    peak = max([abs(v) for v in want] + [lr])
+    bad = [t for t in range(steps) if not abs(lrs[t] - want[t]) <= tolerance * peak]
+    metrics = {"lrs": lrs, "expected_lrs": want, "losses": losses, "schedule": name,
+               "max_deviation": max(abs(a - b) for a, b in zip(lrs, want)) / peak}
+    if plot is not None:
+        _save_plot(plot, lrs, want, losses)
+        metrics["plot"] = str(plot)
+    rows = [f"  step {t:3d}: lr {lrs[t]:.4g}  expected {want[t]:.4g}  loss {losses[t]:.4g}"
+            + ("   <- deviates" if t in bad else "") for t in range(steps)]
+    details = "\n".join(["per-step learning rate:"] + rows)
+    if bad:
+        t = bad[0]
+        return CheckResult("lr_schedule", False,
+                           f"expected a {name} schedule (lr {want[t]:.4g} at step {t}, tolerance"
+                           f" {tolerance:g} x {peak:.3g}), observed lr {lrs[t]:.4g} at step {t}"
+                           f" ({len(bad)}/{steps} steps deviate)", details, metrics)
+    return CheckResult("lr_schedule", True,
+                       f"expected a {name} schedule, observed it within {tolerance:g} x {peak:.3g}"
+                       f" over {steps} steps", details, metrics)
+
+
+# ------------------------------------------------------------------------------------------
+# gradient norms
+# ------------------------------------------------------------------------------------------
+def _validate_grads(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1e-8, lr: Any = 1e-3,
+                    optimizer: Any = "adam") -> dict:
+    from ..core.training import validate_optimizer
+
+    return {"steps": _pos("steps", steps, integer=True), "max_ratio": _pos("max_ratio", max_ratio),
+            "min_norm": _pos("min_norm", min_norm), "lr": _pos("lr", lr),
+            "optimizer": validate_optimizer(optimizer)}
+
+
+@check(default=True, validate=_validate_grads)
+def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1e-8, lr: Any = 1e-3,
+                      optimizer: Any = "adam", *, model: Any, batch: Any, loss: Any = None,
+                      device: Any = None) -> CheckResult:
+    """Gradient norms over a short run neither vanish (< min_norm) nor explode (> max_ratio x start).
+
+    Trains a seeded copy for ``steps`` steps on the batch; the reference is the median of the
+    first three steps' global gradient norms. Non-finite norms or losses fail too.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(4, 1)
+    >>> grad_norms_stable(steps=5, model=m, batch=(torch.ones(8, 4), torch.zeros(8, 1))).passed
+    True
+    """
+    import statistics
+
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+    from ..core.training import sparkline, train_steps
+
+    work = copy_model(model).to(device)
+    data = batch.clone().to(device)
+    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr)
+    norms = run.grad_norms
+    metrics = {"grad_norms": norms, "losses": run.losses, "steps_run": len(run.losses)}
+    details = f"grad norm per step: {sparkline(norms)}  " + ", ".join(f"{v:.3g}" for v in norms[:40])
+    if run.stopped:
+        return CheckResult("grad_norms_stable", False,
+                           f"expected finite losses and gradients for {steps} steps, observed the"
+                           f" {run.stopped}", details, metrics)
+    bad = next((i for i, v in enumerate(norms) if not math.isfinite(v)), None)
+    if bad is not None:
+        return CheckResult("grad_norms_stable", False,
+                           f"expected finite gradient norms, observed {norms[bad]} at step {bad}",
+                           details, metrics)
+    if not norms:
+        raise SkipCheck("no gradient was computed (the loss does not require grad)")
+    reference = statistics.median(norms[:3])
+    metrics["reference_norm"] = reference
+    low = next((i for i, v in enumerate(norms) if v < min_norm), None)
+    if low is not None:
+        return CheckResult("grad_norms_stable", False,
+                           f"expected gradient norms >= {min_norm:g}, observed {norms[low]:.3g} at"
+                           f" step {low} (vanishing gradients)", details +
+                           "\nremedy: check saturating activations, tiny output scales and"
+                           " initialisation", metrics)
+    ratios = [v / reference for v in norms] if reference > 0 else [0.0] * len(norms)
+    metrics["max_ratio_observed"] = max(ratios)
+    high = next((i for i, r in enumerate(ratios) if r > max_ratio), None)
+    if high is not None:
+        return CheckResult("grad_norms_stable", False,
+                           f"expected gradient norms within {max_ratio:g} x the first steps'"
+                           f" {reference:.3g}, observed {norms[high]:.3g} at step {high}"
+                           f" ({ratios[high]:.3g} x; exploding gradients)",
+                           details + "\nremedy: lower the learning rate, clip gradients"
+                           " (torch.nn.utils.clip_grad_norm_) or normalise the inputs", metrics)
+    return CheckResult("grad_norms_stable", True,
+                       f"expected gradient norms in [{min_norm:g}, {max_ratio:g} x start], observed"
+                       f" {min(norms):.3g} to {max(norms):.3g} over {len(norms)} steps",
+                       details, metrics)
+
+
+# ------------------------------------------------------------------------------------------
+# loss components and G/D balance
+# ------------------------------------------------------------------------------------------
+def _validate_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20,
+                         min_d_loss: Any = 1e-3, d_loss: Any = None, lr: Any = 1e-3,
+                         optimizer: Any = "adam") -> dict:
+    from ..core.training import validate_optimizer
+
+    if not isinstance(gan, bool):
+        raise UsageError(f"gan={gan!r}: expected True or False")
+    if gan and not callable(d_loss):
+        raise UsageError(f"d_loss={d_loss!r}: gan=True needs a callable d_loss(model, cond, real,"
+                         " fake) returning a dict of discriminator loss terms")
+    if d_loss is not None and not callable(d_loss):
+        raise UsageError(f"d_loss={d_loss!r}: expected a callable d_loss(model, cond, real, fake)")
+    return {"max_ratio": _pos("max_ratio", max_ratio, allow_none=True), "gan": gan,
+            "steps": _pos("steps", steps, integer=True), "min_d_loss": _pos("min_d_loss", min_d_loss),
+            "d_loss": d_loss, "lr": _pos("lr", lr), "optimizer": validate_optimizer(optimizer)}
+
+
+def _sum_terms(terms: Any, what: str) -> tuple:
+    if not isinstance(terms, dict) or not terms:
+        raise UsageError(f"{what}: expected a dict of scalar loss terms, got {type(terms).__name__}")
+    total = None
+    for v in terms.values():
+        total = v if total is None else total + v
+    return total, terms
+
+
+def run_gan(model: Any, batch: Any, g_loss: Any, d_loss: Callable, *, steps: int, optimizer: Any,
+            lr: float, seed: int = 0) -> dict:
+    """Alternate one discriminator and one generator step; per-step totals and terms.
+
+    ``model.discriminator`` holds the discriminator's parameters; the generator is everything
+    else. ``d_loss(model, cond, real, fake)`` gets ``cond = batch.args[0]``, ``real =
+    batch.target`` and the generator's output, detached.
+
+    >>> import torch
+    >>> from pytest_modelcheck.core.batch import Batch
+    >>> from pytest_modelcheck.core.losses import resolve_loss
+    >>> class G(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.gen, self.discriminator = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    ...     def forward(self, x):
+    ...         return self.gen(x)
+    >>> b = Batch.from_user((torch.randn(4, 2), torch.randn(4, 2)))
+    >>> dl = lambda m, c, r, f: {"d": (m.discriminator(r) - 1).pow(2).mean() + m.discriminator(f).pow(2).mean()}
+    >>> len(run_gan(G(), b, resolve_loss("mse", b), dl, steps=3, optimizer="adam", lr=1e-3)["d_total"])
+    3
+    """
+    import torch
+
+    from ..core.forward import run_forward
+    from ..core.training import make_optimizer
+
+    disc = getattr(model, "discriminator", None)
+    if not isinstance(disc, torch.nn.Module):
+        raise UsageError("gan=True: the model needs a .discriminator submodule holding the"
+                         " discriminator (the generator is everything else)")
+    torch.manual_seed(seed)
+    model.train()
+    d_ids = {id(p) for p in disc.parameters()}
+    g_params = [p for p in model.parameters() if id(p) not in d_ids]
+    opt_g = make_optimizer(optimizer, g_params, lr)
+    opt_d = make_optimizer(optimizer, disc.parameters(), lr)
+    rec: dict = {"d_total": [], "g_total": [], "terms": {}, "stopped": ""}
+    cond, real = batch.args[0], batch.target
+    for step in range(steps):
+        opt_d.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            fake = run_forward(model, batch)
+        d_total, d_terms = _sum_terms(d_loss(model, cond, real, fake.detach()), "d_loss")
+        rec["d_total"].append(float(d_total.detach()))
+        for k, v in d_terms.items():
+            rec["terms"].setdefault(f"D:{k}", []).append(float(v.detach()))
+        if not math.isfinite(rec["d_total"][-1]):
+            rec["stopped"] = f"discriminator loss became {rec['d_total'][-1]} at step {step}"
+            break
+        d_total.backward()
+        opt_d.step()
+        opt_g.zero_grad(set_to_none=True)
+        out = run_forward(model, batch)
+        g_total, g_terms = g_loss.compute(out, batch, model)
+        rec["g_total"].append(float(g_total.detach()))
+        for k, v in (g_terms or {"total": g_total}).items():
+            rec["terms"].setdefault(f"G:{k}", []).append(float(v.detach()))
+        if not math.isfinite(rec["g_total"][-1]):
+            rec["stopped"] = f"generator loss became {rec['g_total'][-1]} at step {step}"
+            break
+        g_total.backward()
+        opt_g.step()
+    return rec
+
+
+def _mean_abs(values: list) -> float:
+    return sum(abs(v) for v in values) / len(values) if values else 0.0
+
+
+@check(default=False, validate=_validate_components)
+def loss_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20, min_d_loss: Any = 1e-3,
+                    d_loss: Any = None, lr: Any = 1e-3, optimizer: Any = "adam", *, model: Any,
+                    batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+    """Each term of a dict-valued loss stays finite and none dominates; GANs keep G/D balanced.
+
+    Trains a seeded copy for ``steps`` steps and tracks every term. With ``max_ratio``, the
+    largest term's mean |value| may be at most ``max_ratio`` times the smallest's. With
+    ``gan=True`` (``model.discriminator`` and ``d_loss=callable(model, cond, real, fake) ->
+    dict``), D and G steps alternate; the discriminator loss (mean of the last 3 steps) must
+    stay above ``min_d_loss`` and, with ``max_ratio``, G/D total loss within ``max_ratio``.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2)
+    >>> lf = lambda out, y: {"mse": (out - y).pow(2).mean(), "l1": (out - y).abs().mean()}
+    >>> b = (torch.randn(4, 2), torch.randn(4, 2))
+    >>> loss_components(max_ratio=10, steps=3, model=m, batch=b, loss=lf).passed
+    True
+    """
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+    from ..core.training import sparkline, train_steps
+
+    work = copy_model(model).to(device)
+    data = batch.clone().to(device)
+    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    if gan:
+        rec = run_gan(work, data, lossfn, d_loss, steps=steps, optimizer=optimizer, lr=lr)
+        terms, stopped = rec["terms"], rec["stopped"]
+    else:
+        run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr)
+        terms, stopped = run.terms, run.stopped
+        if not terms:
+            raise SkipCheck(f"the loss {lossfn.name} returns one value, not a dict of terms;"
+                            " nothing to decompose")
+    metrics: dict = {"terms": terms}
+    details = ["per-term values (first ... last):"] + [
+        f"  {k:28} {sparkline(v)}  {v[0]:.4g} ... {v[-1]:.4g}" for k, v in terms.items() if v]
+    bad = next(((k, i, x) for k, v in terms.items() for i, x in enumerate(v)
+                if not math.isfinite(x)), None)
+    if bad or stopped:
+        what = f"term '{bad[0]}' = {bad[2]} at step {bad[1]}" if bad else stopped
+        return CheckResult("loss_components", False,
+                           f"expected every loss term finite, observed {what}", "\n".join(details),
+                           metrics)
+    if gan:
+        d_tail = rec["d_total"][-3:]
+        g_tail = rec["g_total"][-3:]
+        d_final, g_final = sum(d_tail) / len(d_tail), sum(g_tail) / len(g_tail)
+        metrics.update({"d_total": rec["d_total"], "g_total": rec["g_total"],
+                        "d_final": d_final, "g_final": g_final})
+        if d_final < min_d_loss:
+            return CheckResult("loss_components", False,
+                               f"expected the discriminator loss to stay above {min_d_loss:g},"
+                               f" observed {d_final:.3g} over the last steps (discriminator collapse:"
+                               " it wins outright and the generator gets no signal)",
+                               "\n".join(details), metrics)
+        if max_ratio is not None:
+            ratio = abs(g_final) / max(abs(d_final), 1e-12)
+            metrics["g_d_ratio"] = ratio
+            if ratio > max_ratio or ratio < 1 / max_ratio:
+                return CheckResult("loss_components", False,
+                                   f"expected the G/D loss ratio within [1/{max_ratio:g},"
+                                   f" {max_ratio:g}], observed {ratio:.3g} (G {g_final:.3g}, D"
+                                   f" {d_final:.3g}); rebalance loss weights or update rates",
+                                   "\n".join(details), metrics)
+        return CheckResult("loss_components", True,
+                           f"expected a balanced GAN, observed D loss {d_final:.3g} and G loss"
+                           f" {g_final:.3g} after {steps} alternating steps", "\n".join(details),
+                           metrics)
+    means = {k: _mean_abs(v) for k, v in terms.items()}
+    metrics["mean_abs"] = means
+    if max_ratio is not None and len(means) > 1:
+        big = max(means, key=means.get)
+        small = min(means, key=means.get)
+        ratio = means[big] / max(means[small], 1e-30)
+        metrics["max_ratio_observed"] = ratio
+        if ratio > max_ratio:
+            return CheckResult("loss_components", False,
+                               f"expected no loss term above {max_ratio:g} x another, observed"
+                               f" '{big}' (mean {means[big]:.3g}) = {ratio:.3g} x '{small}' (mean"
+                               f" {means[small]:.3g})", "\n".join(details), metrics)
+    return CheckResult("loss_components", True,
+                       f"expected finite, balanced loss terms, observed {len(terms)} terms finite"
+                       f" over {steps} steps ({', '.join(terms)})", "\n".join(details), metrics)

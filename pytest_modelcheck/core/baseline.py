@@ -1,0 +1,455 @@
+"""Baselines of model metrics, saved from one run and compared against a later one.
+
+A baseline file holds, per machine fingerprint and per test, the metrics that the checks
+reported. Metrics are of two kinds (see :data:`METRIC_KINDS`):
+
+* **deterministic** (parameters, FLOPs/MACs, dispatched op counts, host syncs, estimated peak
+  memory, output shapes): the same code gives the same number on any machine, so they are
+  compared exactly, or within an explicit relative tolerance;
+* **timed** (per-run latencies, memory measured on the device): they vary from run to run and
+  from machine to machine, so they are compared statistically (:func:`~.stats.timed_regression`)
+  and only against a baseline saved on a machine with the same fingerprint.
+
+Saving merges into an existing file under an exclusive lock (``fcntl.flock`` on
+``path + ".lock"``) and replaces the file atomically: concurrent writers (pytest-xdist, several
+CI jobs on one runner) lose nothing, and a writer killed mid-write leaves the old file intact.
+Nothing here imports pytest; torch is imported only by :func:`machine_fingerprint`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+from .errors import UsageError
+
+__all__ = ["MetricKind", "METRIC_KINDS", "metric_kind", "machine_fingerprint", "Baseline",
+           "BaselineError", "Comparison", "compare", "regressions", "format_value", "FORMAT"]
+
+FORMAT = "pytest-modelcheck-baseline/1"
+MODEL = "model"  # pseudo check name for the per-test model facts (row["model"])
+
+
+class BaselineError(UsageError):
+    """A baseline file that cannot be read; the message is one line naming the file."""
+
+
+@dataclass(frozen=True)
+class MetricKind:
+    """How one metric is compared.
+
+    ``kind`` is ``'deterministic'`` or ``'timed'``; ``better`` is ``'lower'``, ``'higher'`` or
+    ``'equal'`` (any change is a regression); ``tolerance`` is the relative change allowed for a
+    deterministic metric and the ratio threshold for a timed one; ``unit`` says how to print.
+
+    >>> METRIC_KINDS[("flops_under", "flops")].kind
+    'deterministic'
+    """
+
+    kind: str
+    better: str = "lower"
+    tolerance: float = 0.0
+    unit: str = ""
+
+
+_DET = "deterministic"
+#: (check name, metric key) -> how it is compared. Keys absent here are not baselined.
+METRIC_KINDS: dict = {
+    (MODEL, "parameters"): MetricKind(_DET, unit="count"),
+    ("params_under", "params"): MetricKind(_DET, unit="count"),
+    ("flops_under", "flops"): MetricKind(_DET, unit="count"),
+    ("flops_under", "macs"): MetricKind(_DET, unit="count"),
+    ("flops_under", "forward_flops"): MetricKind(_DET, unit="count"),
+    ("flops_under", "backward_flops"): MetricKind(_DET, unit="count"),
+    ("no_host_sync", "count"): MetricKind(_DET, unit="count"),
+    ("no_host_sync", "ops"): MetricKind(_DET, unit="count"),
+    ("vectorized", "ops_by_batch_size"): MetricKind(_DET, unit="count"),
+    ("memory_under", "peak_bytes"): MetricKind(_DET, unit="bytes"),  # measured: see metric_kind
+    ("shapes_consistent", "runs"): MetricKind(_DET, better="equal"),
+    ("throughput_at_least", "times_s"): MetricKind("timed", tolerance=0.10, unit="seconds"),
+}
+
+#: measured (not estimated) peak memory: compared on the same machine, 5% allowed.
+MEASURED_MEMORY = MetricKind("timed", tolerance=0.05, unit="bytes")
+
+
+def metric_kind(check: str, key: str, estimated: bool = True) -> Optional[MetricKind]:
+    """The :class:`MetricKind` of a metric, or None when it is not baselined.
+
+    Peak memory is deterministic when estimated (fake tensors) and timed when measured.
+
+    >>> metric_kind("memory_under", "peak_bytes", estimated=False).kind
+    'timed'
+    >>> metric_kind("grads_finite", "loss") is None
+    True
+    """
+    kind = METRIC_KINDS.get((check, key))
+    if kind is not None and (check, key) == ("memory_under", "peak_bytes") and not estimated:
+        return MEASURED_MEMORY
+    return kind
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_fingerprint() -> dict:
+    """Facts that decide whether timings are comparable, and a stable short hash ``key``.
+
+    >>> fp = machine_fingerprint()
+    >>> sorted(fp) == ['cores', 'cpu', 'cuda', 'gpu', 'key', 'machine', 'python', 'system', 'torch']
+    True
+    >>> len(fp["key"]), fp["key"] == machine_fingerprint()["key"]
+    (12, True)
+    """
+    facts = {"cpu": _cpu_model(), "cores": os.cpu_count() or 0, "machine": platform.machine(),
+             "system": platform.system(), "python": platform.python_version(), "torch": None,
+             "cuda": None, "gpu": None}
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is not None:
+        facts["torch"] = torch.__version__.split("+")[0]
+        facts["cuda"] = torch.version.cuda
+        try:
+            if torch.cuda.is_available():
+                facts["gpu"] = torch.cuda.get_device_name(0)
+        except Exception:  # a broken driver must not break the test session
+            facts["gpu"] = None
+    blob = json.dumps(facts, sort_keys=True).encode()
+    facts["key"] = hashlib.sha256(blob).hexdigest()[:12]
+    return facts
+
+
+def _flatten(check: str, metrics: dict, estimated: bool) -> dict:
+    """``{"check.key": {"kind", "value" | "samples"}}`` for the baselined metrics of a result."""
+    out = {}
+    for key, value in metrics.items():
+        kind = metric_kind(check, key, estimated)
+        if kind is None or value is None:
+            continue
+        name = f"{check}.{key}"
+        if kind.kind == "timed" and isinstance(value, list):
+            samples = [float(v) for v in value if isinstance(v, (int, float))]
+            if samples:
+                out[name] = {"kind": "timed", "samples": samples}
+        elif kind.kind == "timed":
+            out[name] = {"kind": "timed", "value": value}
+        else:
+            out[name] = {"kind": _DET, "value": value}
+    return out
+
+
+def _row_metrics(row: dict) -> dict:
+    out = {}
+    out.update(_flatten(MODEL, row.get("model") or {}, True))
+    for r in row.get("results", []):
+        if r.get("passed") is None:
+            continue
+        out.update(_flatten(r["check"], r.get("metrics") or {}, bool(r.get("estimated", False))))
+    return out
+
+
+@dataclass
+class Baseline:
+    """Saved metrics: ``machines[key] = fingerprint`` and ``entries[key][nodeid][metric]``.
+
+    >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 10}, "results": []}]
+    >>> b = Baseline.from_rows(rows, {"key": "abc"})
+    >>> b.entries["abc"]["t.py::test_a"]["model.parameters"]["value"]
+    10
+    """
+
+    machines: dict = field(default_factory=dict)
+    entries: dict = field(default_factory=dict)
+    saved: dict = field(default_factory=dict)  # machine key -> unix time of its last save
+
+    @classmethod
+    def from_rows(cls, rows: list, fingerprint: dict) -> "Baseline":
+        """A baseline of the collected rows (``{"nodeid", "model", "results"}``) of one run."""
+        key = fingerprint["key"]
+        tests = {row["nodeid"]: _row_metrics(row) for row in rows}
+        return cls(machines={key: dict(fingerprint)},
+                   entries={key: {k: v for k, v in tests.items() if v}},
+                   saved={key: time.time()})
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "machines": self.machines, "saved": self.saved,
+                "entries": self.entries}
+
+    def merged_into(self, older: "Baseline") -> "Baseline":
+        """``older`` updated with this baseline: same machine and test replaced, rest kept.
+
+        >>> old = Baseline({"m": {}}, {"m": {"a": {"x": 1}, "b": {"x": 2}}}, {"m": 1.0})
+        >>> new = Baseline({"m": {}}, {"m": {"b": {"x": 3}}}, {"m": 2.0})
+        >>> new.merged_into(old).entries
+        {'m': {'a': {'x': 1}, 'b': {'x': 3}}}
+        """
+        out = Baseline(dict(older.machines), {k: dict(v) for k, v in older.entries.items()},
+                       dict(older.saved))
+        for key, tests in self.entries.items():
+            out.machines[key] = self.machines.get(key, out.machines.get(key, {}))
+            out.entries.setdefault(key, {}).update(tests)
+            out.saved[key] = self.saved.get(key, time.time())
+        return out
+
+    def save(self, path: str) -> None:
+        """Merge into the file at ``path`` (kept: other machines, other tests) atomically,
+        under an exclusive lock on ``path + ".lock"``.
+
+        >>> import tempfile, os
+        >>> p = os.path.join(tempfile.mkdtemp(), "baseline.json")
+        >>> Baseline({"m": {}}, {"m": {"a": {"x": 1}}}).save(p)
+        >>> Baseline({"m": {}}, {"m": {"b": {"x": 2}}}).save(p)
+        >>> sorted(Baseline.load(p).entries["m"])
+        ['a', 'b']
+        """
+        import fcntl
+
+        from ..report.json_report import atomic_write_text
+
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            try:
+                merged = self.merged_into(Baseline.load(path))
+                atomic_write_text(path, json.dumps(merged.to_dict(), indent=1, sort_keys=True)
+                                  + "\n")
+            finally:
+                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+    @classmethod
+    def load(cls, path: str) -> "Baseline":
+        """The baseline in ``path``; an empty one when the file does not exist.
+
+        >>> Baseline.load("/nonexistent/baseline.json").entries
+        {}
+        """
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            return cls()
+        except OSError as exc:
+            raise BaselineError(f"baseline {path}: cannot be read ({exc.strerror})") from None
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise BaselineError(f"baseline {path}: not valid JSON ({exc}); delete it or save a"
+                                f" new baseline") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not all(
+                isinstance(data.get(k, {}), dict) for k in ("machines", "entries", "saved")):
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise BaselineError(f"baseline {path}: expected a {FORMAT!r} file, found"
+                                f" {found!r}; delete it or save a new baseline")
+        return cls(data.get("machines", {}), data.get("entries", {}), data.get("saved", {}))
+
+
+@dataclass
+class Comparison:
+    """One metric of one test, baseline against now.
+
+    ``verdict`` is 'regressed', 'improved', 'same', 'new' or 'skipped: other machine';
+    ``change`` is the relative change of the value (of the median for timed metrics);
+    ``detail`` says how it was decided.
+
+    >>> c = Comparison("t.py::a", "flops_under.flops", "deterministic", 100, 110, 0.1, "regressed")
+    >>> c.line()
+    't.py::a flops_under.flops: 100 -> 110 (+10.0%) regressed'
+    """
+
+    nodeid: str
+    metric: str
+    kind: str
+    old: Any
+    new: Any
+    change: Optional[float]
+    verdict: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        """One line for a terminal or a log."""
+        check, _, key = self.metric.partition(".")
+        unit = (metric_kind(check, key) or MetricKind(_DET)).unit
+        if self.metric == "memory_under.peak_bytes":
+            unit = "bytes"
+        change = f" ({self.change:+.1%})" if self.change is not None else ""
+        text = (f"{self.nodeid} {self.metric}: {format_value(self.old, unit)} ->"
+                f" {format_value(self.new, unit)}{change} {self.verdict}")
+        return text + (f"; {self.detail}" if self.detail else "")
+
+
+def format_value(value: Any, unit: str = "") -> str:
+    """A short human form of a metric value.
+
+    >>> format_value(1536, "bytes"), format_value(2.5e9, "count"), format_value(0.0123, "seconds")
+    ('1.50 KiB', '2.50G', '12.30 ms')
+    """
+    from .units import format_bytes, format_count, format_duration
+
+    if value is None:
+        return "-"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        text = json.dumps(value, sort_keys=True) if not isinstance(value, str) else value
+        return text if len(text) <= 60 else text[:57] + "..."
+    try:
+        if unit == "bytes":
+            return format_bytes(value)
+        if unit == "count":
+            return format_count(value)
+        if unit == "seconds":
+            return format_duration(value)
+    except (ValueError, TypeError):
+        pass
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _relative(old: Any, new: Any) -> Optional[float]:
+    if isinstance(old, bool) or isinstance(new, bool):
+        return None
+    if isinstance(old, (int, float)) and isinstance(new, (int, float)) and old:
+        return (new - old) / abs(old)
+    return None
+
+
+def _leaves(value: Any, prefix: str = "") -> dict:
+    """Numbers in nested dicts, by dotted path (``{"4": 10, "8": 10}`` -> two leaves)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_leaves(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _deterministic(old: Any, new: Any, kind: MetricKind, tol: float) -> str:
+    if kind.better == "equal" or not (isinstance(old, (int, float, dict))
+                                      and isinstance(new, (int, float, dict))):
+        return "same" if old == new else "regressed"
+    lo, ln = _leaves(old), _leaves(new)
+    if set(lo) != set(ln):
+        return "regressed"
+    worse = better = False
+    for k, a in lo.items():
+        b = ln[k]
+        if not (isinstance(a, (int, float)) and isinstance(b, (int, float))):
+            if a != b:
+                worse = True
+            continue
+        bound = tol * abs(a)
+        if kind.better == "higher":
+            a, b = -a, -b
+        worse |= b > a + bound
+        better |= b < a - bound
+    return "regressed" if worse else "improved" if better else "same"
+
+
+def _tolerance(tolerances: Optional[dict], name: str, kind: MetricKind) -> float:
+    if not tolerances:
+        return kind.tolerance
+    for key in (name, tuple(name.split(".", 1)), kind.kind):
+        if key in tolerances:
+            return float(tolerances[key])
+    return kind.tolerance
+
+
+def _kind_of(name: str, entry: dict) -> MetricKind:
+    check, _, key = name.partition(".")
+    kind = METRIC_KINDS.get((check, key), MetricKind(_DET))
+    if entry.get("kind") == "timed" and kind.kind != "timed":
+        return MEASURED_MEMORY if name == "memory_under.peak_bytes" else MetricKind("timed")
+    return kind
+
+
+def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
+            tolerances: Optional[dict] = None) -> list:
+    """Compare the rows of this run with ``baseline``: one :class:`Comparison` per test metric.
+
+    Deterministic metrics are compared against this machine's entry, or else the most recently
+    saved entry of any machine; timed ones only against this machine (else 'skipped: other
+    machine'). ``tolerances`` maps ``"check.key"`` (or ``(check, key)``, or a kind
+    ``"deterministic"`` / ``"timed"``) to a relative tolerance (timed: the ratio threshold).
+
+    >>> fp = {"key": "m"}
+    >>> old = Baseline.from_rows([{"nodeid": "t::a", "model": {"parameters": 100},
+    ...                            "results": []}], fp)
+    >>> [c.verdict for c in compare(old, [{"nodeid": "t::a", "model": {"parameters": 120},
+    ...                                    "results": []}], fp)]
+    ['regressed']
+    """
+    from .stats import timed_regression
+
+    here = fingerprint["key"]
+    others = sorted((k for k in baseline.entries if k != here),
+                    key=lambda k: baseline.saved.get(k, 0), reverse=True)
+    out = []
+    for row in sorted(rows, key=lambda r: r["nodeid"]):
+        nodeid = row["nodeid"]
+        mine = baseline.entries.get(here, {}).get(nodeid, {})
+        for name, entry in sorted(_row_metrics(row).items()):
+            kind = _kind_of(name, entry)
+            tol = _tolerance(tolerances, name, kind)
+            new = entry.get("value", entry.get("samples"))
+            if kind.kind == "timed":
+                old_entry = mine.get(name)
+                if old_entry is None:
+                    elsewhere = any(name in baseline.entries[k].get(nodeid, {}) for k in others)
+                    verdict = "skipped: other machine" if elsewhere else "new"
+                    shown = statistics.median(new) if "samples" in entry else new
+                    out.append(Comparison(nodeid, name, "timed", None, shown, None, verdict))
+                    continue
+                if "samples" in entry and "samples" in old_entry:
+                    v = timed_regression(old_entry["samples"], entry["samples"], threshold=tol)
+                    out.append(Comparison(nodeid, name, "timed", v.old_median, v.new_median,
+                                          v.ratio - 1, v.verdict, v.describe()))
+                else:  # one measured value each: a relative tolerance, same machine only
+                    old = old_entry.get("value")
+                    verdict = _deterministic(old, new, kind, tol)
+                    out.append(Comparison(nodeid, name, "timed", old, new, _relative(old, new),
+                                          verdict, f"single measurement, tolerance {tol:.0%}"))
+                continue
+            old_entry = mine.get(name)
+            if old_entry is None:
+                old_entry = next((baseline.entries[k][nodeid][name] for k in others
+                                  if name in baseline.entries[k].get(nodeid, {})), None)
+            if old_entry is None:
+                out.append(Comparison(nodeid, name, _DET, None, new, None, "new"))
+                continue
+            old = old_entry.get("value", old_entry.get("samples"))
+            verdict = _deterministic(old, new, kind, tol)
+            detail = "exact" if tol == 0 else f"tolerance {tol:.0%}"
+            out.append(Comparison(nodeid, name, _DET, old, new, _relative(old, new), verdict,
+                                  detail))
+    return out
+
+
+def regressions(baseline: Baseline, rows: list, fingerprint: dict, *,
+                tolerances: Optional[dict] = None) -> list:
+    """The comparisons whose verdict is 'regressed' (what a merge gate fails on).
+
+    >>> fp = {"key": "m"}
+    >>> old = Baseline.from_rows([{"nodeid": "t::a", "model": {"parameters": 100},
+    ...                            "results": []}], fp)
+    >>> regressions(old, [{"nodeid": "t::a", "model": {"parameters": 100}, "results": []}], fp)
+    []
+    """
+    return [c for c in compare(baseline, rows, fingerprint, tolerances=tolerances)
+            if c.verdict == "regressed"]

@@ -1,0 +1,116 @@
+"""The ``--modelcheck-markdown`` report: a GitHub-flavoured job summary.
+
+Regressions against a baseline come first (old, new, change), then the model health table.
+Point ``--modelcheck-markdown`` at ``$GITHUB_STEP_SUMMARY`` to see it on the run's page.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..core.baseline import METRIC_KINDS, MetricKind, format_value
+from .terminal import health_row
+
+
+def _cell(text: object) -> str:
+    """A table cell: pipes escaped, one line.
+
+    >>> _cell("a|b\\nc")
+    'a\\\\|b c'
+    """
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+
+
+def _unit(metric: str) -> str:
+    check, _, key = metric.partition(".")
+    if metric == "memory_under.peak_bytes":
+        return "bytes"
+    return METRIC_KINDS.get((check, key), MetricKind("")).unit
+
+
+def _table(header: list, rows: list) -> list:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def comparison_cells(c) -> list:
+    """Cells of one comparison: test, metric, old, new, change, kind, detail."""
+    unit = _unit(c.metric)
+    change = f"{c.change:+.1%}" if c.change is not None else "-"
+    return [c.nodeid, c.metric, format_value(c.old, unit), format_value(c.new, unit), change,
+            c.kind, c.detail]
+
+
+def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
+    """The job summary: regressions (when compared with a baseline), then model health.
+
+    >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 1234},
+    ...          "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
+    >>> print(render_markdown(rows))
+    ## Model checks
+    <BLANKLINE>
+    1 model test, 1 check, 1 failed.
+    <BLANKLINE>
+    ### Model health
+    <BLANKLINE>
+    | test | params | peak memory | throughput | checks passed | failed |
+    |---|---|---|---|---|---|
+    | t.py::test_a | 1.23k | - | - | 0/1 | grads_finite |
+    <BLANKLINE>
+    """
+    rows = sorted(rows, key=lambda r: r["nodeid"])
+    n_checks = sum(len(r["results"]) for r in rows)
+    n_failed = sum(1 for r in rows for x in r["results"] if x["passed"] is False)
+    out = ["## Model checks", "",
+           f"{len(rows)} model test{'s' if len(rows) != 1 else ''}, {n_checks}"
+           f" check{'s' if n_checks != 1 else ''}, {n_failed} failed.", ""]
+    if comparisons is not None:
+        regressed = [c for c in comparisons if c.verdict == "regressed"]
+        improved = [c for c in comparisons if c.verdict == "improved"]
+        skipped = sum(1 for c in comparisons if c.verdict.startswith("skipped"))
+        new = sum(1 for c in comparisons if c.verdict == "new")
+        header = ["test", "metric", "old", "new", "change", "kind", "how"]
+        if regressed:
+            out += [f"### :x: {len(regressed)} regression{'s' if len(regressed) != 1 else ''}"
+                    " against the baseline", ""]
+            out += _table(header, [comparison_cells(c) for c in regressed]) + [""]
+        else:
+            out += ["### :white_check_mark: no regressions against the baseline", ""]
+        if improved:
+            out += [f"<details><summary>{len(improved)} improved</summary>", ""]
+            out += _table(header, [comparison_cells(c) for c in improved]) + ["", "</details>", ""]
+        notes = [f"{len(comparisons)} metrics compared"]
+        if new:
+            notes.append(f"{new} new (not in the baseline)")
+        if skipped:
+            notes.append(f"{skipped} timed metrics skipped (baseline from another machine)")
+        out += ["; ".join(notes) + ".", ""]
+    cells = [health_row(r) for r in rows]
+    out += ["### Model health", ""]
+    out += _table(["test", "params", "peak memory", "throughput", "checks passed", "failed"],
+                  [[c["test"], c["params"], c["peak"], c["throughput"], c["checks"],
+                    c["failed"] or "-"] for c in cells])
+    return "\n".join(out) + "\n"
+
+
+def write_markdown(path: str, text: str, *, append: bool = False) -> None:
+    """Write the summary to ``path``; ``append=True`` adds to it (``$GITHUB_STEP_SUMMARY`` is
+    shared by the steps of a job), otherwise the file is replaced atomically.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "summary.md")
+    >>> write_markdown(p, "a\\n"); write_markdown(p, "b\\n", append=True)
+    >>> with open(p) as fh:
+    ...     print(fh.read(), end="")
+    a
+    b
+    """
+    from .json_report import atomic_write_text
+
+    if append:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(text)
+    else:
+        atomic_write_text(path, text)

@@ -1,0 +1,150 @@
+"""Markdown job summary and self-contained HTML report."""
+import base64
+import io
+from html.parser import HTMLParser
+
+import pytest
+
+from pytest_modelcheck.core.baseline import Baseline, compare
+from pytest_modelcheck.core.result import CheckResult
+from pytest_modelcheck.report.html import PNG_MAGIC, loss_curve_png, render_html, write_html
+from pytest_modelcheck.report.markdown import render_markdown, write_markdown
+
+FP = {"key": "m"}
+
+
+def _rows(flops=2000, headline="expected finite gradients, observed finite"):
+    a = [CheckResult("grads_finite", True, headline, details="line 1\n<b>line 2</b>"),
+         CheckResult("flops_under", True, "expected <= 1M FLOPs, observed 2k",
+                     metrics={"flops": flops}),
+         CheckResult("model_overfits", True, "expected loss <= 0.3, observed 0.01",
+                     metrics={"losses": [2.0, 1.0, 0.5, "nan", 0.1, 0.01]}),
+         CheckResult("memory_under", True, "ok", metrics={"peak_bytes": 3 * 2 ** 20},
+                     estimated=True),
+         CheckResult("no_host_sync", None, "skipped: no CUDA")]
+    b = [CheckResult("grads_finite", False, "expected finite gradients, observed NaN in 'fc.w'")]
+    return [{"nodeid": "tests/test_m.py::test_b[x|y]", "outcome": "failed",
+             "model": {"parameters": 5, "type": "B"}, "results": [r.to_dict() for r in b]},
+            {"nodeid": "tests/test_m.py::test_a", "outcome": "passed",
+             "model": {"parameters": 1_500_000, "type": "A"},
+             "results": [r.to_dict() for r in a]}]
+
+
+def _comparisons(new_flops=2200):
+    base = Baseline.from_rows(_rows(), FP)
+    return compare(base, _rows(flops=new_flops), FP)
+
+
+def test_markdown_regressions_first_then_health():
+    md = render_markdown(_rows(), _comparisons())
+    lines = md.splitlines()
+    assert lines[0] == "## Model checks"
+    assert "2 model tests, 6 checks, 1 failed." in lines
+    reg = lines.index("### :x: 1 regression against the baseline")
+    health = lines.index("### Model health")
+    assert lines[health + 2].startswith("| test | params | peak memory | throughput |")
+    assert reg < health
+    # 2000 -> 2200 FLOPs: +10%
+    assert ("| tests/test_m.py::test_a | flops_under.flops | 2.00k | 2.20k | +10.0% |"
+            " deterministic | exact |") in lines
+    assert "| tests/test_m.py::test_a | 1.50M | 3.00 MiB~ | - | 4/5 (1 skipped) | - |" in lines
+    # the pipe in the parametrize id is escaped so the table keeps its columns
+    assert "| tests/test_m.py::test_b[x\\|y] | 5 | - | - | 0/1 | grads_finite |" in lines
+
+
+def test_markdown_without_regressions_and_without_baseline():
+    md = render_markdown(_rows(), _comparisons(new_flops=2000))
+    assert "### :white_check_mark: no regressions against the baseline" in md
+    assert "baseline" not in render_markdown(_rows())
+
+
+def test_write_markdown_append(tmp_path):
+    p = tmp_path / "summary.md"
+    write_markdown(str(p), "first\n")
+    write_markdown(str(p), render_markdown(_rows()), append=True)
+    assert p.read_text().startswith("first\n## Model checks\n")
+
+
+class _Page(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.urls, self.imgs, self.text = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if key in attrs:
+                self.urls.append(attrs[key])
+        if tag == "img":
+            self.imgs.append(attrs["src"])
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(page):
+    p = _Page()
+    p.feed(page)
+    p.close()
+    return p
+
+
+def _png(color):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(1, 1))
+    FigureCanvasAgg(fig)
+    fig.patch.set_facecolor(color)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def test_html_is_self_contained_and_embeds_pngs():
+    extra = _png("red")
+    page = render_html(_rows(), _comparisons(),
+                       images={"tests/test_m.py::test_a": [("residuals", extra)]})
+    parsed = _parse(page)
+    assert "script" not in parsed.tags and "link" not in parsed.tags
+    assert not [u for u in parsed.urls if u.lower().startswith(("http:", "https:", "//"))]
+    # the loss curve of model_overfits and the extra image
+    assert len(parsed.imgs) == 2
+    decoded = []
+    for src in parsed.imgs:
+        assert src.startswith("data:image/png;base64,")
+        data = base64.b64decode(src.split(",", 1)[1], validate=True)
+        assert data.startswith(PNG_MAGIC)
+        decoded.append(data)
+    assert extra in decoded
+    text = "".join(parsed.text)
+    assert "1 regression(s) against the baseline" in text
+    assert "expected <= 1M FLOPs, observed 2k" in text  # unescaped back by the parser
+    assert "<b>line 2</b>" in text  # details are text, not markup
+    assert 'class="regressed"' in page
+
+
+def test_html_escapes_script_in_headline(tmp_path):
+    rows = _rows(headline="expected x, observed <script>alert(1)</script>")
+    page = render_html(rows)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    parsed = _parse(page)
+    assert "script" not in parsed.tags
+    path = tmp_path / "out" / "report.html"
+    write_html(str(path), rows)
+    assert path.read_text(encoding="utf-8") == page
+
+
+def test_loss_curve_png_needs_two_finite_points():
+    assert loss_curve_png([1.0]) is None
+    assert loss_curve_png(["nan", 1.0]) is None
+    png = loss_curve_png([1.0, float("inf"), 0.5, 0.2])
+    assert png.startswith(PNG_MAGIC)
+
+
+@pytest.mark.parametrize("comparisons", [None, []])
+def test_html_without_comparisons(comparisons):
+    page = render_html(_rows(), comparisons)
+    assert ("Baseline comparison" in page) == (comparisons is not None)
