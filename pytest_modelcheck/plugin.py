@@ -17,7 +17,9 @@ from .core.result import CheckResult
 
 PROPERTY = "modelcheck"            # user_properties key of one CheckResult dict
 MODEL_PROPERTY = "modelcheck_model"  # user_properties key of per-test model facts
+COMPARISON_PROPERTY = "modelcheck_comparisons"  # baseline comparisons of one test
 PLUGIN_KEYS = ("model_fixture", "batch_fixture")
+DEFAULT_BASELINE = ".modelcheck/baseline.json"
 
 
 @dataclass
@@ -25,6 +27,12 @@ class SessionState:
     enabled: bool
     json_path: Optional[str]
     timeout: Optional[float] = None
+    baseline: Any = None            # the loaded Baseline to compare against
+    fingerprint: Optional[dict] = None
+    save_baseline: Optional[str] = None
+    markdown_path: Optional[str] = None
+    html_path: Optional[str] = None
+    comparisons: list = field(default_factory=list)
     rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
 
 
@@ -66,6 +74,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     " that overruns fails and the session goes on. Default: none"
                     " (ini: modelcheck_timeout).")
     parser.addini("modelcheck_timeout", "Time budget of one check. Default: none.", default="")
+    group.addoption("--modelcheck-save-baseline", nargs="?", const=DEFAULT_BASELINE, default=None,
+                    dest="modelcheck_save_baseline", metavar="PATH",
+                    help="Record every model test's metrics into PATH (JSON, meant to be"
+                         f" committed; merged under a lock). Default PATH: {DEFAULT_BASELINE}"
+                         " (ini: modelcheck_save_baseline).")
+    group.addoption("--modelcheck-baseline", default=None, dest="modelcheck_baseline",
+                    metavar="PATH", help="Compare with the baseline at PATH and fail the tests"
+                    " that regressed. Default: none (ini: modelcheck_baseline).")
+    group.addoption("--modelcheck-markdown", default=None, dest="modelcheck_markdown",
+                    metavar="PATH", help="Write a job-summary table (regressions first) to PATH;"
+                    " appends when PATH is $GITHUB_STEP_SUMMARY. Default: none"
+                    " (ini: modelcheck_markdown).")
+    group.addoption("--modelcheck-html", default=None, dest="modelcheck_html", metavar="PATH",
+                    help="Write one self-contained HTML report to PATH. Default: none"
+                         " (ini: modelcheck_html).")
+    for key, text in (("modelcheck_save_baseline", "Baseline file to write."),
+                      ("modelcheck_baseline", "Baseline file to compare with."),
+                      ("modelcheck_markdown", "Markdown job summary to write."),
+                      ("modelcheck_html", "HTML report to write.")):
+        parser.addini(key, f"{text} Default: none.", default="")
     parser.addini("modelcheck", "Run model checks without --modelcheck. Default: false.",
                   type="bool", default=False)
     parser.addini("modelcheck_json", "Path of the JSON results file. Default: none.", default="")
@@ -100,8 +128,21 @@ def pytest_configure(config: pytest.Config) -> None:
         if timeout <= 0:
             raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration such as"
                                     f" '90s', got {timeout!r}")
-    config.stash[session_key] = SessionState(bool(_option(config, "modelcheck")), json_path,
-                                             timeout)
+    state = SessionState(bool(_option(config, "modelcheck")), json_path, timeout)
+    state.save_baseline = _option(config, "modelcheck_save_baseline") or None
+    state.markdown_path = _option(config, "modelcheck_markdown") or None
+    state.html_path = _option(config, "modelcheck_html") or None
+    baseline_path = _option(config, "modelcheck_baseline") or None
+    if baseline_path or state.save_baseline:
+        from .core.baseline import Baseline, BaselineError, machine_fingerprint
+
+        state.fingerprint = machine_fingerprint()
+        if baseline_path:
+            try:
+                state.baseline = Baseline.load(baseline_path)
+            except BaselineError as exc:
+                raise pytest.UsageError(f"--modelcheck-baseline: {exc}") from None
+    config.stash[session_key] = state
     config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
 
 
@@ -249,12 +290,31 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
                 _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
             _record(item, result)
             results.append(result)
+    regressed = _compare_with_baseline(item, results)
     outcome = yield
     failed = [r for r in results if r.passed is False]
-    if failed:
+    if failed or regressed:
         _report_details(item, failed)
-        pytest.fail(_failure_text(failed), pytrace=False)
+        text = _failure_text(failed) if failed else ""
+        if regressed:
+            text += ("\n" if text else "") + f"{len(regressed)} metric(s) regressed against the" \
+                " baseline:\n" + "\n".join(f"  {c.line()}" for c in regressed)
+        pytest.fail(text, pytrace=False)
     return outcome
+
+
+def _compare_with_baseline(item: pytest.Item, results: list) -> list:
+    """Compare this test's metrics with the loaded baseline; returns the regressions."""
+    state = item.config.stash[session_key]
+    if state.baseline is None:
+        return []
+    from .core.baseline import compare
+
+    model = next((v for k, v in item.user_properties if k == MODEL_PROPERTY), {})
+    row = {"nodeid": item.nodeid, "model": model, "results": [r.to_dict() for r in results]}
+    comparisons = compare(state.baseline, [row], state.fingerprint)
+    item.user_properties.append((COMPARISON_PROPERTY, [c.to_dict() for c in comparisons]))
+    return [c for c in comparisons if c.verdict == "regressed"]
 
 
 # -- the modelcheck fixture ----------------------------------------------------------------
@@ -407,12 +467,39 @@ class ResultCollector:
         model = next((v for k, v in report.user_properties if k == MODEL_PROPERTY), {})
         self.state.rows.append({"nodeid": report.nodeid, "outcome": report.outcome,
                                 "model": model, "results": results})
+        for k, v in report.user_properties:
+            if k == COMPARISON_PROPERTY:
+                self.state.comparisons.extend(v)
+
+    def _comparisons(self) -> Optional[list]:
+        if self.state.baseline is None:
+            return None
+        from .core.baseline import Comparison
+
+        return [Comparison(**c) for c in self.state.comparisons]
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if self.state.json_path and not hasattr(self.config, "workerinput"):
+        if hasattr(self.config, "workerinput"):
+            return
+        state = self.state
+        if state.json_path:
             from .report.json_report import write_json
 
-            write_json(self.state.json_path, self.state.rows)
+            write_json(state.json_path, state.rows,
+                       comparisons=state.comparisons if state.baseline is not None else None)
+        if state.save_baseline and state.rows:
+            from .core.baseline import Baseline
+
+            Baseline.from_rows(state.rows, state.fingerprint).save(state.save_baseline)
+        if state.markdown_path:
+            from .report.markdown import render_markdown, write_markdown
+
+            write_markdown(state.markdown_path, render_markdown(state.rows, self._comparisons()),
+                           append=state.markdown_path == os.environ.get("GITHUB_STEP_SUMMARY"))
+        if state.html_path:
+            from .report.html import write_html
+
+            write_html(state.html_path, state.rows, self._comparisons())
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.state.rows:
@@ -423,6 +510,18 @@ class ResultCollector:
         terminalreporter.write_sep("=", "model health summary")
         for line in health_table(self.state.rows, width=width):
             terminalreporter.write_line(line)
-        if self.state.json_path:
+        comparisons = self._comparisons()
+        if comparisons:
+            bad = [c for c in comparisons if c.verdict == "regressed"]
+            good = [c for c in comparisons if c.verdict == "improved"]
             terminalreporter.write_line(
-                f"modelcheck results written to {os.path.abspath(self.state.json_path)}")
+                f"baseline: {len(comparisons)} metrics compared, {len(bad)} regressed,"
+                f" {len(good)} improved")
+            for c in bad + good:
+                terminalreporter.write_line("  " + c.line()[:width - 2])
+        for path, what in ((self.state.json_path, "results"),
+                           (self.state.save_baseline, "baseline"),
+                           (self.state.markdown_path, "markdown summary"),
+                           (self.state.html_path, "HTML report")):
+            if path:
+                terminalreporter.write_line(f"modelcheck {what} written to {os.path.abspath(path)}")

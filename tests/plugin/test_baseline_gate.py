@@ -1,0 +1,71 @@
+"""The regression gate end to end: save a baseline, compare unchanged and regressed models."""
+import json
+
+import pytest
+
+CONFTEST = """
+import os, pytest, torch
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    width = int(os.environ.get("WIDTH", "32"))
+    return torch.nn.Sequential(torch.nn.Linear(8, width), torch.nn.ReLU(), torch.nn.Linear(width, 5))
+
+@pytest.fixture
+def batch():
+    return torch.randn(16, 8), torch.randint(0, 5, (16,))
+"""
+
+TESTS = """
+import pytest
+@pytest.mark.flops_under("1G")
+@pytest.mark.params_under("1M")
+@pytest.mark.no_host_sync
+def test_budget(): pass
+"""
+
+
+def test_unchanged_model_passes_and_a_bigger_one_fails(pytester, monkeypatch):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(TESTS)
+    first = pytester.runpytest("--modelcheck", "--modelcheck-save-baseline=base.json")
+    first.assert_outcomes(passed=1)
+    doc = json.loads((pytester.path / "base.json").read_text())
+    assert doc  # written
+    same = pytester.runpytest("--modelcheck", "--modelcheck-baseline=base.json",
+                              "--modelcheck-markdown=sum.md", "--modelcheck-html=rep.html")
+    same.assert_outcomes(passed=1)
+    same.stdout.fnmatch_lines(["baseline: * metrics compared, 0 regressed, 0 improved"])
+    monkeypatch.setenv("WIDTH", "36")  # +12.5% parameters and FLOPs
+    worse = pytester.runpytest("--modelcheck", "--modelcheck-baseline=base.json",
+                               "--modelcheck-markdown=sum.md", "--modelcheck-html=rep.html")
+    worse.assert_outcomes(failed=1)
+    worse.stdout.fnmatch_lines([
+        "*metric(s) regressed against the baseline:*",
+        "*test_budget flops_under.flops: * -> * (+12.*%) regressed*",
+    ])
+    md = (pytester.path / "sum.md").read_text()
+    assert "regressions against the baseline" in md and "flops_under.flops" in md
+    html = (pytester.path / "rep.html").read_text()
+    assert "<html" in html.lower() and "http://" not in html and "https://" not in html
+
+
+def test_corrupt_baseline_is_a_one_line_usage_error(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(TESTS)
+    (pytester.path / "base.json").write_text("{not json")
+    result = pytester.runpytest("--modelcheck", "--modelcheck-baseline=base.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--modelcheck-baseline: *base.json*"])
+
+
+def test_parallel_run_gives_the_same_gate(pytester, monkeypatch):
+    pytest.importorskip("xdist")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(TESTS + "\n@pytest.mark.params_under('1M')\ndef test_other(): pass\n")
+    pytester.runpytest("--modelcheck", "-n", "2", "--modelcheck-save-baseline=base.json").assert_outcomes(passed=2)
+    monkeypatch.setenv("WIDTH", "40")
+    result = pytester.runpytest("--modelcheck", "-n", "2", "--modelcheck-baseline=base.json")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["baseline: * metrics compared, * regressed, 0 improved"])
