@@ -144,9 +144,9 @@ def test_summary_and_json(healthy_project, tmp_path):
     result.stdout.fnmatch_lines([
         "*model health summary*",
         "params*peak mem*throughput*checks*test",
-        "453*0/1*test_summary_and_json.py::test_bad",
+        "453*0/1*::test_bad",
         "*failed: shapes_consistent",
-        "453*2/2*test_summary_and_json.py::test_good",
+        "453*2/2*::test_good",
     ])
     doc = json.loads(path.read_text())
     assert doc["format"] == "pytest-modelcheck/1"
