@@ -23,6 +23,7 @@ from .stability import operator_stable
 from .data import data_sane
 from .dynamics import grad_norms_stable, loss_components, lr_schedule
 from .budgets import flops_under, params_under
+from .architecture import fno_modes, spectrum_matches, unet_skips, vit_patches
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
@@ -31,4 +32,5 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "state_roundtrip", "device_portable", "dtype_stable", "activations_healthy",
            "output_range", "permutation_invariant", "permutation_equivariant",
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
-           "loss_components", "lr_schedule", "flops_under", "params_under"]
+           "loss_components", "lr_schedule", "flops_under", "params_under",
+           "unet_skips", "vit_patches", "fno_modes", "spectrum_matches"]

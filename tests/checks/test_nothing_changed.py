@@ -75,6 +75,10 @@ CONFIGS = {
                         {"steps": 3, "loss": _two_terms, "max_ratio": 10}),
     "flops_under": ({"limit": "1M"}, {"limit": 100}),
     "params_under": ({"limit": "1M"}, {"limit": 100}),
+    "unet_skips": ({"sizes": [6]}, {"sizes": [5]}),  # size 5 breaks Linear(6, 16)
+    "vit_patches": ({"sizes": [6]}, {"sizes": [5]}),
+    "fno_modes": ({}, {"grid_sizes": [5]}),
+    "spectrum_matches": ({}, {"max_band_ratio": 1.5}),
 }
 
 
@@ -174,6 +178,8 @@ SCENARIOS = {
 KNOWN_WRONG_OUTCOMES: dict = {
     ("permutation_invariant", "passing"): "Subject has no set dimension: a permutation of the"
     " batch moves its rows",
+    ("spectrum_matches", "passing"): "Subject's target is class labels, not a field: the check skips",
+    ("spectrum_matches", "failing"): "Subject's target is class labels, not a field: the check skips",
 }
 
 
