@@ -2,7 +2,8 @@
 
 ``preserved_globals()`` saves and restores the Python, NumPy and torch (CPU and, when
 initialized, CUDA) RNG states and torch's global settings: grad mode, default dtype,
-deterministic-algorithms flag, anomaly mode, matmul precision, thread count.
+deterministic-algorithms flag, anomaly mode, matmul precision, thread count, and the autocast
+state (enabled flag and dtype per device type, cache flag).
 ``model_fingerprint`` captures a model's parameter and buffer bytes, ``training`` flags,
 ``requires_grad`` and ``.grad`` so tests can prove a check left it untouched.
 """
@@ -65,6 +66,7 @@ def preserved_globals() -> Iterator[None]:
         torch.get_float32_matmul_precision(),
         torch.get_num_threads(),
     )
+    autocast = _autocast_state(torch)
     try:
         yield
     finally:
@@ -90,6 +92,28 @@ def preserved_globals() -> Iterator[None]:
             torch.set_float32_matmul_precision(precision)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
+        if _autocast_state(torch) != autocast:
+            _restore_autocast(torch, autocast)
+
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+
+def _autocast_state(torch: Any) -> tuple:
+    """(enabled, dtype) per device type, then the autocast cache flag."""
+    return (tuple((torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES),
+            torch.is_autocast_cache_enabled())
+
+
+def _restore_autocast(torch: Any, state: tuple) -> None:
+    per_device, cache = state
+    for device, (enabled, dtype) in zip(_AUTOCAST_DEVICES, per_device):
+        if torch.is_autocast_enabled(device) != enabled:
+            torch.set_autocast_enabled(device, enabled)
+        if torch.get_autocast_dtype(device) != dtype:
+            torch.set_autocast_dtype(device, dtype)
+    if torch.is_autocast_cache_enabled() != cache:
+        torch.set_autocast_cache_enabled(cache)
 
 
 def global_state_fingerprint() -> dict:
