@@ -33,6 +33,7 @@ class SessionState:
     markdown_path: Optional[str] = None
     html_path: Optional[str] = None
     comparisons: list = field(default_factory=list)
+    logdir: Optional[str] = None
     rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
 
 
@@ -89,7 +90,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--modelcheck-html", default=None, dest="modelcheck_html", metavar="PATH",
                     help="Write one self-contained HTML report to PATH. Default: none"
                          " (ini: modelcheck_html).")
-    for key, text in (("modelcheck_save_baseline", "Baseline file to write."),
+    group.addoption("--modelcheck-logdir", default=None, dest="modelcheck_logdir", metavar="DIR",
+                    help="Write per-step CSV and TensorBoard event files of training-dynamics"
+                         " checks under DIR, one run per test. Default: none"
+                         " (ini: modelcheck_logdir).")
+    for key, text in (("modelcheck_logdir", "Directory of per-step CSV/TensorBoard logs."),
+                      ("modelcheck_save_baseline", "Baseline file to write."),
                       ("modelcheck_baseline", "Baseline file to compare with."),
                       ("modelcheck_markdown", "Markdown job summary to write."),
                       ("modelcheck_html", "HTML report to write.")):
@@ -132,6 +138,8 @@ def pytest_configure(config: pytest.Config) -> None:
     state.save_baseline = _option(config, "modelcheck_save_baseline") or None
     state.markdown_path = _option(config, "modelcheck_markdown") or None
     state.html_path = _option(config, "modelcheck_html") or None
+    logdir = _option(config, "modelcheck_logdir") or None
+    state.logdir = os.path.abspath(logdir) if logdir else None
     baseline_path = _option(config, "modelcheck_baseline") or None
     if baseline_path or state.save_baseline:
         from .core.baseline import Baseline, BaselineError, machine_fingerprint
@@ -291,6 +299,13 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
             _record(item, result)
             results.append(result)
     regressed = _compare_with_baseline(item, results)
+    from .report.benchmark_bridge import add_result_timings
+
+    add_result_timings(item.config, item.nodeid, results)  # into pytest-benchmark when active
+    if item.config.stash[session_key].logdir:
+        from .report.runlog import write_run_logs
+
+        write_run_logs(item.config.stash[session_key].logdir, item.nodeid, results)
     outcome = yield
     failed = [r for r in results if r.passed is False]
     if failed or regressed:

@@ -29,6 +29,7 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -238,6 +239,8 @@ def _safetensors_header(path: Any, size: int) -> tuple:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _err(path, f"corrupt safetensors header (not JSON: {exc})") from None
+    except RecursionError:
+        raise _err(path, "corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise _err(path, "corrupt safetensors header (not a JSON object)")
     data_len = size - 8 - n
@@ -246,14 +249,15 @@ def _safetensors_header(path: Any, size: int) -> tuple:
         raise _err(path, "corrupt safetensors header (__metadata__ is not an object)")
     entries = {}
     for name, spec in header.items():
-        if not isinstance(spec, dict) or spec.get("dtype") not in _ST_DTYPES:
+        if not isinstance(spec, dict) or not isinstance(spec.get("dtype"), str) \
+                or spec["dtype"] not in _ST_DTYPES:
             raise _err(path, f"safetensors tensor {name!r}: unknown or missing dtype "
                              f"{spec.get('dtype') if isinstance(spec, dict) else spec!r}")
         shape, offsets = spec.get("shape"), spec.get("data_offsets")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
             raise _err(path, f"safetensors tensor {name!r}: bad shape {shape!r}")
         if not (isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+                and all(_is_int(o) for o in offsets) and 0 <= offsets[0] <= offsets[1]):
             raise _err(path, f"safetensors tensor {name!r}: bad data_offsets {offsets!r}")
         dtype, itemsize = _ST_DTYPES[spec["dtype"]]
         nbytes = math.prod(shape) * itemsize
@@ -266,6 +270,10 @@ def _safetensors_header(path: Any, size: int) -> tuple:
                              f"{nbytes:,} bytes, data_offsets span {offsets[1] - offsets[0]:,}")
         entries[name] = (shape, dtype, offsets[0], nbytes)
     return entries, {str(k): v for k, v in metadata.items()}, 8 + n
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _safetensors_tensors(path: Any, entries: dict, start: int) -> dict:
@@ -296,7 +304,7 @@ def _verify_zip(path: Any, full: bool) -> None:
                             pass
     except zipfile.BadZipFile as exc:
         raise _err(path, f"corrupt or truncated zip archive ({exc})") from None
-    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as exc:
+    except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as exc:
         raise _err(path, f"corrupt or truncated zip archive ({type(exc).__name__}: {exc})") from None
 
 
