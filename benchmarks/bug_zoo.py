@@ -139,8 +139,13 @@ def exploding_init():
 
 
 @healthy("exploding_init")
-def deep_default_init():
-    return deep(12, nn.ReLU), cls_batch(), None, CLS
+def deep_kaiming_init():
+    m = deep(12, nn.ReLU)
+    for lin in m:
+        if isinstance(lin, nn.Linear):
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+    return m, cls_batch(), None, CLS
 
 
 @bug("activations_healthy", "20 sigmoid layers: vanishing gradients")
@@ -371,7 +376,7 @@ def constrained_angles():
 
         def forward(self, x):
             s = torch.sigmoid(self.net(x))
-            return s * torch.tensor([2 * math.pi, math.pi])
+            return torch.stack([s[:, 0] * 2 * math.pi, s[:, 1] * math.pi], 1)
     return M(), reg_batch(), None, ANGLES
 
 
@@ -523,13 +528,12 @@ class DeepSets(nn.Module):
         self.phi = nn.Sequential(nn.Linear(3, 32), nn.ReLU(), nn.Linear(32, 32))
         self.rho = nn.Sequential(nn.ReLU(), nn.Linear(32, 2))
         self.leak = leak
-        self.pos = nn.Parameter(torch.randn(n, 32) * 0.5) if leak else None
+        self.pos = nn.Parameter(torch.randn(n, 3) * 0.5) if leak else None
 
     def forward(self, x):                                  # (B, N, 3)
-        h = self.phi(x)
-        if self.leak:
-            h = h + self.pos[: x.shape[1]]
-        return self.rho(h.sum(1))
+        if self.leak:                                      # element i gets embedding i
+            x = x + self.pos[: x.shape[1]]
+        return self.rho(self.phi(x).sum(1))
 
 
 def set_batch():
@@ -668,20 +672,20 @@ def unet_sizes_ok():
 
 # ------------------------------------------------------------------------ budgets
 
-MEM = {**CLS, "memory_under": {"limit": "32 MiB"}}
+MEM = {**CLS, "memory_under": {"limit": "16 MiB"}}
 
 
-@bug("memory_under", "a (B, 2048, 2048) pairwise intermediate blows a 32 MiB budget")
+@bug("memory_under", "a (B, 512, 512) pairwise intermediate blows a 16 MiB budget")
 def memory_blowup():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
-            self.up = nn.Linear(D, 2048)
-            self.out = nn.Linear(2048, C)
+            self.up = nn.Linear(D, 512)
+            self.out = nn.Linear(512, C)
 
         def forward(self, x):
-            h = self.up(x)                                   # (B, 2048)
-            pair = torch.tanh(h.unsqueeze(2) * h.unsqueeze(1))   # (B, 2048, 2048): 128 MiB at B=8
+            h = self.up(x)                                   # (B, 512)
+            pair = torch.tanh(h.unsqueeze(2) * h.unsqueeze(1))   # (B, 512, 512): 8 MiB at B=8, x3 saved
             return self.out(pair.mean(2))
     return M(), cls_batch(), None, MEM
 
@@ -691,17 +695,18 @@ def memory_ok():
     return mlp(), cls_batch(), None, MEM
 
 
-# generous budget: the healthy MLP does >50k samples/s here, the slow model < 100 samples/s
+# generous budget: the healthy MLP does >10k samples/s even on a loaded 2-core box, the slow
+# model ~100 samples/s (a 10x margin on either side)
 RATE = {**CLS, "throughput_at_least": {"rate": "1000 samples/s"}}
 
 
-@bug("throughput_at_least", "an orthonormal basis recomputed (QR of 512x512, 8 times) every forward")
+@bug("throughput_at_least", "an orthonormal basis recomputed (QR of 128x128, 8 times) every forward")
 def slow_forward():
     class M(nn.Module):
         def __init__(self):
             super().__init__()
             self.net = mlp()
-            self.register_buffer("seed_matrix", torch.randn(512, 512))
+            self.register_buffer("seed_matrix", torch.randn(128, 128))
 
         def forward(self, x):
             with torch.no_grad():

@@ -707,6 +707,55 @@ def _plain_tensor_attributes(work: Any) -> list:
     return found
 
 
+def _lost_nonpersistent_buffers(work: Any, fresh: Any, reference: Any, forward: Any) -> list:
+    """Non-persistent buffers whose value differs from a freshly constructed module's and
+    changes the outputs: ``[(module name, buffer, (output path, max diff)), ...]``.
+
+    Only modules whose class can be built without arguments are rebuilt (a fresh instance is
+    what a reloaded checkpoint starts from); buffers computed in ``__init__`` (positional
+    encodings, masks) come out identical and are not reported.
+    """
+    import copy
+    import inspect
+
+    import torch
+
+    found = []
+    for mname, mod in work.named_modules():
+        names = [n for n in getattr(mod, "_non_persistent_buffers_set", ())
+                 if isinstance(mod._buffers.get(n), torch.Tensor)]
+        if not names:
+            continue
+        try:
+            params = list(inspect.signature(type(mod)).parameters.values())
+        except (TypeError, ValueError):
+            continue
+        if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params):
+            continue
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                rebuilt = type(mod)()
+        except Exception:  # noqa: BLE001 - a class that cannot be rebuilt is not judged
+            continue
+        for n in names:
+            new = getattr(rebuilt, n, None)
+            old = mod._buffers[n]
+            if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype:
+                continue
+            if _identical(new.to(old.device), old):
+                continue
+            trial = copy.deepcopy(fresh)
+            target = trial.get_submodule(mname) if mname else trial
+            with torch.no_grad():
+                target._buffers[n].copy_(new.to(old.device))
+            d = _same_outputs(reference, forward(trial))
+            if d is not None:
+                found.append((mname, n, d))
+    return found
+
+
 def _same_outputs(a: Any, b: Any) -> Optional[tuple]:
     """None when identical, else (path, max |difference|) of the first differing output."""
     from ..core.batch import iter_tensors
@@ -730,8 +779,10 @@ def state_roundtrip(factory: Any = None, *, model: Any, batch: Any, loss: Any = 
     persistent buffers are overwritten with noise. The outputs must be bitwise identical.
     Without a factory, each floating tensor kept as a plain attribute (``self.scale =
     torch.tensor(2.0)``, not a registered buffer) is also replaced by noise in turn, as a fresh
-    instance would re-create it; one that changes the outputs is named. Non-persistent buffers
-    are covered only with a ``factory``.
+    instance would re-create it; one that changes the outputs is named. A non-persistent buffer
+    is compared with the one a freshly built module holds when its class takes no required
+    arguments (otherwise it is covered only with a ``factory``); one changed after
+    construction that changes the outputs is named.
 
     >>> import torch
     >>> state_roundtrip(model=torch.nn.Linear(4, 2), batch=torch.randn(3, 4)).passed
@@ -820,6 +871,24 @@ def state_roundtrip(factory: Any = None, *, model: Any, batch: Any, loss: Any = 
             d = _same_outputs(reference, forward(trial))
             if d is not None:
                 culprits.append((mname, attr, d))
+    if factory is None and not culprits:
+        lost = _lost_nonpersistent_buffers(work, fresh, reference, forward)
+        metrics["nonpersistent_buffers_lost"] = len(lost)
+        if lost:
+            mname, attr, (path, value) = lost[0]
+            where = f"'{attr}' of module '{mname}'" if mname else f"'{attr}' of the model"
+            metrics.update({"stage": "nonpersistent_buffer",
+                            "attribute": f"{mname}.{attr}" if mname else attr,
+                            "output": path, "max_abs_diff": value})
+            details = [f"non-persistent buffer {m + '.' if m else ''}{a}: as a fresh instance builds"
+                       f" it, {p} differs by up to {_fmt(v)}" for m, a, (p, v) in lost]
+            details.append("remedy: register it with persistent=True (the default) so that"
+                           " state_dict saves the value set after construction")
+            return CheckResult("state_roundtrip", False,
+                               f"expected a reloaded state_dict to reproduce the outputs, observed"
+                               f" non-persistent buffer {where} (not in state_dict) was changed"
+                               f" after construction; a fresh instance changes {path} by up to"
+                               f" {_fmt(value)}{_more(lost)}", "\n".join(details), metrics)
     if culprits:
         mname, attr, (path, value) = culprits[0]
         where = f"'{attr}' of module '{mname}'" if mname else f"'{attr}' of the model"

@@ -408,6 +408,39 @@ def test_state_roundtrip_non_persistent_buffer_with_a_factory():
                                  " output differs by up to ")
 
 
+class Standardized(nn.Module):
+    def __init__(self, fitted=True):
+        super().__init__()
+        self.lin = nn.Linear(6, 3)
+        # a deterministic non-persistent buffer: a fresh instance re-creates it identically
+        self.register_buffer("freq", torch.linspace(0.5, 1.5, 6), persistent=False)
+        self.register_buffer("mean", torch.zeros(6), persistent=False)
+
+    def forward(self, x):
+        return self.lin((x - self.mean) * self.freq)
+
+
+def test_state_roundtrip_non_persistent_buffer_changed_after_construction():
+    torch.manual_seed(0)
+    model = Standardized()
+    with torch.no_grad():
+        model.mean.fill_(2.0)  # fitted on the data after construction: not saved by state_dict
+    r = state_roundtrip(model=model, batch=_x())
+    assert r.passed is False
+    assert r.headline.startswith("expected a reloaded state_dict to reproduce the outputs, observed"
+                                 " non-persistent buffer 'mean' of the model (not in state_dict)"
+                                 " was changed after construction; a fresh instance changes output"
+                                 " by up to ")
+    assert r.metrics["attribute"] == "mean"
+
+
+def test_state_roundtrip_non_persistent_buffer_built_in_init_passes():
+    torch.manual_seed(0)
+    r = state_roundtrip(model=Standardized(), batch=_x())
+    assert r.passed is True, r.headline
+    assert r.metrics["nonpersistent_buffers_lost"] == 0
+
+
 def test_state_roundtrip_healthy_twins_pass():
     torch.manual_seed(0)
     assert state_roundtrip(model=RoundtripNet("buffer"), batch=_x()).passed is True

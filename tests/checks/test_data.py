@@ -65,6 +65,29 @@ def test_constant_channel_fails_and_can_be_allowed():
     assert data_sane(model=MODEL, batch=(x[:3], y[:3])).passed is True
 
 
+class _MaskedMean(torch.nn.Module):
+    def forward(self, x, mask):
+        m = mask.unsqueeze(-1).to(x.dtype)
+        return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def test_positions_padded_in_every_sample_are_not_dead_channels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 10, 3, generator=g)
+    mask = torch.ones(8, 10)
+    mask[:, 7:] = 0  # padded to a fixed length 10: positions 7..9 are zero in every sample
+    x[:, 7:] = 0
+    assert data_sane(model=_MaskedMean(), batch=((x, mask), None)).passed is True
+    # True = padded (key_padding_mask convention): the minority value marks the padding
+    assert data_sane(model=_MaskedMean(), batch=((x, mask == 0), None)).passed is True
+    # a real position that is constant in every sample is still reported
+    x[:, 2] = 0.5
+    r = data_sane(model=_MaskedMean(), batch=((x, mask), None))
+    assert r.passed is False
+    assert r.headline.startswith("expected channel 2 of input[0] to vary across the 8 samples,"
+                                 " observed the constant 0.5")
+
+
 def test_healthy_images_pass_a_full_spec():
     x, y = _images(64)
     spec = {0: {"shape": ("B", 3, "H", "W"), "dtype": "float32", "mean": 0.0, "std": 1.0,

@@ -109,8 +109,7 @@ def _central_directory_cases(zip_pt, out_dir):
         # 65535 entries declared
         "cd_count_huge": data[:eocd + 8] + struct.pack("<HH", 0xFFFF, 0xFFFF) + data[eocd + 12:],
         # every central directory entry declares 4 GiB - 1 compressed and uncompressed
-        "cd_sizes_huge": data[:cd_offset] + data[cd_offset:eocd].replace(
-            b"PK\x01\x02", b"PK\x01\x02", 1) and _cd_sizes(data, cd_offset, eocd, 0xFFFFFFFF),
+        "cd_sizes_huge": _cd_sizes(data, cd_offset, eocd, 0xFFFFFFFF),
         # every entry's local header offset points at the start of the file
         "cd_local_offsets_zero": _cd_field(data, cd_offset, eocd, 42, 0),
         # the central directory removed, the end record kept
