@@ -20,6 +20,6 @@ def batch():
 @pytest.mark.shapes_consistent(out=("B", 3), batch_sizes=(1, 2, 5))
 @pytest.mark.model_overfits
 @pytest.mark.memory_under("128 MiB")
-@pytest.mark.throughput_at_least("20 samples/s")
+@pytest.mark.throughput_at_least("10 samples/s")
 def test_vit3d_health():
     """Regression head (B, 3); learns its batch; fits and runs fast."""
