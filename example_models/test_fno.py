@@ -16,6 +16,7 @@ def batch():
     return fno.make_batch(4)
 
 
+@pytest.mark.fno_modes(grid_sizes=[32, 48])
 @pytest.mark.memory_under("128 MiB", phase="inference")
 @pytest.mark.throughput_at_least("5 samples/s")
 def test_fno_default_checks(modelcheck):

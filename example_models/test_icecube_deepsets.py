@@ -1,4 +1,6 @@
 """IceCube hierarchical DeepSets + event transformer (seed 003): the fixed pipeline."""
+import math
+
 import pytest
 import torch
 
@@ -26,6 +28,7 @@ def loss_fn():
 @pytest.mark.no_host_sync
 @pytest.mark.vectorized(batch_sizes=(4, 16))
 @pytest.mark.shapes_consistent(out=("B", 2))
+@pytest.mark.output_range({0: (0, 2 * math.pi), 1: (0, math.pi)})  # azimuth, zenith
 @pytest.mark.model_overfits(lr=2e-3, chance_level=icecube.CHANCE_LEVEL)
 @pytest.mark.memory_under("256 MiB")
 @pytest.mark.throughput_at_least("10 samples/s")

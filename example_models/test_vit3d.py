@@ -18,6 +18,7 @@ def batch():
 
 @pytest.mark.grads_finite
 @pytest.mark.shapes_consistent(out=("B", 3), batch_sizes=(1, 2, 5))
+@pytest.mark.vit_patches(sizes=[16])
 @pytest.mark.model_overfits
 @pytest.mark.memory_under("128 MiB")
 @pytest.mark.throughput_at_least("10 samples/s")
