@@ -3,6 +3,10 @@
 The step runs on a deep copy of the model and of the batch (see ``core/memory.py``): measured
 from the allocator on CPU, and on CUDA when a GPU is present; estimated on fake tensors when
 CUDA is requested on a machine without one, or when the model lives on the ``meta`` device.
+An estimate runs in a worker process (``core/isolate.py``): if fake tensors abort the
+interpreter there, the check fails with the signal named and the test session goes on. A model,
+batch or loss that cannot be pickled (a lambda, a class defined inside a function) is estimated
+in the test process instead, with a note in the details.
 """
 from __future__ import annotations
 
@@ -62,15 +66,33 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
     >>> memory_under("1 MiB", phase="inference", model=m, batch=torch.ones(256, 1024)).passed
     False
     """
-    from ..core.memory import EstimateError, step_memory
+    from ..core.isolate import IsolatedCrash, NotIsolatable, run_isolated
+    from ..core.memory import (EstimateError, isolated_estimate_step, step_is_estimated,
+                               step_memory)
 
     what = "a training step" if phase == "train" else "an inference step"
+    notes = []
     try:
-        report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
-                             device=device)
+        if step_is_estimated(model, device):
+            # Fake tensors can abort the interpreter: estimate in a worker process.
+            try:
+                report = run_isolated(isolated_estimate_step, model, batch, loss, phase=phase,
+                                      optimizer=optimizer, device=device, what="the estimate")
+            except NotIsolatable as exc:
+                notes.append(f"note: the estimate ran in the test process, not in a worker"
+                             f" process, because the model, batch or loss cannot be pickled"
+                             f" ({exc}); define them at the top level of an importable module"
+                             f" to guard the session against native crashes")
+                report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
+                                     device=device)
+        else:
+            report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
+                                 device=device)
     except EstimateError as exc:
         raise SkipCheck(f"memory_under: cannot estimate the peak memory of {what} on"
                         f" {device}: {exc}") from None
+    except IsolatedCrash as exc:
+        return _crashed(exc, what, limit, phase, device)
     passed = report.peak_bytes <= limit
     verb = "estimated" if report.estimated else "observed"
     method = _SHORT_METHOD.get(report.method, report.method)
@@ -81,7 +103,7 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
         how = f"measured: {method}"
     headline = (f"expected peak memory of {what} under {format_bytes(limit)}, {verb}"
                 f" {format_bytes(report.peak_bytes)} (peak in {report.peak_phase}; {how})")
-    details = [report.render()]
+    details = [report.render()] + notes
     if report.phase == "train" and report.optimizer_state_bytes:
         worst_fw_bw = max(v for p, v in report.phase_peaks.items() if p != "optimizer step")
         later = worst_fw_bw + report.optimizer_state_bytes
@@ -108,6 +130,28 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
     }
     return CheckResult("memory_under", passed, headline, details="\n".join(details),
                        metrics=metrics, estimated=report.estimated)
+
+
+def _crashed(exc: Any, what: str, limit: int, phase: str, device: Any) -> CheckResult:
+    """A failed result for an estimate whose worker process died (the session goes on)."""
+    cause = exc.signal_name or f"exit status {exc.returncode}"
+    if exc.signal_name == "SIGKILL":
+        observed = "the estimate did not finish and its worker process was killed"
+    else:
+        observed = f"the estimate crashed its worker process ({cause})"
+    headline = (f"expected peak memory of {what} under {format_bytes(limit)}, observed"
+                f" {observed}; the test session goes on")
+    details = [str(exc)]
+    if exc.stderr:
+        details.append("last lines the worker wrote to stderr:")
+        details.extend("  " + line for line in exc.stderr.splitlines())
+    details.append("remedy: fake tensors or a native kernel aborted the interpreter; run the"
+                   " step on a machine with the target device to measure it, or estimate on"
+                   " device='cpu'")
+    metrics = {"limit_bytes": limit, "phase": phase, "device": str(device),
+               "estimated": True, "crashed": cause, "returncode": exc.returncode}
+    return CheckResult("memory_under", False, headline, details="\n".join(details),
+                       metrics=metrics, estimated=True)
 
 
 def _remedy(report: Any) -> str:

@@ -290,6 +290,59 @@ def step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str = "train
                                 device=dev)
 
 
+def step_is_estimated(model: Any, device: Any = None) -> bool:
+    """True when ``step_memory`` would estimate (fake tensors) rather than measure.
+
+    That is: a model on the ``meta`` device, CUDA requested where it is not available, or a
+    device other than CPU and CUDA.
+
+    >>> import torch
+    >>> step_is_estimated(torch.nn.Linear(2, 2), "cpu")
+    False
+    >>> step_is_estimated(torch.nn.Linear(2, 2), "meta")
+    True
+    """
+    dev = _target_device(model, device)
+    measurable = dev.type == "cpu" or (dev.type == "cuda" and _cuda_api.is_available())
+    return not measurable or _has_meta(model)
+
+
+# Test seam: the estimate runs in a spawned worker process (``core/isolate.py``), where a
+# test's monkeypatching is not visible. With this variable set to "abort" (SIGABRT) or
+# "segfault" (SIGSEGV), ``isolated_estimate_step`` crashes the worker that way before it
+# estimates, so tests can check that a crash becomes a failed check. Never set it otherwise.
+CRASH_SEAM_ENV = "MODELCHECK_TEST_CRASH_ESTIMATE"
+
+
+def isolated_estimate_step(model: Any, batch: Any, loss: Any = None, *, phase: str = "train",
+                           optimizer: Any = "adam", lr: float = 1e-3,
+                           device: Any = None) -> MemoryReport:
+    """``estimate_step_memory``, as run inside a worker process by ``run_isolated``.
+
+    Fake tensors standing in for CUDA tensors on a CPU-only build can abort the interpreter
+    instead of raising; in a worker, that abort becomes ``IsolatedCrash`` in the parent.
+    Reads the ``MODELCHECK_TEST_CRASH_ESTIMATE`` test seam (see ``CRASH_SEAM_ENV``).
+
+    >>> import torch
+    >>> from pytest_modelcheck.core.isolate import run_isolated
+    >>> r = run_isolated(isolated_estimate_step, torch.nn.Linear(8, 8), torch.ones(4, 8),
+    ...                  phase="inference", device="cuda")
+    >>> r.estimated or torch.cuda.is_available()
+    True
+    """
+    import os
+
+    crash = os.environ.get(CRASH_SEAM_ENV, "")
+    if crash == "abort":
+        os.abort()
+    if crash == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    return estimate_step_memory(model, batch, loss, phase=phase, optimizer=optimizer, lr=lr,
+                                device=device)
+
+
 # --- estimate_memory: a whole-step estimate with its parts, across batch sizes --------------------
 
 AMP_DTYPES = ("bf16", "fp16")
