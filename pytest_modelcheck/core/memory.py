@@ -64,12 +64,13 @@ Limitations
     run on fake tensors: ``estimate_step_memory`` raises ``EstimateError`` for them. The
     estimate sees what passes the dispatcher, not what a kernel allocates inside itself; for
     CPU estimates the known in-kernel buffers (oneDNN's blocked copies of convolution inputs,
-    weights and outputs; pocketfft's copies in ``_fft_c2r``) are added from per-op rules
-    (see "CPU kernel workspaces" below), which brought a 3D UNet from 87% to 99-100% of the
-    measured peak and an FNO from 82-92% to 99-100%. Not modelled: oneDNN's per-thread
-    weight-gradient scratch for convolutions with fewer than 16 input channels (its size
-    depends on the thread count; a small 3D UNet ending in a 12 -> 1 channel convolution was
-    estimated at 91%), slow_conv2d/3d column buffers, depthwise convolutions, copies a kernel
+    weights and outputs; the im2col column buffers of the convolutions torch picks for one
+    sample; pocketfft's copies in ``_fft_c2r``) are added from per-op rules (see "CPU kernel
+    workspaces" below), which brought a 3D UNet from 87% to 99-100% of the measured peak (and
+    at batch size 1 from 14-32% to 99-100%) and an FNO from 82-92% to 99-100%. Not modelled:
+    oneDNN's per-thread weight-gradient scratch for convolutions with fewer than 16 input
+    channels (its size depends on the thread count; a small 3D UNet ending in a 12 -> 1
+    channel convolution was estimated at 91%), depthwise convolutions, copies a kernel
     makes of other non-contiguous inputs (``mm`` of an expanded gradient), and kernels that
     keep a larger storage than their result (CPU ``mse_loss``). CUDA estimates add no
     workspace (cuDNN and cuFFT have their own). Transformers, MLPs and DiT/ViT-style models
@@ -1119,8 +1120,14 @@ def _act(snapshot: dict, target: Any) -> int:
 #   transposed: the blocked input (Cin >= 16) and weight during the op, or, with a bias, a second
 #     output-sized tensor (the bias added out of place); backward: gin beside gin_b, then gin
 #     beside grad_output and src_b.
-# Other CPU convolution backends (slow_conv2d/3d column buffers for tiny batches, depthwise)
-# are not modelled.
+# im2col convolution (``_select_conv_backend`` says Slow2d/Slow3d, chosen for tiny batches, e.g.
+# one sample): a column buffer cols = N*Cin*K*S_out*b, skipped when the kernel, stride and
+# dilation are all 1 and there is no padding. forward: cols beside the output. backward: the
+# input gradient is made beside an N*Cin*K*S_out*b buffer (3D: even for a 1x1x1 kernel), the
+# weight gradient beside cols again, with the input, weight and bias gradients alive.
+# SlowTranspose2d/3d: one sample at a time through cols_t = Cout*K*S_in*b (plus, with a bias,
+# an S_out*b vector of ones) in forward; cols_t beside the gradients in backward.
+# Other CPU convolution backends (depthwise, ...) are not modelled.
 #
 # pocketfft: ``_fft_c2r`` over more than one dimension copies its input twice (the input is
 # destroyed by the transform, and an intermediate complex buffer), over one dimension once;
@@ -1188,7 +1195,19 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
         src_b = n * _pad16(cin) * s_in * b if cin >= _CONV_BLOCK else 0
         w_b = weight.numel() * b
         return max(src_b + w_b, out_bytes if bias is not None else 0)
+    if backend in ("Slow2d", "Slow3d"):
+        plain = _im2col_free(weight, stride, padding, dilation)
+        return 0 if plain else n * int(inp.shape[1]) * k * s_out * b
+    if backend in ("SlowTranspose2d", "SlowTranspose3d"):
+        cols_t = int(out.shape[1]) * k * s_in * b
+        return cols_t + (s_out * b if bias is not None else 0)
     return 0
+
+
+def _im2col_free(weight: Any, stride: Any, padding: Any, dilation: Any) -> bool:
+    """A 1x1 kernel, stride 1, no padding or dilation: slow_conv2d/3d skip the column buffer."""
+    return all(int(v) == 1 for v in list(weight.shape[2:]) + list(stride) + list(dilation)) \
+        and all(int(v) == 0 for v in padding)
 
 
 def _conv_backward_workspace(args: tuple, outs: Any) -> int:
@@ -1219,6 +1238,15 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
     elif backend == "MkldnnTranspose":
         stage1 = gin_b + gin if mask[0] else 0
         stage2 = gin + gout.numel() * b + src_b if mask[1] else 0
+    elif backend in ("Slow2d", "Slow3d"):
+        cols = n * cin * k * s_out * b
+        plain = _im2col_free(weight, stride, padding, dilation)
+        stage1 = gin + (0 if plain and backend == "Slow2d" else cols) if mask[0] else 0
+        stage2 = done + (0 if plain else cols) if mask[1] else 0
+    elif backend in ("SlowTranspose2d", "SlowTranspose3d"):
+        cols_t = cout * k * s_in * b
+        stage1 = gin + cols_t if mask[0] else 0
+        stage2 = done + cols_t if mask[1] else 0
     else:
         return 0
     return max(stage1, stage2) - done

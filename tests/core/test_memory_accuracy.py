@@ -104,6 +104,9 @@ CASES = {
     # name: (model factory, input shape, target shape)
     "unet2d": (UNet2d, (4, 2, 32, 32), (4, 1, 32, 32)),
     "unet3d": (UNet3d, (2, 1, 12, 12, 12), (2, 1, 12, 12, 12)),
+    # one sample: torch picks the im2col convolutions (Slow2d/Slow3d, SlowTranspose2d/3d)
+    "unet2d_batch1": (UNet2d, (1, 2, 32, 32), (1, 1, 32, 32)),
+    "unet3d_batch1": (UNet3d, (1, 1, 12, 12, 12), (1, 1, 12, 12, 12)),
     "conv1d": (ConvNet1d, (4, 4, 256), (4, 4, 256)),
     "fno": (FNO, (4, 1, 24, 24), (4, 1, 24, 24)),
     "transformer": (_encoder, (4, 16, 32), (4, 16, 32)),
@@ -149,3 +152,21 @@ def test_workspace_rules_apply_to_cpu_estimates_only() -> None:
     assert cpu.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
     # CUDA: no CPU workspace; the bias rounds up to one 512-byte block, plus the output.
     assert cuda.peak_bytes == 65536 + 27648 + 512 + 65536
+
+
+def test_im2col_column_buffer_of_a_one_sample_3d_convolution() -> None:
+    # One sample through a 3x3x3 Conv3d: torch runs slow_conv3d, whose column buffer is not
+    # seen by the dispatcher; the CPU estimate models it and matches the measurement.
+    from pytest_modelcheck.core.memory import _conv_backend
+
+    torch.manual_seed(0)
+    model = nn.Conv3d(4, 8, 3, padding=1)
+    x = torch.randn(1, 4, 8, 8, 8)
+    assert _conv_backend(x, model.weight, model.bias, model.stride, model.padding,
+                         model.dilation, False, [0, 0, 0], 1) == "Slow3d"
+    est = estimate_step_memory(model, x, phase="inference")
+    # alive before: input 4*512*4 = 8192 + weight 8*4*27*4 = 3456 + bias 32 = 11680;
+    # inside the kernel: columns Cin*K*S_out*4 = 4*27*512*4 = 221184 beside the output
+    # 8*512*4 = 16384.
+    assert est.peak_bytes == 11680 + 221184 + 16384
+    assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
