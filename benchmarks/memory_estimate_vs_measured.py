@@ -1,9 +1,12 @@
 """Memory estimate (fake tensors, no allocation) against the measured peak (CPU allocator
 events) of one training step and one inference step, for every example model and batch size.
 
-    python benchmarks/memory_estimate_vs_measured.py
+    python benchmarks/memory_estimate_vs_measured.py [BATCH_SIZE ...] [--device cuda]
 
-Prints one row per model and phase: measured bytes, estimated bytes and their ratio.
+Prints one row per model and phase: measured bytes, estimated bytes and their ratio. With
+``--device cuda`` the model runs on the GPU and is measured by the caching allocator
+(``max_memory_allocated``), and the estimate is the CUDA one (512-byte blocks, no CPU
+kernel workspaces).
 """
 from __future__ import annotations
 
@@ -25,22 +28,29 @@ MODELS = ["icecube_deepsets", "genesis_dit", "pix2pixcc_gan", "vnet_unet", "fno"
 
 
 def main() -> None:
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores,"
-          f" torch {torch.__version__}")
-    sizes = [int(a) for a in sys.argv[1:]] or [1, 4, 8]
+    args = sys.argv[1:]
+    device = "cpu"
+    if "--device" in args:
+        at = args.index("--device")
+        device = args[at + 1]
+        del args[at:at + 2]
+    where = (torch.cuda.get_device_name(device) if device.startswith("cuda")
+             else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
+    print(f"# {where}, torch {torch.__version__}")
+    sizes = [int(a) for a in args] or [1, 4, 8]
     print(f"{'model':18} {'batch':>5} {'phase':9} {'measured':>12} {'estimated':>12} {'ratio':>7}")
     for name in MODELS:
         mod = importlib.import_module(f"example_models.{name}")
         torch.manual_seed(0)
-        model = mod.build_model()
+        model = mod.build_model().to(device)
         for size in sizes:
-            batch = Batch.from_user(mod.make_batch(size))
+            batch = Batch.from_user(mod.make_batch(size)).to(device)
             with torch.no_grad():
                 out = batch.call(model)
             loss = resolve_loss(mod.loss_fn, batch, out)
             for phase in ("train", "inference"):
                 real = measure_step_memory(model, batch, loss, phase=phase)
-                est = estimate_step_memory(model, batch, loss, phase=phase)
+                est = estimate_step_memory(model, batch, loss, phase=phase, device=device)
                 print(f"{name:18} {size:5} {phase:9} {format_bytes(real.peak_bytes):>12}"
                       f" {format_bytes(est.peak_bytes):>12} {est.peak_bytes / real.peak_bytes:7.3f}",
                       flush=True)
