@@ -28,9 +28,10 @@ part() {  # part NAME SECONDS COMMAND...
   echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
   tail -n 25 "$OUT/$name.txt"
 }
+part cuda_workspaces 120 python3 benchmarks/cuda_workspace_probe.py
 part gpu_tests 150 python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/gpu
 part gpu_memory 150 python3 benchmarks/memory_estimate_vs_measured.py 1 4 8 --device cuda
 part main_job_cuda 90 python3 -m pytest -p no:cacheprovider --modelcheck --modelcheck-device=cuda example_models/
 part profile_cuda 60 python3 -m pytest_modelcheck.cli profile --model example_models.vit3d:build_model \
   --batch example_models.vit3d:make_batch --batch-sizes 1,16,64,256 --device cuda --json "$OUT/profile_vit3d.json"
-part full_suite 200 python3 -m pytest -p no:cacheprovider -q -n 8 -rfE tests/
+part full_suite 240 python3 -m pytest -p no:cacheprovider -q -n 8 -rfE tests/

@@ -59,7 +59,10 @@ class SpectralConv2d(nn.Module):
                 f"modes2={self.modes2} exceeds W//2+1={width // 2 + 1} for input width W={width}"
             )
         m1, m2 = self.modes1, self.modes2
-        x_ft = torch.fft.rfft2(x)
+        # FFTs in float32: cuFFT has no bfloat16 transforms (and half ones need power-of-two
+        # sizes), so under autocast the spectral path runs in full precision; complex tensors
+        # are left alone by autocast, so the mode mixing below stays complex64.
+        x_ft = torch.fft.rfft2(x.float())
         w_pos = torch.view_as_complex(self.weight_pos)
         w_neg = torch.view_as_complex(self.weight_neg)
         out_ft = torch.zeros(
@@ -67,7 +70,7 @@ class SpectralConv2d(nn.Module):
         )
         out_ft[:, :, :m1, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, :m1, :m2], w_pos)
         out_ft[:, :, -m1:, :m2] = torch.einsum("bixy,ioxy->boxy", x_ft[:, :, -m1:, :m2], w_neg)
-        return torch.fft.irfft2(out_ft, s=(height, width))
+        return torch.fft.irfft2(out_ft, s=(height, width)).to(x.dtype)
 
 
 class FNO2d(nn.Module):

@@ -154,8 +154,8 @@ class Batch:
         """A new Batch with ``fn`` applied to every tensor (inputs and target)."""
         args, kwargs = map_structure(fn, (self.args, self.kwargs))
         target = map_structure(fn, self.target)
-        if self.target_key is not None and self.args and isinstance(self.args[0], dict):
-            target = self.args[0][self.target_key]
+        if self.target_key is not None and args and isinstance(args[0], dict):
+            target = args[0][self.target_key]   # the mapped one, the same object as the input
         return Batch(args=args, kwargs=kwargs, target=target, has_target=self.has_target,
                      factory=self.factory, target_key=self.target_key)
 
