@@ -24,6 +24,16 @@ HEALTHY_CONFTEST = textwrap.dedent('''
 ''')
 
 
+@pytest.fixture(autouse=True)
+def _subprocess_runs_are_not_xdist_workers(request, monkeypatch):
+    """pytester's subprocess runs inherit the environment: under ``-n``, an xdist worker's
+    variables would make them look like workers to other plugins (older pytest-benchmark then
+    warns at start-up, an error under ``-W error``)."""
+    if "pytester" in request.fixturenames:
+        for name in ("PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID"):
+            monkeypatch.delenv(name, raising=False)
+
+
 @pytest.fixture
 def healthy_project(pytester):
     """A pytester project whose conftest provides a healthy ``model`` and ``batch``."""

@@ -177,6 +177,12 @@ class Batch:
         if self.factory is not None:
             made = Batch.from_user(self.factory(n))
             made.factory = self.factory
+            here = next((t.device for _, t in iter_tensors((self.args, self.kwargs, self.target))),
+                        None)
+            # a batch moved to a device stays there: the factory's new batch follows it
+            if here is not None and any(t.device != here for _, t in
+                                        iter_tensors((made.args, made.kwargs, made.target))):
+                made = made.to(here)
             return made
         b = self.batch_size
         if b is None:

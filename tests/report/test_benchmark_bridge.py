@@ -130,7 +130,9 @@ def test_disabled_benchmark_session_gets_nothing(recorded_project, monkeypatch):
     monkeypatch.setenv("FAKE_TIMES", FAST)
     result = recorded_project.runpytest("--benchmark-disable", "--benchmark-json=out.json")
     result.assert_outcomes(passed=1)
-    assert not (recorded_project.path / "out.json").exists()
+    out = recorded_project.path / "out.json"
+    # some pytest-benchmark releases write an empty report when disabled: nothing of ours in it
+    assert not out.exists() or json.loads(out.read_text())["benchmarks"] == []
     assert "benchmark 'modelcheck'" not in result.stdout.str()
 
 
