@@ -44,8 +44,10 @@ Methods (``MemoryReport.method``)
         ``max_memory_allocated`` counts), named optimizers use ``foreach=True`` as they
         default to on CUDA, and the device reads ``"cuda (estimated on CPU)"``. CUDA-only
         kernels with other temporaries (cuDNN workspaces, fused attention) are not modelled.
-        The fused ``TransformerEncoderLayer``/``MultiheadAttention`` inference fast path is
-        switched off for the estimate (see ``_mha_fastpath``).
+        The fused ``TransformerEncoderLayer``/``MultiheadAttention`` inference fast path runs
+        in CPU estimates as in the real step, with its internal buffers modelled (see
+        ``_attention_workspace``), and is switched off for CUDA estimates and for models with
+        a nested-tensor ``TransformerEncoder`` (see ``_mha_fastpath``).
 
 Breakdown
     ``MemTracker`` (``torch.distributed._tools.mem_tracker``) runs an identical step on its
@@ -83,6 +85,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -90,6 +93,7 @@ from typing import Any, Callable, Iterator, Optional
 from .batch import Batch, copy_model, iter_tensors
 from .errors import ModelError, UsageError
 from .forward import model_device, run_forward
+from .native_stderr import filtered_stderr
 from .losses import resolve_loss
 from .training import make_optimizer
 from .units import format_bytes
@@ -560,6 +564,20 @@ class _CudaApi:
 
         torch.cuda.synchronize(device)
 
+    def warm_up_libraries(self, device: Any) -> None:
+        """Create the process-wide cuBLAS and cuBLASLt handles and workspaces now.
+
+        The first matrix product on a stream allocates a workspace (8 MiB on an H200 with
+        torch 2.11) that stays for the life of the process; without this, the step measured
+        first in a process would count it and the same step measured later would not.
+        """
+        import torch
+
+        a = torch.ones(8, 8, device=device)
+        torch.nn.functional.linear(a, a, a[0])   # cuBLASLt (matmul with bias)
+        torch.mm(a, a)                           # cuBLAS
+        del a
+
     def reset_peak_memory_stats(self, device: Any) -> None:
         import torch
 
@@ -646,7 +664,11 @@ def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
         return record_function(_RANGE_PREFIX + name)
 
     gc.collect()  # garbage of earlier work would otherwise be freed inside the profiled step
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    # One profiling cycle; acc_events=True (where torch has it) keeps some releases from
+    # warning that events of earlier cycles are dropped, which would fail under -W error.
+    extra = {"acc_events": True} if "acc_events" in inspect.signature(profile).parameters else {}
+    with filtered_stderr(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True, **extra) as prof:
         keep = _run_step(work, data, loss, phase, opt, phase_context)
     events = list(prof.profiler.kineto_results.events())
     ranges = {}
@@ -698,6 +720,7 @@ def _measure_cuda(model: Any, batch: Batch, loss: Any, phase: str, optimizer: An
     api = _cuda_api
     place = api.placement(dev)
     gc.collect()
+    api.warm_up_libraries(place)  # library workspaces of the process: not the step's
     api.synchronize(dev)
     before = api.memory_allocated(dev)  # other allocations of the process: not the step's
     work = copy_model(model).to(place)
@@ -786,7 +809,8 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             baseline = _tracker_total(tracker.get_tracker_snapshot("current"), tracker.target)
             tracker.phase_peaks.clear()
             workspace = _cpu_workspaces(tracker) if not cuda_like else contextlib.nullcontext()
-            with _tracking(tracker), workspace, _mha_fastpath(False), _quiet_fake_tensor_log():
+            fused = not cuda_like and not _nested_encoder(work)
+            with _tracking(tracker), workspace, _mha_fastpath(fused), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp)
     except UsageError:
@@ -832,10 +856,12 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
 def _mha_fastpath(enabled: bool) -> Iterator[None]:
     """Switch the fused attention/encoder-layer inference path (restored on exit).
 
-    The fused ``_transformer_encoder_layer_fwd`` allocates its intermediates inside one kernel,
-    where no dispatcher-level tracker sees them (an estimate of an eval-mode encoder was 50-58%
-    of the allocator's peak). The unfused path allocates the same kinds of intermediates as
-    visible ops, so the estimate runs it instead (observed: equal, or up to 17% above).
+    The fused ``_transformer_encoder_layer_fwd`` and ``_native_multi_head_attention`` allocate
+    their intermediates inside one kernel, where no dispatcher-level tracker sees them. CPU
+    estimates run them, as the real step does, and add those intermediates from the kernels'
+    shapes (``_attention_workspace``). Elsewhere the estimate runs the unfused path, which
+    allocates the same kinds of intermediates as visible ops (observed: equal, or up to 17%
+    above the fused path's peak).
     """
     import torch
 
@@ -849,6 +875,12 @@ def _mha_fastpath(enabled: bool) -> Iterator[None]:
         yield
     finally:
         mha.set_fastpath_enabled(before)
+
+
+def _nested_encoder(model: Any) -> bool:
+    """A ``TransformerEncoder`` that packs padded batches into nested tensors on the fast path,
+    which fake tensors cannot run."""
+    return any(getattr(m, "use_nested_tensor", False) for m in model.modules())
 
 
 def _fake_like(t: Any, fake_mode: Any) -> Any:
@@ -1111,9 +1143,31 @@ def _act(snapshot: dict, target: Any) -> int:
 #   backward, input gradient: blocked grad_output gout_b = N*P(Cout)*S_out*b, blocked weight
 #     P(Cout)*P(Cin)*K*b and blocked grad_input gin_b = N*P(Cin)*S_in*b, alive together; then
 #     the plain grad_input (gin) beside gin_b.
-#   backward, weight gradient (gin alive): gout_b, plus src_b when Cin >= 16, plus the blocked
-#     weight gradient. (With Cin < 16 oneDNN uses per-thread reduction buffers whose size
-#     depends on the thread count; they are not modelled.)
+#   backward, weight gradient (gin alive). The kernel follows oneDNN's dispatch for plain f32
+#     data (``_weight_grad_kernel``): the first kernel whose checks pass, AVX-512, AVX2, else
+#     GEMM. Each books a scratchpad, allocated through torch's allocator for the call, whose
+#     size depends on T = torch.get_num_threads(). Every scratchpad entry is padded by its
+#     alignment (128 bytes; 4096 for page-aligned ones) and a barrier entry takes 8192 bytes
+#     for one barrier (src/common/memory_tracking.hpp; the barrier size was read off the
+#     allocator). With G the bias-gradient bytes:
+#     - Cin >= 16, or Cin <= 3 (a "first convolution": the input is read as it is), when its
+#       padding checks pass (e.g. not a 3x3x3 kernel over a 1x1x1 input), the AVX-512
+#       kernel (src/cpu/x64/jit_avx512_common_conv_kernel.cpp): gout_b, src_b (Cin >= 16) and
+#       the blocked weight gradient, plus G and its scratchpad: with nthr_mb threads splitting
+#       the minibatch (its ``balance()``), (nthr_mb - 1) partial weight+bias gradients and a
+#       barrier; a padded bias gradient when Cout % 16; the bias reducer (cpu_reducer.cpp,
+#       ``reduce_balancer_t``): the partial bias sums of all but one thread of each group.
+#     - otherwise the AVX2 kernel when its padding checks pass (no depth padding in 3D, kernel
+#       width < 14, ...; jit_avx2_conv_kernel_f32.cpp): 8-channel blocks,
+#       n*P8(Cout)*S_out*b + n*P8(Cin)*S_in*b + P8(Cout)*P8(Cin)*K*b, plus G and a scratchpad
+#       of a padded bias gradient (Cout % 8) and two reducers (bias; weight, K*64 floats a job).
+#     - otherwise im2col + GEMM (src/cpu/gemm_convolution_utils.cpp, init_conf, ncsp
+#       backward_weights), which reads the plain tensors; its scratchpad: nthr * W * 4 bytes
+#       (per-thread partial weight gradients; W = the weight's bytes, booked as that many
+#       floats) and nthr * Cin*K*OS * b (per-thread im2col columns; OS = out_h * out_w, the depth
+#       is looped over; none for a 1x1 stride-1 kernel that keeps the size), nthr = T when
+#       OS / T < 256 and N > 1, else 1. Peak: the outputs beside the scratchpad.
+#     (For UNet3d's 12 -> 1 output convolution on 2 threads: GEMM, 383872 bytes.)
 #   channels-last input (e.g. tokens of a Swin block viewed back as an image): oneDNN works
 #     in that layout, so only the weight is copied (its bytes) and reordered,
 #     P(Cout)*Cin*K*b (twice in backward); a non-contiguous grad_output is first copied.
@@ -1129,6 +1183,21 @@ def _act(snapshot: dict, target: Any) -> int:
 # an S_out*b vector of ones) in forward; cols_t beside the gradients in backward.
 # Other CPU convolution backends (depthwise, ...) are not modelled.
 #
+# Fused attention (CPU, the inference fast path; aten/src/ATen/native/transformers/attention.cpp
+# native_multi_head_attention_cpu and transformer.cpp transformer_encoder_layer_forward), for
+# self-attention (query, key and value one tensor) on a padded (not nested) batch. X = B*T*D*b
+# (the input), S = B*H*T*T*b (attention scores), F = B*T*FF*b, R = B*T*4 (layer norm's mean or
+# rstd), Mb = the mask's element count when it is not bool (copied to bool), W = B*T*T*b.
+#   attention, above what was alive before: qkv 3X, then q|k|v 3X (6X); then q|k|v, the scores
+#   S and, with a mask, the mask copy and the masked softmax's new S (3X + 2S + Mb; without a
+#   mask the softmax is in place, 3X + S); the context goes into q's storage; then the
+#   transposed context X and the projection X (5X, plus S while the weights are kept); with
+#   averaged weights, their sum W beside q|k|v, the scores freed. It leaves the projection (and
+#   the weights).
+#   encoder layer, norm_first: the normed input X (+ 2R while made), the attention on it, then
+#   the attention output and the second normed input (2X + 2R), the feed-forward's hidden F and
+#   its output (3X + F). Otherwise: the attention on the input, the output normed (2X + 2R), the
+#   feed-forward (2X + F), the second norm (3X + 2R). It leaves X.
 # pocketfft: ``_fft_c2r`` over more than one dimension copies its input twice (the input is
 # destroyed by the transform, and an intermediate complex buffer), over one dimension once;
 # ``_fft_r2c``/``_fft_c2c`` of a non-contiguous input make a contiguous copy first.
@@ -1233,6 +1302,17 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
             if mask[0] else 0
         gw_b = _pad16(cout) * (_pad16(cin) if blocked else cin) * k * b
         stage2 = gin + gout_b + src_b + gw_b if mask[1] else 0
+        kernel = _weight_grad_kernel(inp, weight, gout, stride, padding, dilation) \
+            if mask[1] and b == 4 else ""
+        if kernel == "avx2":  # 8-channel blocks, the input copied too
+            stage2 = gin + (n * _pad8(cout) * s_out + n * _pad8(cin) * s_in
+                            + _pad8(cout) * _pad8(cin) * k) * b
+        if kernel:
+            scratch = _weight_grad_scratchpad(kernel, inp, weight, gout, stride, padding,
+                                              bool(mask[2]))
+            # the bias gradient is made while the scratchpad is alive
+            stage2 = done + scratch if kernel == "gemm" else \
+                stage2 + scratch + (cout * b if mask[2] else 0)
         if not gout.is_contiguous():  # a contiguous copy of grad_output is made first
             stage1, stage2 = (x + gout.numel() * b if x else 0 for x in (stage1, stage2))
     elif backend == "MkldnnTranspose":
@@ -1250,6 +1330,244 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
     else:
         return 0
     return max(stage1, stage2) - done
+
+
+_SCRATCHPAD_PAD = 128  # oneDNN pads each scratchpad entry by its alignment (at least 128)
+_PAGE = 4096
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def _pad8(c: int) -> int:
+    return _cdiv(c, 8) * 8
+
+
+def _conv_geometry(inp: Any, weight: Any, gout: Any, stride: Any, padding: Any) -> dict:
+    """oneDNN's view of a 1D/2D/3D convolution: depth/height are 1 where absent."""
+    def three(v: Any, fill: int) -> list:
+        v = [int(x) for x in v]
+        return [fill] * (3 - len(v)) + v
+
+    ins, outs, ks = three(inp.shape[2:], 1), three(gout.shape[2:], 1), three(weight.shape[2:], 1)
+    strides, pads = three(stride, 1), three(padding, 0)
+    ends = [(o - 1) * s + k - i - p for o, s, k, i, p in zip(outs, strides, ks, ins, pads)]
+    return {"dims": inp.dim() - 2, "in": ins, "out": outs, "k": ks, "stride": strides,
+            "pad": pads, "end": ends}
+
+
+def _weight_grad_kernel(inp: Any, weight: Any, gout: Any, stride: Any, padding: Any,
+                        dilation: Any) -> str:
+    """The oneDNN kernel that computes a plain f32 weight gradient (groups 1), the first whose
+    checks pass: "avx512" (jit_avx512_common_conv_bwd_weights_kernel_f32::init_conf: Cin >= 16,
+    or Cin <= 3 as a first convolution; its padding checks), "avx2"
+    (jit_avx2_conv_bwd_weights_kernel_f32::init_conf: its padding checks, no depth padding),
+    else "gemm" (gemm_convolution_bwd_weights_t); "" where unsure (dilation)."""
+    cin = int(inp.shape[1])
+    if any(int(d) != 1 for d in dilation):
+        return ""
+    g = _conv_geometry(inp, weight, gout, stride, padding)
+    (kd, kh, kw), (pd, ph, pw) = g["k"], g["pad"]
+    id_, ih = g["in"][0], g["in"][1]
+    ed, eh, ew = (max(0, e) for e in g["end"])
+    avx512 = (kw <= 14 and pw < kw and ew < kw and pw <= 28 and ew <= 28
+              and ph <= kh // 2 and eh <= kh // 2 and pd < kd and ed < kd
+              and (pd == 0 or kd < id_ + pd))
+    if avx512 and (cin >= _CONV_BLOCK or cin <= 3):
+        return "avx512"
+    avx2 = (kw < 14 and pw < kw and ew < kw and ph < kh and eh < kh and kh <= ph + ih
+            and kh <= ih and pd == 0 and ed == 0 and kd <= id_)
+    return "avx2" if avx2 else "gemm"
+
+
+def _barriers(n: int) -> int:
+    """A scratchpad entry of ``n`` simple_barrier contexts: observed 8192 bytes for one (one
+    page plus its page alignment)."""
+    return n * _PAGE + _PAGE
+
+
+def _reduce_balance(nthr: int, job: int, njobs: int, red: int, max_buf: int) -> tuple:
+    """reduce_balancer_t::balance() (src/cpu/x64/cpu_reducer.cpp), lock-free:
+    (groups, threads per group, jobs per group)."""
+    min_per = max(1, njobs // nthr)
+    max_per = max(1, max_buf // (nthr * job))
+    groups = min(njobs // min_per, nthr)
+    per = min(nthr // groups, red)
+    ub = _cdiv(njobs, groups)
+    best = njobs * job * red
+    for c in range(min_per, njobs):
+        cg = min(njobs // c, nthr)
+        cp = min(nthr // cg, red)
+        cub = _cdiv(njobs, cg)
+        if cp > 1 and cub > max_per:
+            continue
+        cost = job * cub * (_cdiv(red, cp) + (cp != 1))
+        if cost < best:
+            groups, per, ub, best = cg, cp, cub, cost
+    return groups, per, ub
+
+
+def _reducer_scratchpad(nthr: int, job: int, njobs: int, red: int, max_buf: int) -> int:
+    """cpu_reducer_t::conf_t::init_scratchpad: partial sums of all but each group's first
+    thread (page-aligned), and one barrier per group."""
+    groups, per, ub = _reduce_balance(nthr, job, njobs, red, max_buf)
+    if per == 1:
+        return 0
+    return groups * (per - 1) * ub * job * 4 + _PAGE + _barriers(groups)
+
+
+def _avx512_balance(g: dict, mb: int, nb_ic: int, ic_block: int, nb_oc: int,
+                    nthreads: int) -> tuple:
+    """jit_avx512_common_conv_bwd_weights_kernel_f32::balance (groups 1): (nthr, nthr_mb)."""
+    (id_, ih, iw), (od, oh, ow), (kd, kh, kw) = g["in"], g["out"], g["k"]
+    sd, sh, sw = g["stride"]
+    two_d = g["dims"] == 2 and oh > 9  # harness_2d_reduction (min_oh_reduce = 9)
+    ih_r, oh_r = (ih, oh) if two_d else (1, 1)
+    ih_n, oh_n = (1, 1) if two_d else (ih, oh)
+    nthr_oh_reduce = max(1, oh_r // 9)
+
+    def mem(n_mb: int, n_oc: int, n_ic: int) -> int:
+        return (_cdiv(mb * ih_r, n_mb) * _cdiv(nb_ic, n_ic) * ic_block * ih_n * iw * id_
+                // sd // sh // sw
+                + _cdiv(mb * oh_r, n_mb) * _cdiv(nb_oc, n_oc) * 16 * oh_n * ow * od
+                + 8 * _cdiv(nb_oc, n_oc) * _cdiv(nb_ic, n_ic) * kh * kw * kd * ic_block * 16)
+
+    def comp(n_mb: int, n_oc: int, n_ic: int) -> int:
+        return _cdiv(mb * oh_r, n_mb) * _cdiv(nb_oc, n_oc) * _cdiv(nb_ic, n_ic)
+
+    mb_max = min(nthreads, mb * od * nthr_oh_reduce)
+    grid = []
+    for n_mb in range(1, mb_max + 1):
+        par = nthreads // n_mb
+        for n_oc in range(1, min(par, nb_oc) + 1):
+            grid.append((n_mb, n_oc, min(par // n_oc, nb_ic)))
+    best = (1, 1, 1)
+    best_mem = mem(*best)
+    for cfg in grid:
+        if mem(*cfg) <= best_mem:
+            best, best_mem = cfg, mem(*cfg)
+    best_comp = comp(*best)
+    for cfg in grid:
+        c = comp(*cfg)
+        if (c <= best_comp and mem(*cfg) < 1.1 * best_mem) or 4 * c <= 3 * best_comp:
+            best, best_comp = cfg, c
+    n_mb, n_oc, n_ic = best
+    if nthreads // 2 < n_mb < nthreads:
+        n_mb = min(mb * od * nthr_oh_reduce, nthreads)
+    return n_mb * n_oc * n_ic, n_mb
+
+
+def _weight_grad_scratchpad(kernel: str, inp: Any, weight: Any, gout: Any, stride: Any,
+                            padding: Any, bias: bool) -> int:
+    """Bytes of the scratchpad of oneDNN's f32 weight-gradient kernel (see the rules above)."""
+    import torch
+
+    threads = max(1, torch.get_num_threads())
+    g = _conv_geometry(inp, weight, gout, stride, padding)
+    n, cin, cout = int(inp.shape[0]), int(inp.shape[1]), int(gout.shape[1])
+    ks = _numel(weight.shape[2:])
+    if kernel == "gemm":
+        return _gemm_weight_grad_scratchpad(inp, weight, gout, stride, threads)
+    if kernel == "avx2":
+        nb_ic, nb_oc = _pad8(cin) // 8, _pad8(cout) // 8
+        total = _pad8(cout) * 4 + _SCRATCHPAD_PAD if bias and cout % 8 else 0
+        if bias:
+            total += _reducer_scratchpad(threads, 8, nb_oc, n, 1 << 21)
+        return total + _reducer_scratchpad(threads, ks * 64, nb_ic * nb_oc, n * g["out"][0],
+                                           1 << 21)
+    first = cin < _CONV_BLOCK
+    ic_block = cin if first else _CONV_BLOCK
+    nb_ic = 1 if first else _pad16(cin) // _CONV_BLOCK
+    nb_oc = _pad16(cout) // _CONV_BLOCK
+    nthr, nthr_mb = _avx512_balance(g, n, nb_ic, ic_block, nb_oc, threads)
+    total = 0
+    if nthr_mb > 1:  # partial weight and bias gradients of all but the first minibatch thread
+        wei = _pad16(cout) * nb_ic * ic_block * ks + _pad16(cout)
+        total += (nthr_mb - 1) * wei * 4 + _SCRATCHPAD_PAD + _barriers(1)
+    if bias and cout % _CONV_BLOCK:
+        total += _pad16(cout) * 4 + _SCRATCHPAD_PAD
+    if bias:
+        total += _reducer_scratchpad(nthr, _CONV_BLOCK, nb_oc, n, nthr * 3 * 5 * 5 * 16 * 16)
+    return total
+
+
+def _gemm_weight_grad_scratchpad(inp: Any, weight: Any, gout: Any, stride: Any,
+                                 threads: int) -> int:
+    """gemm_convolution_utils.cpp, init_conf, the ``!jcp.is_nspc && is_bwd_w`` branch (f32)."""
+    n, cin = int(inp.shape[0]), int(inp.shape[1])
+    outs = [int(d) for d in gout.shape[2:]]
+    os_ = outs[-1] * (outs[-2] if len(outs) >= 2 else 1)
+    ks = _numel(weight.shape[2:])
+    w_bytes = weight.numel() * 4
+    same = list(inp.shape[2:]) == list(gout.shape[2:]) and ks == 1 \
+        and all(int(s) == 1 for s in stride)
+    im2col = 0 if same else cin * ks * os_
+    limit = min(1 << 30, 15 * threads * (inp.numel() * 4 + w_bytes + gout.numel() * 4))
+    mem_ok = 4 * threads * w_bytes + 4 * threads * cin * ks * 16 < limit
+    nthr = threads if mem_ok and os_ // threads < 256 and n != 1 else 1
+    reduction = nthr * w_bytes * 4  # booked as nthr * weights_d.size() floats
+    cols = nthr * im2col
+    available = limit - (reduction + _SCRATCHPAD_PAD)
+    if im2col and available < cols * 4:  # too big: the columns are made os_block at a time
+        max_os_block = available // (4 * nthr * (im2col // os_))
+        os_block = max(16, int(max_os_block * 0.05))
+        cols = nthr * cin * ks * os_block
+    return reduction + _SCRATCHPAD_PAD + (cols * 4 + _SCRATCHPAD_PAD if cols else 0)
+
+
+def _attention_peak(x: Any, heads: int, mask: Any, need_weights: bool = False,
+                    average: bool = True) -> tuple:
+    """Peak of native_multi_head_attention_cpu above what was alive before it, and the bytes it
+    leaves (see the rules above): (peak, left)."""
+    b = x.element_size()
+    n, t = int(x.shape[0]), int(x.shape[1])
+    xb = x.numel() * b
+    scores = n * heads * t * t * b
+    if mask is not None:
+        copy = mask.numel() if mask.dtype != _bool_dtype() else 0
+        softmax = 3 * xb + 2 * scores + copy
+    else:
+        softmax = 3 * xb + scores
+    kept = scores if need_weights else 0
+    peak = max(6 * xb, softmax, 5 * xb + kept)
+    if need_weights and average:
+        weights = n * t * t * b
+        peak = max(peak, 4 * xb + scores + weights)
+        return peak, xb + weights
+    return peak, xb + kept
+
+
+def _bool_dtype() -> Any:
+    import torch
+
+    return torch.bool
+
+
+def _attention_workspace(name: str, args: tuple) -> int:
+    """Bytes the fused CPU attention kernels hold above what is alive after they return."""
+    if name == "_native_multi_head_attention":
+        query, key, value, _embed, heads = args[:5]
+        mask, need_weights, average = args[9], bool(args[10]), bool(args[11])
+        if not (query is key is value) or query.dim() != 3 or query.is_nested:
+            return 0
+        peak, left = _attention_peak(query, int(heads), mask, need_weights, average)
+        return peak - left
+    # _transformer_encoder_layer_fwd
+    src, heads, norm_first, mask = args[0], int(args[2]), bool(args[8]), args[18]
+    if src.dim() != 3 or src.is_nested:
+        return 0
+    b = src.element_size()
+    xb = src.numel() * b
+    n, t = int(src.shape[0]), int(src.shape[1])
+    rstd = n * t * 4
+    hidden = n * t * int(args[14].shape[0]) * b
+    attn, _left = _attention_peak(src, heads, mask)
+    if norm_first:
+        peak = max(xb + 2 * rstd, xb + attn, 2 * xb + 2 * rstd, 3 * xb + hidden)
+    else:
+        peak = max(attn, 2 * xb + 2 * rstd, 2 * xb + hidden, 3 * xb + 2 * rstd)
+    return peak - xb
 
 
 def _fft_workspace(name: str, args: tuple) -> int:
@@ -1270,9 +1588,24 @@ def _kernel_workspace(func: Any, args: tuple, out: Any) -> int:
             return _conv_backward_workspace(args, out)
         if name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):
             return _fft_workspace(name, args)
+        if name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
+            return _attention_workspace(name, args)
     except Exception:  # noqa: BLE001 - an unexpected signature: no workspace is modelled
         return 0
     return 0
+
+
+def _all_args(func: Any, args: tuple, kwargs: Any) -> tuple:
+    """The op's arguments in schema order, keyword and default ones included."""
+    full = list(args)
+    for arg in func._schema.arguments[len(args):]:
+        if kwargs and arg.name in kwargs:
+            full.append(kwargs[arg.name])
+        elif arg.has_default_value():
+            full.append(arg.default_value)
+        else:
+            full.append(None)
+    return tuple(full)
 
 
 @contextlib.contextmanager
@@ -1288,7 +1621,7 @@ def _cpu_workspaces(tracker: Any) -> Iterator[None]:
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                                kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
-            extra = _kernel_workspace(func, args, out)
+            extra = _kernel_workspace(func, _all_args(func, args, kwargs), out)
             if extra > 0:
                 total = _tracker_total(tracker._curr_mem_snap, tracker.target) + extra
                 if total > tracker.phase_peaks.get(tracker.phase, 0):

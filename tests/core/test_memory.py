@@ -28,8 +28,9 @@ from pytest_modelcheck.core.state import fingerprints_equal, model_fingerprint
 
 MiB = 2**20
 # A few 0-d tensors (the loss, a reduction's scratch scalar, Adam's step counters) sit on top
-# of the MiB-sized buffers; the hand derivations below are exact up to these.
-SCALARS = 64
+# of the MiB-sized buffers; the hand derivations below are exact up to these. How many there
+# are differs between torch releases (torch 2.11 holds 68 bytes of them in the forward).
+SCALARS = 256
 
 
 def sgd(params, lr):
@@ -147,7 +148,7 @@ def test_estimate_is_within_five_percent_of_the_measurement(build, phase):
     assert estimated.peak_phase == measured.peak_phase
 
 
-def test_estimate_runs_the_unfused_encoder_path_and_restores_the_fastpath_flag():
+def test_estimate_restores_the_fastpath_flag():
     before = torch.backends.mha.get_fastpath_enabled()
     model, batch = transformer_encoder()
     estimate_step_memory(model, batch, phase="inference")
@@ -292,6 +293,9 @@ class FakeCuda:
     def synchronize(self, device):
         self.calls.append("synchronize")
 
+    def warm_up_libraries(self, device):
+        self.calls.append("warm up")
+
     def reset_peak_memory_stats(self, device):
         self.calls.append("reset")
 
@@ -320,9 +324,10 @@ def test_cuda_branch_uses_the_caching_allocator_statistics(monkeypatch):
                                   "optimizer step": 12 * MiB}
     assert (report.peak_bytes, report.peak_phase) == (13 * MiB, "backward")
     assert report.breakdown["parameters"] == 4 * MiB  # MemTracker ran alongside
-    # before and after placing the copy, then per phase: synchronize, reset, (run),
-    # synchronize, read the maximum
-    assert fake.calls == ["synchronize"] * 2 + ["synchronize", "reset", "synchronize", "max"] * 3
+    # library workspaces first, synchronize before and after placing the copy, then per
+    # phase: synchronize, reset, (run), synchronize, read the maximum
+    assert fake.calls == (["warm up"] + ["synchronize"] * 2
+                          + ["synchronize", "reset", "synchronize", "max"] * 3)
     assert fingerprints_equal(before, model_fingerprint(model)) == []
     fake.allocated_calls, fake.phase_max = 0, [1, 2, 3]
     assert step_memory(model, linear_batch(), "mse", device="cuda").method == METHOD_CUDA

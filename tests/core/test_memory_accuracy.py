@@ -1,9 +1,9 @@
 """The fake-tensor estimate against the measured peak (CPU allocator events) of real steps.
 
 The models here were not used to derive the CPU kernel-workspace rules of core/memory.py
-(oneDNN convolution blocked copies, pocketfft buffers): they check that the rules carry over
-to other shapes and channel counts. Each estimate must be within 5% of the measurement, above
-or below.
+(oneDNN convolution blocked copies and scratchpads, pocketfft buffers): they check that the
+rules carry over to other shapes and channel counts. Each estimate must be within 5% of the
+measurement, above or below.
 """
 from __future__ import annotations
 
@@ -113,20 +113,8 @@ CASES = {
 }
 
 
-# oneDNN's weight-gradient kernel for fewer than 16 input channels uses per-thread reduction
-# buffers whose size depends on the thread count (383872 bytes for UNet3d's 12 -> 1 channel
-# output convolution on 2 threads); they are not modelled, so these estimates can be low.
-_UNMODELLED = {("unet3d", "train"), ("conv1d", "train")}
-
-
-def _params() -> list:
-    return [pytest.param(name, phase, marks=[pytest.mark.xfail(
-                reason="oneDNN per-thread weight-gradient scratch is not modelled",
-                strict=False)] if (name, phase) in _UNMODELLED else [])
-            for name in sorted(CASES) for phase in ("train", "inference")]
-
-
-@pytest.mark.parametrize("name,phase", _params())
+@pytest.mark.parametrize("name,phase", [(name, phase) for name in sorted(CASES)
+                                        for phase in ("train", "inference")])
 def test_estimate_within_five_percent_of_measured_peak(name: str, phase: str) -> None:
     factory, x_shape, y_shape = CASES[name]
     torch.manual_seed(0)
@@ -170,3 +158,183 @@ def test_im2col_column_buffer_of_a_one_sample_3d_convolution() -> None:
     # 8*512*4 = 16384.
     assert est.peak_bytes == 11680 + 221184 + 16384
     assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
+
+
+def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -> tuple:
+    """Run one convolution_backward (weight and bias gradients) on ``threads`` threads under the
+    profiler: (its allocation sizes, its peak above what is alive when it returns, the CPU
+    workspace rule's value)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from pytest_modelcheck.core.memory import _conv_backward_workspace
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dims = x.dim() - 2
+        gout = torch.randn_like(conv(x))
+        args = (gout, x, conv.weight, [conv.out_channels], list(conv.stride),
+                list(conv.padding), list(conv.dilation), False, [0] * dims, 1,
+                [False, True, True])
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            outs = torch.ops.aten.convolution_backward(*args)
+        events = list(prof.profiler.kineto_results.events())
+        start, end = next((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
+                          if e.name() == "aten::convolution_backward")
+        sizes = [e.nbytes() for e in sorted(events, key=lambda e: e.start_ns())
+                 if e.name() == "[memory]" and start <= e.start_ns() <= end]
+        rule = _conv_backward_workspace(args, outs)
+    finally:
+        torch.set_num_threads(before)
+    running = peak = 0
+    for n in sizes:
+        running += n
+        peak = max(peak, running)
+    return [n for n in sizes if n > 0], peak - running, rule
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_gemm_weight_gradient_scratchpad_per_thread(threads: int) -> None:
+    # UNet3d's output convolution, 12 -> 1 channels, 3x3x3 with depth padding: neither oneDNN's
+    # AVX-512 kernel (4 <= Cin < 16) nor its AVX2 kernel (depth padding) takes the weight
+    # gradient, so im2col + GEMM does. OS = 12*12 = 144, 144 / T < 256 and N = 2 > 1, so
+    # nthr = T. Per thread: partial weight gradients, the weight's 1*12*27*4 = 1296 bytes booked
+    # as floats, 1296*4 = 5184, and the columns Cin*K*OS*4 = 12*27*144*4 = 186624; each of the
+    # two entries padded by 128 bytes.
+    torch.manual_seed(0)
+    conv = nn.Conv3d(12, 1, 3, padding=1)
+    x = torch.randn(2, 12, 12, 12, 12)
+    expected = threads * (5184 + 186624) + 2 * 128  # 192064, 383872, 767488
+    sizes, measured, rule = _conv_backward_allocations(conv, x, threads)
+    assert expected in sizes
+    # the weight and bias gradients it makes beside the scratchpad outlive the op
+    assert measured == rule == expected
+
+
+def test_avx512_weight_gradient_scratchpad() -> None:
+    # 16 -> 16 channels, 3x3, batch 4 on 2 threads: oneDNN's AVX-512 kernel splits the minibatch
+    # over both threads (nthr_mb = 2), so one thread's partial weight and bias gradients,
+    # (16*16*9 + 16)*4 = 9280 bytes + 128 padding, and a barrier, 8192; the bias reducer puts
+    # the two threads in one group: one partial bias, 16*4 = 64 bytes + 4096 (page aligned),
+    # and its barrier, 8192. No padded bias (16 % 16 == 0).
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 32, 32)
+    scratch = 9280 + 128 + 8192 + 64 + 4096 + 8192
+    assert scratch == 29952
+    sizes, measured, rule = _conv_backward_allocations(conv, x, 2)
+    assert scratch in sizes
+    # beside it: blocked grad_output and input, 4*16*1024*4 = 262144 each, and the blocked
+    # weight gradient (as big as the plain one, 9216, that outlives the op like the bias's)
+    assert measured == rule == 262144 + 262144 + scratch
+
+
+def test_avx512_first_convolution_weight_gradient_scratchpad() -> None:
+    # 3 -> 8 channels (a first convolution: the input is read as it is), 3x3, batch 4, 2 threads:
+    # one partial weight+bias gradient (16*3*9 + 16)*4 = 1792 + 128 and a barrier 8192; a
+    # padded bias gradient (8 % 16 != 0), 16*4 = 64 + 128; the bias reducer, 64 + 4096 + 8192.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(4, 3, 32, 32)
+    scratch = 1792 + 128 + 8192 + 64 + 128 + 64 + 4096 + 8192
+    assert scratch == 22656
+    sizes, measured, rule = _conv_backward_allocations(conv, x, 2)
+    assert scratch in sizes
+    # beside it: blocked grad_output 4*16*1024*4 = 262144 and the blocked weight gradient
+    # 16*3*9*4 = 1728, less the plain weight gradient 8*3*9*4 = 864 that outlives the op
+    assert measured == rule == 262144 + 1728 - 864 + scratch
+
+
+def test_avx2_weight_gradient_scratchpad() -> None:
+    # 4 -> 1 channels, 3x3, batch 4, 2 threads: oneDNN's AVX2 kernel (8-channel blocks). Its
+    # scratchpad: a padded bias gradient 8*4 = 32 + 128; the bias reducer (one job of 8 floats,
+    # reduced over the batch by both threads) 32 + 4096 + 8192; the weight reducer (one job of
+    # 3*3*8*8 = 576 floats) 2304 + 4096 + 8192.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 1, 3, padding=1)
+    x = torch.randn(4, 4, 32, 32)
+    scratch = 32 + 128 + 32 + 4096 + 8192 + 2304 + 4096 + 8192
+    assert scratch == 27072
+    sizes, measured, rule = _conv_backward_allocations(conv, x, 2)
+    assert scratch in sizes
+    # beside it: grad_output and input in 8-channel blocks, 4*8*1024*4 = 131072 each, and the
+    # blocked weight gradient 8*8*9*4 = 2304, less the plain one 1*4*9*4 = 144 that outlives
+    # the op
+    assert measured == rule == 131072 + 131072 + 2304 - 144 + scratch
+
+
+class _PaddedEncoderLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation="gelu",
+                                                batch_first=True, norm_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        mask[:, x.shape[1] // 2:] = True
+        return self.layer(x, src_key_padding_mask=mask)
+
+
+def test_fused_encoder_layer_buffers_of_a_cpu_estimate() -> None:
+    # An eval-mode encoder layer runs torch's fused _transformer_encoder_layer_fwd, whose
+    # intermediates the dispatcher does not see; the CPU estimate models them.
+    # B=8, T=33, D=64, 4 heads, FF=128: X = 8*33*64*4 = 67584, scores S = 8*4*33*33*4 = 139392.
+    torch.manual_seed(0)
+    model = _PaddedEncoderLayer()
+    x = torch.randn(8, 33, 64)
+    est = estimate_step_memory(model, x, phase="inference")
+    # alive before: parameters (3*64*64 + 192 + 64*64 + 64 + 128*64 + 128 + 64*128 + 64 + 4*64)*4
+    # = 133888 + input 67584 = 201472, the bool mask 8*33 = 264 and its float copy made by the
+    # layer 8*33*4 = 1056. Inside the kernel (norm_first): the normed input X, then q|k|v 3X,
+    # the scores S, the mask copied to bool 264 and the masked softmax S:
+    # X + 3X + 2S + 264 = 549384.
+    assert est.baseline_bytes == 201472
+    assert est.peak_bytes == 201472 + 264 + 1056 + 4 * 67584 + 2 * 139392 + 264
+    assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x)[0]  # need_weights=True: averaged weights are made too
+
+
+def test_fused_multi_head_attention_buffers_of_a_cpu_estimate() -> None:
+    # Eval-mode self-attention runs torch's fused _native_multi_head_attention.
+    # B=4, T=16, D=32, 4 heads: X = 4*16*32*4 = 8192, scores S = 4*4*16*16*4 = 16384.
+    torch.manual_seed(0)
+    model = _SelfAttention()
+    x = torch.randn(4, 16, 32)
+    est = estimate_step_memory(model, x, phase="inference")
+    # alive before: parameters (3*32*32 + 96 + 32*32 + 32)*4 = 16896 + input 8192 = 25088.
+    # Inside the kernel the peak is q|k|v 3X with the kept weights S, the transposed context X
+    # and the projection X: 5X + S = 57344 (above 6X = 49152 and 3X + S + X + the averaged
+    # weights 4*16*16*4 = 4096).
+    assert est.peak_bytes == 25088 + 5 * 8192 + 16384
+    assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
+
+
+def test_fused_attention_rules_apply_to_cpu_estimates_only(monkeypatch) -> None:
+    # CUDA estimates keep the unfused path (CUDA's fused kernels have other buffers): the fused
+    # kernels, and so their rule, appear in CPU estimates only.
+    import pytest_modelcheck.core.memory as memory
+
+    seen = []
+    rule = memory._attention_workspace
+    monkeypatch.setattr(memory, "_attention_workspace",
+                        lambda name, args: seen.append(name) or rule(name, args))
+    torch.manual_seed(0)
+    model = _SelfAttention()
+    x = torch.randn(4, 16, 32)
+    estimate_step_memory(model, x, phase="inference", device="cuda")
+    assert seen == []
+    estimate_step_memory(model, x, phase="inference")
+    assert seen == ["_native_multi_head_attention"]
+    mha = model.attn
+    args = (x, x, x, 32, 4, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+            mha.out_proj.bias, None, True, True, None)
+    # 5X + S above what was alive before, less the projection X and the weights it leaves
+    assert rule("_native_multi_head_attention", args) == 57344 - 8192 - 4096
