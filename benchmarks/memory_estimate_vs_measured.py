@@ -6,7 +6,8 @@ events) of one training step and one inference step, for every example model and
 Prints one row per model and phase: measured bytes, estimated bytes and their ratio. With
 ``--device cuda`` the model runs on the GPU and is measured by the caching allocator
 (``max_memory_allocated``), and the estimate is the CUDA one (512-byte blocks, no CPU
-kernel workspaces).
+kernel workspaces); the ``upper`` column adds cuDNN's largest convolution workspaces
+(``core/cuda_workspace.py``).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ def main() -> None:
              else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"# {where}, torch {torch.__version__}")
     sizes = [int(a) for a in args] or [1, 4, 8]
-    print(f"{'model':18} {'batch':>5} {'phase':9} {'measured':>12} {'estimated':>12} {'ratio':>7}")
+    print(f"{'model':18} {'batch':>5} {'phase':9} {'measured':>12} {'estimated':>12} {'ratio':>7}"
+          + (f" {'upper':>7}" if device.startswith("cuda") else ""))
     for name in MODELS:
         mod = importlib.import_module(f"example_models.{name}")
         torch.manual_seed(0)
@@ -51,9 +53,11 @@ def main() -> None:
             for phase in ("train", "inference"):
                 real = measure_step_memory(model, batch, loss, phase=phase)
                 est = estimate_step_memory(model, batch, loss, phase=phase, device=device)
+                upper = ("" if est.peak_upper_bytes is None
+                         else f" {est.peak_upper_bytes / real.peak_bytes:7.3f}")
                 print(f"{name:18} {size:5} {phase:9} {format_bytes(real.peak_bytes):>12}"
-                      f" {format_bytes(est.peak_bytes):>12} {est.peak_bytes / real.peak_bytes:7.3f}",
-                      flush=True)
+                      f" {format_bytes(est.peak_bytes):>12} {est.peak_bytes / real.peak_bytes:7.3f}"
+                      + upper, flush=True)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-# The CUDA estimate rounds every block to 512 bytes and models no cuBLAS/cuDNN workspace
-# beyond what goes through the caching allocator's accounting; the target is 10%.
+# The CUDA estimate rounds every block to 512 bytes; cuDNN's convolution workspaces are bounded
+# (peak_upper_bytes), not estimated: core/cuda_workspace.py. The target is 10%.
 CUDA_TOLERANCE = 0.10
 
 
@@ -76,7 +76,10 @@ CASES = {
 
 @pytest.mark.parametrize("phase", ["train", "inference"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_estimate_within_ten_percent_of_the_caching_allocator_peak(name: str, phase: str) -> None:
+def test_estimate_against_the_caching_allocator_peak(name: str, phase: str) -> None:
+    # Without convolutions the estimate itself is within 10%. With them, cuDNN's heuristic
+    # workspaces are left out of the estimate and bounded by peak_upper_bytes: the measured
+    # peak lies between the two (10% slack on each side).
     from pytest_modelcheck.core.memory import (METHOD_CUDA, estimate_step_memory,
                                                measure_step_memory)
 
@@ -87,10 +90,15 @@ def test_estimate_within_ten_percent_of_the_caching_allocator_peak(name: str, ph
     real = measure_step_memory(model, batch, loss, phase=phase)
     est = estimate_step_memory(model, batch, loss, phase=phase, device="cuda")
     assert real.method == METHOD_CUDA and not real.estimated and est.estimated
-    ratio = est.peak_bytes / real.peak_bytes
+    ratio, upper = est.peak_bytes / real.peak_bytes, est.peak_upper_bytes / real.peak_bytes
     print(f"{name} {phase}: measured {real.peak_bytes} estimated {est.peak_bytes}"
-          f" ratio {ratio:.3f} (measured phase {real.peak_phase}, estimated {est.peak_phase})")
-    assert abs(ratio - 1) <= CUDA_TOLERANCE, (name, phase, real.peak_bytes, est.peak_bytes)
+          f" ratio {ratio:.3f} upper {upper:.3f} (measured phase {real.peak_phase},"
+          f" estimated {est.peak_phase})")
+    has_conv = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if not has_conv:
+        assert est.peak_upper_bytes == est.peak_bytes
+        assert abs(ratio - 1) <= CUDA_TOLERANCE, (name, phase, real.peak_bytes, est.peak_bytes)
+    assert ratio <= 1 + CUDA_TOLERANCE and upper >= 1 - CUDA_TOLERANCE, (name, phase, ratio, upper)
 
 
 def test_memory_under_measures_on_the_gpu_and_fails_when_over() -> None:
