@@ -33,29 +33,26 @@ def _rounded(t: Any) -> int:
 
 
 def cudnn_workspace_bound(func: Any, args: tuple, out: Any) -> int:
-    """Bytes a cuDNN convolution could hold during ``func`` above what was alive before it:
-    its outputs plus the largest workspace (0 for other ops).
+    """Bytes a cuDNN convolution could hold as workspace during ``func``, above what is alive
+    once it returns (0 for other ops).
 
     ``args`` are the op's arguments in schema order. A 3x3 convolution of a 16x32x64x64
-    float input to 64 channels at stride 2: input 8 MiB, output 4 MiB, weight 72 KiB; the
-    output, then the workspace (input + output + weight).
+    float input to 64 channels at stride 2: input 8 MiB, output 4 MiB, weight 72 KiB.
 
     >>> import torch
     >>> x, w = torch.empty(16, 32, 64, 64, device="meta"), torch.empty(64, 32, 3, 3, device="meta")
     >>> y = torch.empty(16, 64, 32, 32, device="meta")
     >>> conv = torch.ops.aten.convolution.default
     >>> cudnn_workspace_bound(conv, (x, w, None, [2, 2], [1, 1], [1, 1], False, [0, 0], 1), y)
-    16850944
+    12656640
     >>> cudnn_workspace_bound(torch.ops.aten.mm.default, (x, w), y)
     0
     """
     name = func.overloadpacket.__name__
     if name == "convolution":
         inp, weight = args[0], args[1]
-        return _rounded(out) + _rounded(inp) + _rounded(out) + _rounded(weight)
+        return _rounded(inp) + _rounded(out) + _rounded(weight)
     if name == "convolution_backward":
         grad_out, inp, weight = args[0], args[1], args[2]
-        made = sum(_rounded(t) for t in out) if isinstance(out, (tuple, list)) else _rounded(out)
-        return made + int(BACKWARD_FACTOR * (_rounded(inp) + _rounded(grad_out)
-                                             + _rounded(weight)))
+        return int(BACKWARD_FACTOR * (_rounded(inp) + _rounded(grad_out) + _rounded(weight)))
     return 0
