@@ -13,59 +13,6 @@ def _validate(spec: Any = None) -> dict:
     return {"spec": validate_data_spec(spec)}
 
 
-def _padding_masks(data: Any) -> list:
-    """(B, N) inputs holding two values (0/1 or bool): ``[(tensor, bool mask, padding value), ...]``.
-
-    The padding value is the minority value (the real elements outnumber the padded ones in a
-    padded batch), so both conventions work: 1 = real (``mask``) and True = padded
-    (``key_padding_mask``).
-    """
-    import torch
-
-    out = []
-    for _, t in data.input_tensors():
-        if t.dim() != 2 or t.shape[0] != data.batch_size or t.is_complex():
-            continue
-        values = torch.unique(t.detach())
-        if values.numel() != 2 or not bool(((values == 0) | (values == 1)).all()):
-            continue
-        ones = int((t != 0).sum())
-        out.append((t, t != 0, ones * 2 < t.numel()))
-    return out
-
-
-def _constant_channels_unpadded(data: Any) -> list:
-    """The spec-free constant-channel check, skipping set/sequence positions that a mask input
-    marks as padding for every sample (a batch padded to a fixed length has such positions)."""
-    import torch
-
-    from ..core.datacheck import MIN_SAMPLES_FOR_CONSTANT, _fmt
-
-    problems: list = []
-    size = data.batch_size or 0
-    if size < MIN_SAMPLES_FOR_CONSTANT:
-        return problems
-    masks = _padding_masks(data)
-    skip = f"input[0][{data.target_key!r}]" if data.target_key else None
-    for path, t in data.input_tensors():
-        if not t.is_floating_point() or t.dim() < 2 or t.shape[0] != size or path == skip or any(
-                t is m for m, _, _ in masks):  # a mask's columns are constant where padded
-            continue
-        flat = t.detach().movedim(1, 0).reshape(t.shape[1], -1)
-        if flat.shape[1] < 2:
-            continue
-        const = (flat == flat[:, :1]).all(dim=1) & torch.isfinite(flat).all(dim=1)
-        for _, mask, pad in masks:
-            if t.dim() >= 3 and mask.shape == t.shape[:2]:
-                const &= ~(mask == pad).all(dim=0)  # padded in every sample: constant by design
-        for c in const.nonzero().flatten().tolist()[:1]:
-            problems.append((f"channel {c} of {path} to vary across the {size} samples",
-                             f"the constant {_fmt(float(flat[c, 0]))} (a dead sensor, a fill value"
-                             " or a broken normalization; if intended, pass"
-                             " spec={'constant_channels': False})"))
-    return problems
-
-
 @check(default=True, validate=_validate)
 def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
               device: Any = None) -> CheckResult:
@@ -92,11 +39,7 @@ def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
     from ..core.forward import run_forward
 
     data = batch.clone()
-    if (spec or {}).get("constant_channels", True):
-        problems = batch_problems(data, {**(spec or {}), "constant_channels": False})
-        problems += _constant_channels_unpadded(data)
-    else:
-        problems = batch_problems(data, spec)
+    problems = batch_problems(data, spec)
     with torch.no_grad():  # the model accepts the data (a ModelError names the module otherwise)
         run_forward(copy_model(model).to(device).eval(), data.clone().to(device))
     metrics = {"problems": len(problems), "batch_size": data.batch_size,

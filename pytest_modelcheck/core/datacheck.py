@@ -239,22 +239,53 @@ def _check_tensor(label: str, t: Any, f: dict, env: dict) -> list:
     return problems
 
 
+def _padding_masks(data: Batch) -> list:
+    """(B, N) inputs holding two values (0/1 or bool): ``[(tensor, bool mask, padding value), ...]``.
+
+    The padding value is the minority value (the real elements outnumber the padded ones in a
+    padded batch), so both conventions work: 1 = real (``mask``) and True = padded
+    (``key_padding_mask``).
+    """
+    import torch
+
+    out = []
+    for _, t in data.input_tensors():
+        if t.dim() != 2 or t.shape[0] != data.batch_size or t.is_complex():
+            continue
+        values = torch.unique(t.detach())
+        if values.numel() != 2 or not bool(((values == 0) | (values == 1)).all()):
+            continue
+        ones = int((t != 0).sum())
+        out.append((t, t != 0, ones * 2 < t.numel()))
+    return out
+
+
 def _constant_channels(batch: Batch) -> list:
-    """Floating inputs (B, C, ...) with B >= 4 whose channel c is one value over the whole batch."""
+    """Floating inputs (B, C, ...) with B >= 4 whose channel c is one value over the whole batch.
+
+    Positions of a ``(B, N, ...)`` set or sequence that a ``(B, N)`` mask input marks as
+    padding in every sample are exempt (a batch padded to a fixed length has them), and so are
+    the mask's own columns.
+    """
     import torch
 
     problems = []
     size = batch.batch_size or 0
     if size < MIN_SAMPLES_FOR_CONSTANT:
         return problems
+    masks = _padding_masks(batch)
     skip = f"input[0][{batch.target_key!r}]" if batch.target_key else None
     for path, t in batch.input_tensors():
-        if not t.is_floating_point() or t.dim() < 2 or t.shape[0] != size or path == skip:
+        if not t.is_floating_point() or t.dim() < 2 or t.shape[0] != size or path == skip or any(
+                t is m for m, _, _ in masks):
             continue
         flat = t.detach().movedim(1, 0).reshape(t.shape[1], -1)
         if flat.shape[1] < 2:
             continue
         const = (flat == flat[:, :1]).all(dim=1) & torch.isfinite(flat).all(dim=1)
+        for _, mask, pad in masks:
+            if t.dim() >= 3 and mask.shape == t.shape[:2]:
+                const &= ~(mask == pad).all(dim=0)  # padded in every sample: constant by design
         for c in const.nonzero().flatten().tolist()[:1]:
             problems.append((f"channel {c} of {path} to vary across the {size} samples",
                              f"the constant {_fmt(float(flat[c, 0]))} (a dead sensor, a fill value"

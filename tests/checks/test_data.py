@@ -88,6 +88,22 @@ def test_positions_padded_in_every_sample_are_not_dead_channels():
                                  " observed the constant 0.5")
 
 
+def test_a_loader_of_padded_batches_is_checked_the_same_way():
+    # check_data (loaders) and data_sane (one batch) share the constant-channel rule
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 10, 3, generator=g)
+    mask = torch.ones(16, 10)
+    mask[:, 7:] = 0
+    x[:, 7:] = 0
+    def batches():  # dict batches, as a collate function of a set model yields them
+        return [{"x": x[i:i + 8], "mask": mask[i:i + 8]} for i in (0, 8)]
+
+    assert check_data(batches()).passed is True
+    x[:, 2] = 0.5
+    bad = check_data(batches())
+    assert bad.passed is False and "channel 2" in bad.headline, bad.headline
+
+
 def test_healthy_images_pass_a_full_spec():
     x, y = _images(64)
     spec = {0: {"shape": ("B", 3, "H", "W"), "dtype": "float32", "mean": 0.0, "std": 1.0,
