@@ -817,14 +817,9 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             baseline = _tracker_total(tracker.get_tracker_snapshot("current"), tracker.target)
             tracker.phase_peaks.clear()
             upper: dict = {}
-            workspace = contextlib.ExitStack()
-            if not cuda_like:
-                workspace.enter_context(_workspaces(tracker, _kernel_workspace))
-            elif dev.type == "cuda":
-                workspace.enter_context(_workspaces(tracker, _cuda_attention_workspace))
-                workspace.enter_context(_workspaces(tracker, cudnn_workspace_bound, upper))
             fused = dev.type in ("cpu", "cuda") and not _nested_encoder(work)
-            with _tracking(tracker), workspace, _mha_fastpath(fused), _quiet_fake_tensor_log():
+            with _tracking(tracker), _device_workspaces(tracker, dev, upper), \
+                    _mha_fastpath(fused), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp)
     except UsageError:
@@ -1146,20 +1141,25 @@ def _act(snapshot: dict, target: Any) -> int:
 # Buffers that CPU kernels allocate inside themselves, below the dispatcher, so that MemTracker
 # never sees them. Each rule gives, from the op's shapes and dtype alone, how far the kernel's
 # own peak rises above what is alive once the op has returned (its outputs included). They
-# were read off the profiler's allocator events inside each op (torch 2.x, x86 with AVX-512,
-# float32) and apply to CPU estimates only: CUDA kernels have other workspaces (cuDNN, cuFFT),
-# which are not modelled.
+# were read off the profiler's allocator events inside each op (torch 2.x, float32, x86 with
+# AVX-512, and with oneDNN capped at AVX2) and apply to CPU estimates only: CUDA kernels have
+# other workspaces (cuDNN, cuFFT), which are not modelled.
 #
-# oneDNN convolution (``_select_conv_backend`` says Mkldnn, groups == 1). P(c) is c rounded up
-# to a multiple of 16 (oneDNN's blocked layouts pad channels to 16); S_in/S_out the spatial
-# sizes, K the kernel volume, b the element size.
+# oneDNN convolution (``_select_conv_backend`` says Mkldnn, groups == 1). oneDNN's kernels depend
+# on the instruction set it runs with (``_onednn_isa``: the CPU's, capped by ONEDNN_MAX_CPU_ISA):
+# its AVX-512 kernels block channels by B = 16, its AVX2 ones by B = 8 (checked on an AVX-512
+# CPU with ONEDNN_MAX_CPU_ISA=AVX2, against ONEDNN_VERBOSE's kernel names and the allocator).
+# Below AVX2 (SSE4.1, other architectures) no oneDNN workspace is added. P(c) is c rounded up
+# to a multiple of B; S_in/S_out the spatial sizes, K the kernel volume, b the element size.
 #   forward: the result is computed in a blocked copy dst_b = N*P(Cout)*S_out*b, then reordered
-#     into the output and freed. With Cin >= 16 the input is first reordered too,
-#     src_b = N*P(Cin)*S_in*b, with a blocked weight w_b = P(Cout)*P(Cin)*K*b (Cin < 16: the
-#     input is read as it is). Peak above the output: max(src_b + w_b + dst_b - out, dst_b).
+#     into the output and freed. With Cin >= B the input is first reordered too,
+#     src_b = N*P(Cin)*S_in*b, with a blocked weight w_b = P(Cout)*P(Cin)*K*b (Cin < B: the
+#     input is read as it is, w_b = P(Cout)*Cin*K*b). With a bias and Cout % B, the scratchpad
+#     holds the bias padded to P(Cout) (plus 128), alive with them: bias_p. Peak above the
+#     output: max(bias_p + src_b + w_b + dst_b - out, dst_b).
 #   backward, input gradient: blocked grad_output gout_b = N*P(Cout)*S_out*b, blocked weight
-#     P(Cout)*P(Cin)*K*b and blocked grad_input gin_b = N*P(Cin)*S_in*b, alive together; then
-#     the plain grad_input (gin) beside gin_b.
+#     P(Cout)*P(Cin)*K*b and blocked grad_input gin_b = N*P(Cin)*S_in*b (any Cin), alive
+#     together; then the plain grad_input (gin) beside gin_b.
 #   backward, weight gradient (gin alive). The kernel follows oneDNN's dispatch for plain f32
 #     data (``_weight_grad_kernel``): the first kernel whose checks pass, AVX-512, AVX2, else
 #     GEMM. Each books a scratchpad, allocated through torch's allocator for the call, whose
@@ -1167,17 +1167,20 @@ def _act(snapshot: dict, target: Any) -> int:
 #     alignment (128 bytes; 4096 for page-aligned ones) and a barrier entry takes 8192 bytes
 #     for one barrier (src/common/memory_tracking.hpp; the barrier size was read off the
 #     allocator). With G the bias-gradient bytes:
-#     - Cin >= 16, or Cin <= 3 (a "first convolution": the input is read as it is), when its
-#       padding checks pass (e.g. not a 3x3x3 kernel over a 1x1x1 input), the AVX-512
-#       kernel (src/cpu/x64/jit_avx512_common_conv_kernel.cpp): gout_b, src_b (Cin >= 16) and
-#       the blocked weight gradient, plus G and its scratchpad: with nthr_mb threads splitting
-#       the minibatch (its ``balance()``), (nthr_mb - 1) partial weight+bias gradients and a
-#       barrier; a padded bias gradient when Cout % 16; the bias reducer (cpu_reducer.cpp,
-#       ``reduce_balancer_t``): the partial bias sums of all but one thread of each group.
+#     - with AVX-512 only: Cin >= 16, or Cin <= 3 (a "first convolution": the input is read as
+#       it is), when its padding checks pass (e.g. not a 3x3x3 kernel over a 1x1x1 input), the
+#       AVX-512 kernel (src/cpu/x64/jit_avx512_common_conv_kernel.cpp): gout_b, src_b
+#       (Cin >= 16) and the blocked weight gradient, plus G and its scratchpad: with nthr_mb
+#       threads splitting the minibatch (its ``balance()``), (nthr_mb - 1) partial
+#       weight+bias gradients and a barrier; a padded bias gradient when Cout % 16; the bias
+#       reducer (cpu_reducer.cpp, ``reduce_balancer_t``): the partial bias sums of all but one
+#       thread of each group.
 #     - otherwise the AVX2 kernel when its padding checks pass (no depth padding in 3D, kernel
 #       width < 14, ...; jit_avx2_conv_kernel_f32.cpp): 8-channel blocks,
-#       n*P8(Cout)*S_out*b + n*P8(Cin)*S_in*b + P8(Cout)*P8(Cin)*K*b, plus G and a scratchpad
-#       of a padded bias gradient (Cout % 8) and two reducers (bias; weight, K*64 floats a job).
+#       n*P8(Cout)*S_out*b + n*P8(Cin)*S_in*b + P8(Cout)*P8(Cin)*K*b (Cin == 3 is read as it
+#       is: n*P8(Cout)*S_out*b + P8(Cout)*3*K*b), plus G and a scratchpad of a padded bias
+#       gradient (Cout % 8) and two reducers (bias; weight, K*8*8 floats a job, K*3*8 for
+#       Cin == 3).
 #     - otherwise im2col + GEMM (src/cpu/gemm_convolution_utils.cpp, init_conf, ncsp
 #       backward_weights), which reads the plain tensors; its scratchpad: nthr * W * 4 bytes
 #       (per-thread partial weight gradients; W = the weight's bytes, booked as that many
@@ -1188,7 +1191,7 @@ def _act(snapshot: dict, target: Any) -> int:
 #   channels-last input (e.g. tokens of a Swin block viewed back as an image): oneDNN works
 #     in that layout, so only the weight is copied (its bytes) and reordered,
 #     P(Cout)*Cin*K*b (twice in backward); a non-contiguous grad_output is first copied.
-#   transposed: the blocked input (Cin >= 16) and weight during the op, or, with a bias, a second
+#   transposed: the blocked input (Cin >= B) and weight during the op, or, with a bias, a second
 #     output-sized tensor (the bias added out of place); backward: gin beside gin_b, then gin
 #     beside grad_output and src_b.
 # im2col convolution (``_select_conv_backend`` says Slow2d/Slow3d, chosen for tiny batches, e.g.
@@ -1219,11 +1222,65 @@ def _act(snapshot: dict, target: Any) -> int:
 # destroyed by the transform, and an intermediate complex buffer), over one dimension once;
 # ``_fft_r2c``/``_fft_c2c`` of a non-contiguous input make a contiguous copy first.
 
-_CONV_BLOCK = 16
+_CONV_BLOCK = 16  # the channel block of oneDNN's AVX-512 kernels
 
 
 def _pad16(c: int) -> int:
     return -(-int(c) // _CONV_BLOCK) * _CONV_BLOCK
+
+
+# oneDNN's channel block for f32 convolutions per instruction set: 16 floats in an AVX-512
+# register, 8 in an AVX2 one.
+_ISA_BLOCK = {"avx512": 16, "avx2": 8}
+
+
+_CPU_ISA: list = []  # the hardware's, found once
+
+
+def _cpu_isa() -> str:
+    """The widest instruction set among those oneDNN's f32 convolutions are modelled for that
+    this CPU has: "avx512" (oneDNN's avx512_core: AVX-512 F/BW/VL/DQ), "avx2", or "".
+
+    Read from the hardware (cpuinfo, through torch.cpu), not from
+    torch.backends.cpu.get_cpu_capability(), which ATEN_CPU_CAPABILITY lowers without
+    changing what oneDNN runs."""
+    import torch
+
+    if not _CPU_ISA:
+        try:
+            isa = "avx512" if torch.cpu._is_avx512_supported() else \
+                "avx2" if torch.cpu._is_avx2_supported() else ""
+        except Exception:  # noqa: BLE001 - an older torch: ATen's capability (env can lower it)
+            capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+            isa = "avx512" if capability.startswith("AVX512") else \
+                "avx2" if capability == "AVX2" else ""
+        _CPU_ISA.append(isa)
+    return _CPU_ISA[0]
+
+
+def _onednn_isa() -> str:
+    """The instruction set oneDNN's f32 convolution kernels use here: "avx512", "avx2", or ""
+    (an older x86 CPU, another architecture, or a limit below AVX2: not modelled).
+
+    oneDNN takes the widest the CPU has, capped by ONEDNN_MAX_CPU_ISA (or DNNL_MAX_CPU_ISA;
+    src/cpu/x64/cpu_isa_traits.cpp, get_max_cpu_isa), which it reads once, at its first use:
+    this assumes the variable has not been changed in this process since. A value it does not
+    know leaves the CPU's own."""
+    import os
+
+    isa = _cpu_isa()
+    limit = ""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        if os.environ.get(name):
+            limit = os.environ[name].strip().upper()
+            break
+    if not isa or limit in ("", "ALL", "DEFAULT") or limit.startswith(("AVX512", "AVX10")):
+        return isa
+    if limit.startswith("AVX2"):  # AVX2, AVX2_VNNI, AVX2_VNNI_2
+        return "avx2"
+    if limit in ("SSE41", "AVX"):
+        return ""
+    return isa
 
 
 def _numel(shape: Any) -> int:
@@ -1266,19 +1323,28 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
     b, n = inp.element_size(), int(inp.shape[0])
     s_in, s_out, k = _numel(inp.shape[2:]), _numel(out.shape[2:]), _numel(weight.shape[2:])
     out_bytes = out.numel() * out.element_size()
+    block = _ISA_BLOCK.get(_onednn_isa(), 0)
+    if backend in ("Mkldnn", "MkldnnTranspose") and not block:
+        return 0  # oneDNN's kernels below AVX2 (or off x86) are not modelled
+
+    def pad(c: int) -> int:
+        return _cdiv(c, block) * block
+
     if backend == "Mkldnn" and _channels_last(inp):
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
-        return weight.numel() * b + _pad16(cout) * cin * k * b
+        return weight.numel() * b + pad(cout) * cin * k * b
     if backend == "Mkldnn":
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
-        blocked = cin >= _CONV_BLOCK
-        src_b = n * _pad16(cin) * s_in * b if blocked else 0
-        w_b = _pad16(cout) * (_pad16(cin) if blocked else cin) * k * b
-        dst_b = n * _pad16(cout) * s_out * b
-        return max(src_b + w_b + dst_b - out_bytes, dst_b)
+        blocked = cin >= block
+        src_b = n * pad(cin) * s_in * b if blocked else 0
+        w_b = pad(cout) * (pad(cin) if blocked else cin) * k * b
+        dst_b = n * pad(cout) * s_out * b
+        # a bias zero-padded to the block, booked in the kernel's scratchpad
+        bias_p = pad(cout) * b + _SCRATCHPAD_PAD if bias is not None and cout % block else 0
+        return max(bias_p + src_b + w_b + dst_b - out_bytes, dst_b)
     if backend == "MkldnnTranspose":
         cin = int(inp.shape[1])
-        src_b = n * _pad16(cin) * s_in * b if cin >= _CONV_BLOCK else 0
+        src_b = n * pad(cin) * s_in * b if cin >= block else 0
         w_b = weight.numel() * b
         return max(src_b + w_b, out_bytes if bias is not None else 0)
     if backend in ("Slow2d", "Slow3d"):
@@ -1308,22 +1374,30 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
     cin, cout = int(inp.shape[1]), int(gout.shape[1])
     done = sum(t.numel() * t.element_size() for t in outs if _is_tensor(t))
     gin = inp.numel() * b if mask[0] else 0
-    gin_b = n * _pad16(cin) * s_in * b
-    blocked = cin >= _CONV_BLOCK
-    src_b = n * _pad16(cin) * s_in * b if blocked else 0
+    block = _ISA_BLOCK.get(_onednn_isa(), 0)
+    if backend in ("Mkldnn", "MkldnnTranspose") and not block:
+        return 0  # oneDNN's kernels below AVX2 (or off x86) are not modelled
+
+    def pad(c: int) -> int:
+        return _cdiv(c, block) * block
+
+    gin_b = n * pad(cin) * s_in * b
+    blocked = cin >= block
+    src_b = n * pad(cin) * s_in * b if blocked else 0
     if backend == "Mkldnn" and _channels_last(inp):
-        return weight.numel() * b + 2 * _pad16(cout) * cin * k * b
+        return weight.numel() * b + 2 * pad(cout) * cin * k * b
     if backend == "Mkldnn":
-        gout_b = n * _pad16(cout) * s_out * b
-        stage1 = max(gout_b + _pad16(cout) * _pad16(cin) * k * b + gin_b, gin_b + gin) \
+        gout_b = n * pad(cout) * s_out * b
+        stage1 = max(gout_b + pad(cout) * pad(cin) * k * b + gin_b, gin_b + gin) \
             if mask[0] else 0
-        gw_b = _pad16(cout) * (_pad16(cin) if blocked else cin) * k * b
+        gw_b = pad(cout) * (pad(cin) if blocked else cin) * k * b
         stage2 = gin + gout_b + src_b + gw_b if mask[1] else 0
         kernel = _weight_grad_kernel(inp, weight, gout, stride, padding, dilation) \
             if mask[1] and b == 4 else ""
-        if kernel == "avx2":  # 8-channel blocks, the input copied too
-            stage2 = gin + (n * _pad8(cout) * s_out + n * _pad8(cin) * s_in
-                            + _pad8(cout) * _pad8(cin) * k) * b
+        if kernel == "avx2":  # 8-channel blocks; the input copied too, unless Cin == 3 (flat)
+            flat = cin == 3
+            stage2 = gin + (n * _pad8(cout) * s_out + (0 if flat else n * _pad8(cin) * s_in)
+                            + _pad8(cout) * (cin if flat else _pad8(cin)) * k) * b
         if kernel:
             scratch = _weight_grad_scratchpad(kernel, inp, weight, gout, stride, padding,
                                               bool(mask[2]))
@@ -1382,7 +1456,8 @@ def _weight_grad_kernel(inp: Any, weight: Any, gout: Any, stride: Any, padding: 
     (jit_avx2_conv_bwd_weights_kernel_f32::init_conf: its padding checks, no depth padding),
     else "gemm" (gemm_convolution_bwd_weights_t); "" where unsure (dilation)."""
     cin = int(inp.shape[1])
-    if any(int(d) != 1 for d in dilation):
+    isa = _onednn_isa()
+    if any(int(d) != 1 for d in dilation) or not isa:
         return ""
     g = _conv_geometry(inp, weight, gout, stride, padding)
     (kd, kh, kw), (pd, ph, pw) = g["k"], g["pad"]
@@ -1391,7 +1466,7 @@ def _weight_grad_kernel(inp: Any, weight: Any, gout: Any, stride: Any, padding: 
     avx512 = (kw <= 14 and pw < kw and ew < kw and pw <= 28 and ew <= 28
               and ph <= kh // 2 and eh <= kh // 2 and pd < kd and ed < kd
               and (pd == 0 or kd < id_ + pd))
-    if avx512 and (cin >= _CONV_BLOCK or cin <= 3):
+    if avx512 and (cin >= _CONV_BLOCK or cin <= 3) and isa == "avx512":
         return "avx512"
     avx2 = (kw < 14 and pw < kw and ew < kw and ph < kh and eh < kh and kh <= ph + ih
             and kh <= ih and pd == 0 and ed == 0 and kd <= id_)
@@ -1487,12 +1562,14 @@ def _weight_grad_scratchpad(kernel: str, inp: Any, weight: Any, gout: Any, strid
     if kernel == "gemm":
         return _gemm_weight_grad_scratchpad(inp, weight, gout, stride, threads)
     if kernel == "avx2":
-        nb_ic, nb_oc = _pad8(cin) // 8, _pad8(cout) // 8
+        # Cin == 3 is read flat: one block of 3 input channels
+        ic_block, nb_ic = (3, 1) if cin == 3 else (8, _pad8(cin) // 8)
+        nb_oc = _pad8(cout) // 8
         total = _pad8(cout) * 4 + _SCRATCHPAD_PAD if bias and cout % 8 else 0
         if bias:
             total += _reducer_scratchpad(threads, 8, nb_oc, n, 1 << 21)
-        return total + _reducer_scratchpad(threads, ks * 64, nb_ic * nb_oc, n * g["out"][0],
-                                           1 << 21)
+        return total + _reducer_scratchpad(threads, ks * ic_block * 8, nb_ic * nb_oc,
+                                           n * g["out"][0], 1 << 21)
     first = cin < _CONV_BLOCK
     ic_block = cin if first else _CONV_BLOCK
     nb_ic = 1 if first else _pad16(cin) // _CONV_BLOCK
@@ -1638,6 +1715,20 @@ def _cuda_attention_workspace(func: Any, args: tuple, out: Any) -> int:
     if name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
         return _attention_workspace(name, args)
     return 0
+
+
+@contextlib.contextmanager
+def _device_workspaces(tracker: Any, dev: Any, upper: dict) -> Iterator[None]:
+    """The workspace rules of the estimate's target device, entered inside the tracker (each
+    rule reads what the tracker holds after the op): CPU kernel rules; on CUDA the attention
+    rules, and cuDNN's convolution workspaces as an upper bound into ``upper``."""
+    with contextlib.ExitStack() as stack:
+        if dev.type in ("cpu", "meta"):
+            stack.enter_context(_workspaces(tracker, _kernel_workspace))
+        elif dev.type == "cuda":
+            stack.enter_context(_workspaces(tracker, _cuda_attention_workspace))
+            stack.enter_context(_workspaces(tracker, cudnn_workspace_bound, upper))
+        yield
 
 
 @contextlib.contextmanager

@@ -12,9 +12,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pytest_modelcheck.core.memory import estimate_step_memory, measure_step_memory
+from pytest_modelcheck.core.memory import _onednn_isa, estimate_step_memory, measure_step_memory
 
 TOLERANCE = 0.05
+
+# The instruction set oneDNN's convolutions run with in this process (ONEDNN_MAX_CPU_ISA=AVX2
+# before torch is imported emulates an AVX2-only CPU on an AVX-512 one). The byte counts
+# derived by hand below hold for one ISA's kernels only.
+ISA = _onednn_isa()
+avx512_only = pytest.mark.skipif(
+    ISA != "avx512", reason=f"byte counts of oneDNN's AVX-512 kernels (16-channel blocks); "
+                            f"oneDNN runs {ISA or 'unmodelled'} kernels here")
+avx2_only = pytest.mark.skipif(
+    ISA != "avx2", reason=f"byte counts of oneDNN's AVX2 kernels (8-channel blocks); oneDNN "
+                          f"runs {ISA or 'unmodelled'} kernels here (ONEDNN_MAX_CPU_ISA=AVX2 "
+                          f"emulates them)")
+onednn_modelled = pytest.mark.skipif(
+    not ISA, reason="oneDNN's kernels below AVX2 (or off x86) are not modelled")
 
 
 class UNet2d(nn.Module):
@@ -126,9 +140,11 @@ def test_estimate_within_five_percent_of_measured_peak(name: str, phase: str) ->
     assert abs(ratio - 1) <= TOLERANCE, (name, phase, real.peak_bytes, est.peak_bytes, ratio)
 
 
+@onednn_modelled
 def test_workspace_rules_apply_to_cpu_estimates_only() -> None:
     # A 3D convolution with 16 channels: oneDNN's blocked copies are counted on CPU, and the
-    # CUDA estimate (other kernels, other workspaces) does not take them.
+    # CUDA estimate (other kernels, other workspaces) does not take them. 16 channels fill
+    # whole blocks of 16 (AVX-512) and of 8 (AVX2): the same bytes with either.
     torch.manual_seed(0)
     model = nn.Conv3d(16, 16, 3, padding=1)
     x = torch.randn(2, 16, 8, 8, 8)
@@ -193,6 +209,7 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
     return [n for n in sizes if n > 0], peak - running, rule
 
 
+@onednn_modelled
 @pytest.mark.parametrize("threads", [1, 2, 4])
 def test_gemm_weight_gradient_scratchpad_per_thread(threads: int) -> None:
     # UNet3d's output convolution, 12 -> 1 channels, 3x3x3 with depth padding: neither oneDNN's
@@ -211,6 +228,7 @@ def test_gemm_weight_gradient_scratchpad_per_thread(threads: int) -> None:
     assert measured == rule == expected
 
 
+@avx512_only
 def test_avx512_weight_gradient_scratchpad() -> None:
     # 16 -> 16 channels, 3x3, batch 4 on 2 threads: oneDNN's AVX-512 kernel splits the minibatch
     # over both threads (nthr_mb = 2), so one thread's partial weight and bias gradients,
@@ -229,6 +247,7 @@ def test_avx512_weight_gradient_scratchpad() -> None:
     assert measured == rule == 262144 + 262144 + scratch
 
 
+@avx512_only
 def test_avx512_first_convolution_weight_gradient_scratchpad() -> None:
     # 3 -> 8 channels (a first convolution: the input is read as it is), 3x3, batch 4, 2 threads:
     # one partial weight+bias gradient (16*3*9 + 16)*4 = 1792 + 128 and a barrier 8192; a
@@ -245,8 +264,10 @@ def test_avx512_first_convolution_weight_gradient_scratchpad() -> None:
     assert measured == rule == 262144 + 1728 - 864 + scratch
 
 
+@onednn_modelled
 def test_avx2_weight_gradient_scratchpad() -> None:
-    # 4 -> 1 channels, 3x3, batch 4, 2 threads: oneDNN's AVX2 kernel (8-channel blocks). Its
+    # 4 -> 1 channels, 3x3, batch 4, 2 threads: oneDNN's AVX2 kernel (8-channel blocks; with
+    # AVX-512 too, whose kernel takes 4 <= Cin < 16 only as a first convolution, Cin <= 3). Its
     # scratchpad: a padded bias gradient 8*4 = 32 + 128; the bias reducer (one job of 8 floats,
     # reduced over the batch by both threads) 32 + 4096 + 8192; the weight reducer (one job of
     # 3*3*8*8 = 576 floats) 2304 + 4096 + 8192.
@@ -261,6 +282,125 @@ def test_avx2_weight_gradient_scratchpad() -> None:
     # blocked weight gradient 8*8*9*4 = 2304, less the plain one 1*4*9*4 = 144 that outlives
     # the op
     assert measured == rule == 131072 + 131072 + 2304 - 144 + scratch
+
+
+@avx2_only
+def test_avx2_weight_gradient_of_a_16_channel_convolution() -> None:
+    # The convolution of test_avx512_weight_gradient_scratchpad (16 -> 16, 3x3, batch 4, 2
+    # threads) on AVX2: oneDNN's AVX2 kernel, 2 x 2 blocks of 8 channels. Its reducers split
+    # the 4 (weight) and 2 (bias) block jobs over the 2 threads, none reduced over the batch,
+    # and 16 % 8 == 0 leaves no padded bias: no scratchpad at all.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 32, 32)
+    sizes, measured, rule = _conv_backward_allocations(conv, x, 2)
+    # blocked grad_output and input, 4*16*1024*4 = 262144 each, the blocked weight gradient
+    # 9216 and bias gradient 64 (as big as the plain ones that outlive the op)
+    assert sorted(sizes) == [64, 64, 9216, 9216, 262144, 262144]
+    assert measured == rule == 262144 + 262144
+
+
+@avx2_only
+def test_avx2_first_convolution_weight_gradient_scratchpad() -> None:
+    # 3 -> 8 channels, 3x3, batch 4, 2 threads on AVX2: the AVX2 kernel reads a 3-channel input
+    # as it is (flat; jit_avx2_conv_bwd_weights_kernel_f32::init_conf, ic == 3), its weight
+    # gradient in blocks of 8 output channels, 8*3*9*4 = 864 (the plain size). Scratchpad: no
+    # padded bias (8 % 8 == 0); the bias reducer (one job of 8 floats, reduced over the batch
+    # by both threads) 32 + 4096 + 8192; the weight reducer (one job of 3*3*3*8 = 216 floats)
+    # 864 + 4096 + 8192.
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    x = torch.randn(4, 3, 32, 32)
+    scratch = 32 + 4096 + 8192 + 864 + 4096 + 8192
+    assert scratch == 25472
+    sizes, measured, rule = _conv_backward_allocations(conv, x, 2)
+    assert scratch in sizes
+    # beside it: blocked grad_output 4*8*1024*4 = 131072 and the blocked weight and bias
+    # gradients, as big as the plain ones that outlive the op
+    assert measured == rule == 131072 + scratch
+
+
+@pytest.mark.parametrize("isa", [
+    pytest.param("avx512", marks=avx512_only), pytest.param("avx2", marks=avx2_only)])
+def test_forward_blocked_copies_of_a_12_channel_convolution(isa: str) -> None:
+    # 12 -> 12 channels, 3x3, batch 4, inference. Alive before: input 4*12*1024*4 = 196608,
+    # weight 12*12*9*4 = 5184, bias 48: 201840. Both kernels pad the bias to a whole block in
+    # their scratchpad, 16*4 + 128 = 192, and compute into a blocked output 4*16*1024*4 =
+    # 262144, reordered into the output 196608 and freed.
+    torch.manual_seed(0)
+    model = nn.Conv2d(12, 12, 3, padding=1)
+    x = torch.randn(4, 12, 32, 32)
+    est = estimate_step_memory(model, x, phase="inference")
+    if isa == "avx512":
+        # Cin = 12 < 16: a first convolution, the input read as it is and the weight in blocks
+        # of 16 output channels only, 16*12*9*4 = 6912; the peak is the blocked output beside
+        # the output.
+        inside = max(192 + 6912 + 262144, 262144 + 196608)
+    else:
+        # Cin = 12 >= 8: the input copied into blocks of 8 channels, 4*16*1024*4 = 262144, and
+        # the weight, 16*16*9*4 = 9216, beside the scratchpad and the blocked output.
+        inside = max(192 + 262144 + 9216 + 262144, 262144 + 196608)
+    assert est.peak_bytes == 201840 + inside
+    assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
+
+
+@pytest.mark.parametrize("limit,cpu,isa", [
+    ("", "avx512", "avx512"), ("AVX2", "avx512", "avx2"), ("avx2_vnni", "avx512", "avx2"),
+    ("AVX512_CORE", "avx512", "avx512"), ("AVX512_CORE", "avx2", "avx2"),
+    ("AVX10_1_512", "avx512", "avx512"), ("SSE41", "avx512", ""), ("AVX", "avx2", ""),
+    ("ALL", "avx2", "avx2"), ("not-an-isa", "avx512", "avx512"), ("", "", "")])
+def test_onednn_isa_follows_the_cpu_and_its_limit(monkeypatch, limit: str, cpu: str,
+                                                  isa: str) -> None:
+    import pytest_modelcheck.core.memory as memory
+
+    monkeypatch.setattr(memory, "_cpu_isa", lambda: cpu)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
+    assert memory._onednn_isa() == isa
+    # the older name is read where the newer one is not set
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", limit)
+    assert memory._onednn_isa() == isa
+
+
+def test_unmodelled_isa_adds_no_onednn_workspace(monkeypatch) -> None:
+    # Below AVX2 oneDNN picks kernels (SSE4.1, reference) that are not modelled: no oneDNN
+    # workspace is added rather than another ISA's numbers. The im2col rule does not depend
+    # on oneDNN and stays.
+    import pytest_modelcheck.core.memory as memory
+
+    monkeypatch.setattr(memory, "_onednn_isa", lambda: "")
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    x = torch.randn(4, 16, 32, 32)
+    out = conv(x)
+    args = (x, conv.weight, conv.bias, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+    assert memory._conv_forward_workspace(args, out) == 0
+    bargs = (torch.randn_like(out), x, conv.weight, [16], [1, 1], [1, 1], [1, 1], False,
+             [0, 0], 1, [True, True, True])
+    outs = torch.ops.aten.convolution_backward(*bargs)
+    assert memory._conv_backward_workspace(bargs, outs) == 0
+    one = torch.randn(1, 16, 32, 32)  # one sample: im2col (Slow2d), 16*9*1024*4 columns
+    assert memory._conv_forward_workspace((one, *args[1:]), conv(one)) == 16 * 9 * 1024 * 4
+
+
+@pytest.mark.skipif(ISA != "avx512", reason="emulates AVX2 on an AVX-512 CPU")
+def test_avx_two_counterparts_under_emulation() -> None:
+    # On an AVX-512 CPU the AVX2 tests above are skipped; run them in a fresh process with
+    # oneDNN capped at AVX2 (the limit must be set before torch is imported).
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PYTEST_XDIST", "PYTEST_ADDOPTS"))}
+    env.update(ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           __file__, "-k", "avx2", "-rs"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "skipped" not in summary and " passed" in summary, summary
 
 
 class _PaddedEncoderLayer(nn.Module):
@@ -317,9 +457,9 @@ def test_fused_multi_head_attention_buffers_of_a_cpu_estimate() -> None:
     assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
 
 
-def test_fused_attention_rules_apply_to_cpu_estimates_only(monkeypatch) -> None:
-    # CUDA estimates keep the unfused path (CUDA's fused kernels have other buffers): the fused
-    # kernels, and so their rule, appear in CPU estimates only.
+def test_fused_attention_rules_apply_to_cpu_and_cuda_estimates(monkeypatch) -> None:
+    # Both CPU and CUDA estimates run the fused path and call the rule (CUDA's through
+    # _cuda_attention_workspace); other devices keep the unfused path.
     import pytest_modelcheck.core.memory as memory
 
     seen = []
@@ -330,9 +470,9 @@ def test_fused_attention_rules_apply_to_cpu_estimates_only(monkeypatch) -> None:
     model = _SelfAttention()
     x = torch.randn(4, 16, 32)
     estimate_step_memory(model, x, phase="inference", device="cuda")
-    assert seen == []
-    estimate_step_memory(model, x, phase="inference")
     assert seen == ["_native_multi_head_attention"]
+    estimate_step_memory(model, x, phase="inference")
+    assert seen == ["_native_multi_head_attention"] * 2
     mha = model.attn
     args = (x, x, x, 32, 4, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
             mha.out_proj.bias, None, True, True, None)
