@@ -6,6 +6,7 @@
 # (default ./gpu-out).
 #
 #   bash benchmarks/gpu_checks.sh            # wheels for missing packages may lie in .whl/
+#   PROBE=1 bash benchmarks/gpu_checks.sh    # also rerun the cuDNN workspace probe
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -28,7 +29,9 @@ part() {  # part NAME SECONDS COMMAND...
   echo "rc=$? in $((SECONDS - t0)) s" | tee -a "$OUT/$name.txt"
   tail -n 25 "$OUT/$name.txt"
 }
-part cuda_workspaces 120 python3 benchmarks/cuda_workspace_probe.py
+if [ "${PROBE:-0}" = 1 ]; then  # the cuDNN workspace probe (results/cuda_workspaces_h200.csv)
+  part cuda_workspaces 120 python3 benchmarks/cuda_workspace_probe.py
+fi
 part gpu_tests 150 python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/gpu
 part gpu_memory 150 python3 benchmarks/memory_estimate_vs_measured.py 1 4 8 --device cuda
 part main_job_cuda 90 python3 -m pytest -p no:cacheprovider --modelcheck --modelcheck-device=cuda example_models/
