@@ -661,7 +661,7 @@ def _prepare(work: Any, phase: str, optimizer: Any, lr: float) -> Any:
 def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any,
                  lr: float, tracked: Optional[tuple]) -> MemoryReport:
     import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
+    from torch.profiler import record_function
 
     work = copy_model(model).to("cpu")
     data = batch.clone().to("cpu")
@@ -672,11 +672,7 @@ def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
         return record_function(_RANGE_PREFIX + name)
 
     gc.collect()  # garbage of earlier work would otherwise be freed inside the profiled step
-    # One profiling cycle; acc_events=True (where torch has it) keeps some releases from
-    # warning that events of earlier cycles are dropped, which would fail under -W error.
-    extra = {"acc_events": True} if "acc_events" in inspect.signature(profile).parameters else {}
-    with filtered_stderr(), \
-            profile(activities=[ProfilerActivity.CPU], profile_memory=True, **extra) as prof:
+    with allocation_profiler() as prof:
         keep = _run_step(work, data, loss, phase, opt, phase_context)
     events = list(prof.profiler.kineto_results.events())
     ranges = {}
@@ -701,6 +697,28 @@ def _measure_cpu(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
     del keep
     return _report(phase_peaks, peak_phase, phase, "cpu", METHOD_CPU, False, baseline,
                    tracked, opt, target=torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def allocation_profiler() -> Iterator[Any]:
+    """``torch.profiler.profile`` recording CPU allocator events, for one profiling cycle.
+
+    ``acc_events=True`` (where torch has it) keeps some releases from warning that events of
+    earlier cycles are dropped, which fails a test run under ``-W error``; kineto's status lines
+    are kept out of stderr (``native_stderr``).
+
+    >>> import torch
+    >>> with allocation_profiler() as prof:
+    ...     _ = torch.ones(1024)
+    >>> sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.nbytes() > 0) >= 4096
+    True
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    extra = {"acc_events": True} if "acc_events" in inspect.signature(profile).parameters else {}
+    with filtered_stderr(), \
+            profile(activities=[ProfilerActivity.CPU], profile_memory=True, **extra) as prof:
+        yield prof
 
 
 def _is_cpu_event(ev: Any) -> bool:

@@ -1,6 +1,7 @@
 """The cuDNN workspace bound of CUDA estimates (core/cuda_workspace.py), on a CPU-only runner."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -43,6 +44,7 @@ def test_no_bound_without_convolutions_and_none_on_cpu() -> None:
     assert conv_cpu.peak_upper_bytes is None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the path taken without CUDA")
 def test_memory_under_warns_when_the_bound_crosses_the_limit() -> None:
     torch.manual_seed(0)
     model = nn.Conv2d(4, 8, 3, padding=1)

@@ -90,8 +90,9 @@ def test_meta_factory_allocates_nothing():
         return torch.nn.Sequential(torch.nn.Linear(4096, 4096), torch.nn.ReLU(),
                                    torch.nn.Linear(4096, 4096))  # 128 MiB of fp32 weights
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    from pytest_modelcheck.core.memory import allocation_profiler
+
+    with allocation_profiler() as prof:
         e = estimate_memory(big, torch.empty(64, 4096, device="meta"), phase="inference")
     allocated = sum(ev.nbytes() for ev in prof.profiler.kineto_results.events()
                     if ev.name() == "[memory]" and ev.nbytes() > 0)

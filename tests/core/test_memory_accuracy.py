@@ -180,7 +180,7 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
     """Run one convolution_backward (weight and bias gradients) on ``threads`` threads under the
     profiler: (its allocation sizes, its peak above what is alive when it returns, the CPU
     workspace rule's value)."""
-    from torch.profiler import ProfilerActivity, profile
+    from pytest_modelcheck.core.memory import allocation_profiler
 
     from pytest_modelcheck.core.memory import _conv_backward_workspace
 
@@ -192,7 +192,7 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
         args = (gout, x, conv.weight, [conv.out_channels], list(conv.stride),
                 list(conv.padding), list(conv.dilation), False, [0] * dims, 1,
                 [False, True, True])
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with allocation_profiler() as prof:
             outs = torch.ops.aten.convolution_backward(*args)
         events = list(prof.profiler.kineto_results.events())
         start, end = next((e.start_ns(), e.start_ns() + e.duration_ns()) for e in events
