@@ -1170,9 +1170,11 @@ def _act(snapshot: dict, target: Any) -> int:
 # Below AVX2 (SSE4.1, other architectures) no oneDNN workspace is added. P(c) is c rounded up
 # to a multiple of B; S_in/S_out the spatial sizes, K the kernel volume, b the element size.
 #   forward: the result is computed in a blocked copy dst_b = N*P(Cout)*S_out*b, then reordered
-#     into the output and freed. With Cin >= B the input is first reordered too,
-#     src_b = N*P(Cin)*S_in*b, with a blocked weight w_b = P(Cout)*P(Cin)*K*b (Cin < B: the
-#     input is read as it is, w_b = P(Cout)*Cin*K*b). With a bias and Cout % B, the scratchpad
+#     into the output and freed. With Cin >= B, or a 1x1 kernel (jit_*_1x1, any Cin), the input
+#     is first reordered too, src_b = N*P(Cin)*S_in*b, with a blocked weight
+#     w_b = P(Cout)*P(Cin)*K*b (otherwise, Cin < B: the input is read as it is,
+#     w_b = P(Cout)*Cin*K*b). A strided or padded 1x1 adds its reduce-to-unit-stride buffer,
+#     T*P(Cin)*S_out*b + 128, alive with them. With a bias and Cout % B, the scratchpad
 #     holds the bias padded to P(Cout) (plus 128), alive with them: bias_p. Peak above the
 #     output: max(bias_p + src_b + w_b + dst_b - out, dst_b).
 #   backward, input gradient: blocked grad_output gout_b = N*P(Cout)*S_out*b, blocked weight
@@ -1209,9 +1211,21 @@ def _act(snapshot: dict, target: Any) -> int:
 #   channels-last input (e.g. tokens of a Swin block viewed back as an image): oneDNN works
 #     in that layout, so only the weight is copied (its bytes) and reordered,
 #     P(Cout)*Cin*K*b (twice in backward); a non-contiguous grad_output is first copied.
-#   transposed: the blocked input (Cin >= B) and weight during the op, or, with a bias, a second
-#     output-sized tensor (the bias added out of place); backward: gin beside gin_b, then gin
-#     beside grad_output and src_b.
+#   depthwise (groups == Cin == Cout, 2D; oneDNN's jit_uni_dw kernels): the same stages, with
+#     the input always blocked and weights (and weight gradients) of P(C)*K*b; the weight
+#     gradient's scratchpad (jit_uni_dw_conv_bwd_weights_kernel: balance, init_scratchpad)
+#     holds, with nthr_g = min(P(C)/B, T) and nthr_mb = min(T // nthr_g, N) > 1,
+#     (nthr_mb - 1) partial weight gradients P(C)*K*4 and bias gradients P(C)*4, each entry
+#     padded by 128. Other grouped convolutions are not modelled.
+#   transposed (``MkldnnTranspose``; value 9 of ConvBackend, unnamed by torch's binding in
+#     2.13): forward, a channels-last copy of the input and the weight P(Cout)*Cin*K*b beside
+#     the output, then two more output-sized tensors (peak above the output:
+#     max(in + w_b, 2*out)); the brgemm deconvolution's scratchpad, alive with the copies and
+#     growing with T, is not modelled (it dominates only where the output is small against
+#     the input and weight). Backward: that of the convolution from grad_output to the input:
+#     its forward rule above (grad_output as the source) for gin, then its weight-gradient
+#     rule (the input as its grad_output; the scratchpad nested, 128 more), the bias gradient
+#     reduced from grad_output, and last the plain weight gradient made beside the blocked.
 # im2col convolution (``_select_conv_backend`` says Slow2d/Slow3d, chosen for tiny batches, e.g.
 # one sample): a column buffer cols = N*Cin*K*S_out*b, skipped when the kernel, stride and
 # dilation are all 1 and there is no padding. forward: cols beside the output. backward: the
@@ -1219,7 +1233,7 @@ def _act(snapshot: dict, target: Any) -> int:
 # weight gradient beside cols again, with the input, weight and bias gradients alive.
 # SlowTranspose2d/3d: one sample at a time through cols_t = Cout*K*S_in*b (plus, with a bias,
 # an S_out*b vector of ones) in forward; cols_t beside the gradients in backward.
-# Other CPU convolution backends (depthwise, ...) are not modelled.
+# Other CPU convolution backends (grouped, ...) are not modelled.
 #
 # Fused attention (CPU, the inference fast path; aten/src/ATen/native/transformers/attention.cpp
 # native_multi_head_attention_cpu and transformer.cpp transformer_encoder_layer_forward), for
@@ -1329,12 +1343,31 @@ def _conv_backend(inp: Any, weight: Any, bias: Any, stride: Any, padding: Any,
                                                 list(output_padding), int(groups), None)
     except Exception:  # noqa: BLE001 - an older torch without it: no workspace is modelled
         return ""
-    return str(backend).rpartition(".")[2]
+    name = str(backend).rpartition(".")[2]
+    if name == "???":
+        # a value the Python binding does not name: MkldnnTranspose is not bound in some
+        # releases (2.13 among them) and prints as ``???``; ConvUtils.h's ConvBackend puts it
+        # between Mkldnn and MkldnnEmpty
+        members = torch._C._ConvBackend.__members__
+        mkldnn, empty = members.get("Mkldnn"), members.get("MkldnnEmpty")
+        if mkldnn is not None and empty is not None \
+                and int(backend) == int(mkldnn) + 1 == int(empty) - 1:
+            return "MkldnnTranspose"
+    return name
+
+
+def _onednn_depthwise(inp: Any, weight: Any, groups: int, transposed: bool) -> bool:
+    """A 2D depthwise convolution (groups == Cin == Cout, plain layout): oneDNN's jit_uni_dw
+    kernels take it."""
+    return (int(groups) > 1 and not transposed and inp.dim() == 4 and not _channels_last(inp)
+            and int(inp.shape[1]) == int(groups) == int(weight.shape[0])
+            and int(weight.shape[1]) == 1)
 
 
 def _conv_forward_workspace(args: tuple, out: Any) -> int:
     inp, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
-    if groups != 1 or inp.dim() < 3 or not inp.is_floating_point():
+    depthwise = _onednn_depthwise(inp, weight, groups, transposed)
+    if (groups != 1 and not depthwise) or inp.dim() < 3 or not inp.is_floating_point():
         return 0
     backend = _conv_backend(inp, weight, bias, stride, padding, dilation, transposed,
                             output_padding, groups)
@@ -1348,23 +1381,38 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
     def pad(c: int) -> int:
         return _cdiv(c, block) * block
 
+    if depthwise:
+        if backend != "Mkldnn":
+            return 0
+        # jit_uni_dw: the input always blocked, the weight P(C)*K
+        c = int(inp.shape[1])
+        src_b, w_b, dst_b = n * pad(c) * s_in * b, pad(c) * k * b, n * pad(c) * s_out * b
+        bias_p = pad(c) * b + _SCRATCHPAD_PAD if bias is not None and c % block else 0
+        return max(bias_p + src_b + w_b + dst_b - out_bytes, dst_b)
     if backend == "Mkldnn" and _channels_last(inp):
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
         return weight.numel() * b + pad(cout) * cin * k * b
     if backend == "Mkldnn":
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
-        blocked = cin >= block
+        # the 1x1 kernels (jit_*_1x1) block the input for any Cin
+        blocked = cin >= block or k == 1
         src_b = n * pad(cin) * s_in * b if blocked else 0
         w_b = pad(cout) * (pad(cin) if blocked else cin) * k * b
         dst_b = n * pad(cout) * s_out * b
         # a bias zero-padded to the block, booked in the kernel's scratchpad
         bias_p = pad(cout) * b + _SCRATCHPAD_PAD if bias is not None and cout % block else 0
+        if k == 1 and (any(int(v) != 1 for v in stride) or any(int(v) for v in padding)):
+            # a strided (or padded) 1x1: the reduce-to-unit-stride copy of the input, per
+            # thread P(Cin)*S_out (rtus_prepare_space_info: nb_reduce*ic_block*is)
+            bias_p += _threads() * pad(cin) * s_out * b + _SCRATCHPAD_PAD
         return max(bias_p + src_b + w_b + dst_b - out_bytes, dst_b)
     if backend == "MkldnnTranspose":
-        cin = int(inp.shape[1])
-        src_b = n * pad(cin) * s_in * b if cin >= block else 0
-        w_b = weight.numel() * b
-        return max(src_b + w_b, out_bytes if bias is not None else 0)
+        # a channels-last copy of the input and the weight in blocks of output channels beside
+        # the output, then two more output-sized tensors (the result's reorder and copy).
+        # The brgemm scratchpad beside the copies (grows with the threads) is not modelled.
+        cout = int(out.shape[1])
+        w_b = pad(cout) * int(inp.shape[1]) * k * b
+        return max(inp.numel() * b + w_b, 2 * out_bytes)
     if backend in ("Slow2d", "Slow3d"):
         plain = _im2col_free(weight, stride, padding, dilation)
         return 0 if plain else n * int(inp.shape[1]) * k * s_out * b
@@ -1383,7 +1431,8 @@ def _im2col_free(weight: Any, stride: Any, padding: Any, dilation: Any) -> bool:
 def _conv_backward_workspace(args: tuple, outs: Any) -> int:
     gout, inp, weight = args[:3]
     stride, padding, dilation, transposed, output_padding, groups, mask = args[4:11]
-    if groups != 1 or inp.dim() < 3 or not inp.is_floating_point():
+    depthwise = _onednn_depthwise(inp, weight, groups, transposed)
+    if (groups != 1 and not depthwise) or inp.dim() < 3 or not inp.is_floating_point():
         return 0
     backend = _conv_backend(inp, weight, None, stride, padding, dilation, transposed,
                             output_padding, groups)
@@ -1402,6 +1451,18 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
     gin_b = n * pad(cin) * s_in * b
     blocked = cin >= block
     src_b = n * pad(cin) * s_in * b if blocked else 0
+    if depthwise:
+        if backend != "Mkldnn":
+            return 0
+        # jit_uni_dw: the same stages as a dense convolution, with the input always blocked,
+        # P(C)*K weights (and weight gradients), and its own minibatch-reduction scratchpad
+        gout_b, w_b = n * pad(cout) * s_out * b, pad(cin) * k * b
+        stage1 = max(gout_b + w_b + gin_b, gin_b + gin) if mask[0] else 0
+        stage2 = gin + gout_b + gin_b + w_b + _dw_weight_grad_scratchpad(
+            n, cin, k, block, bool(mask[2])) + (cout * b if mask[2] else 0) if mask[1] else 0
+        if not gout.is_contiguous():
+            stage1, stage2 = (x + gout.numel() * b if x else 0 for x in (stage1, stage2))
+        return max(stage1, stage2) - done
     if backend == "Mkldnn" and _channels_last(inp):
         return weight.numel() * b + 2 * pad(cout) * cin * k * b
     if backend == "Mkldnn":
@@ -1425,8 +1486,32 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
         if not gout.is_contiguous():  # a contiguous copy of grad_output is made first
             stage1, stage2 = (x + gout.numel() * b if x else 0 for x in (stage1, stage2))
     elif backend == "MkldnnTranspose":
-        stage1 = gin_b + gin if mask[0] else 0
-        stage2 = gin + gout.numel() * b + src_b if mask[1] else 0
+        # oneDNN runs the backward of the convolution from grad_output to the input: its forward
+        # (grad_output as the source, Cout channels, blocked when Cout >= B; the weight in
+        # blocks; a blocked grad_input) for the input gradient, and its weight gradient (the
+        # input as grad_output) for the weight, whose scratchpad is nested in the
+        # deconvolution's (one more alignment, 128 bytes); the bias gradient is reduced from
+        # grad_output. Last, the plain weight gradient is made beside the blocked one.
+        src_c = n * pad(cout) * s_out * b if cout >= block else 0
+        w_c = pad(cin) * (pad(cout) if cout >= block else cout) * k * b
+        stage1 = max(src_c + w_c + gin_b, gin_b + gin) if mask[0] else 0
+        stage2 = 0
+        if mask[1] and _is_tensor(outs[1]):
+            gw = outs[1].numel() * outs[1].element_size()
+            conv = (inp, gout, weight, None, stride, padding, dilation, False,
+                    [0] * (inp.dim() - 2), groups, [False, True, False])
+            kernel = _weight_grad_kernel(gout, weight, inp, stride, padding, dilation) \
+                if b == 4 else ""
+            nested = _SCRATCHPAD_PAD if kernel and _weight_grad_scratchpad(
+                kernel, gout, weight, inp, stride, padding, False) else 0
+            gb = cout * b if mask[2] else 0
+            stage2 = gin + gw + _conv_backward_workspace(conv, (None, outs[1], None)) \
+                + nested + gb
+            if kernel in ("avx512", "avx2"):  # blocked as the weight-gradient kernel blocks
+                kb = 16 if kernel == "avx512" else 8
+                flat = cout < 16 if kernel == "avx512" else cout == 3
+                gw_b = _cdiv(cin, kb) * kb * (cout if flat else _cdiv(cout, kb) * kb) * k * b
+                stage2 = max(stage2, gin + gw_b + gw + 2 * gb)
     elif backend in ("Slow2d", "Slow3d"):
         cols = n * cin * k * s_out * b
         plain = _im2col_free(weight, stride, padding, dilation)
@@ -1443,6 +1528,33 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
 
 _SCRATCHPAD_PAD = 128  # oneDNN pads each scratchpad entry by its alignment (at least 128)
 _PAGE = 4096
+
+
+def _threads() -> int:
+    import torch
+
+    return max(1, torch.get_num_threads())
+
+
+def _dw_weight_grad_scratchpad(n: int, c: int, k: int, block: int, bias: bool) -> int:
+    """The scratchpad of oneDNN's f32 depthwise weight-gradient kernel
+    (jit_uni_dw_conv_bwd_weights_kernel: balance() and init_scratchpad()). The channel blocks
+    nb_ch = P(C)/B go to nthr_g = min(nb_ch, T) threads, the minibatch to
+    nthr_mb = min(max(1, T // nthr_g), N); with nthr_mb > 1, the partial weight gradients of
+    all but one minibatch thread, (nthr_mb - 1)*P(C)*K floats, and the partial bias gradients,
+    (nthr_mb - 1)*P(C) floats (the kernel pads its group count to the block). Each entry
+    takes its alignment (128 bytes) more."""
+    import torch
+
+    threads = max(1, torch.get_num_threads())
+    nb_ch = _cdiv(c, block)
+    nthr_mb = min(max(1, threads // min(nb_ch, threads)), int(n))
+    if nthr_mb == 1:
+        return 0
+    total = (nthr_mb - 1) * nb_ch * block * k * 4 + _SCRATCHPAD_PAD
+    if bias:
+        total += (nthr_mb - 1) * nb_ch * block * 4 + _SCRATCHPAD_PAD
+    return total
 
 
 def _cdiv(a: int, b: int) -> int:
