@@ -1220,9 +1220,21 @@ def _act(snapshot: dict, target: Any) -> int:
 #   transposed (``MkldnnTranspose``; value 9 of ConvBackend, unnamed by torch's binding in
 #     2.13): forward, a channels-last copy of the input and the weight P(Cout)*Cin*K*b beside
 #     the output, then two more output-sized tensors (peak above the output:
-#     max(in + w_b, 2*out)); the brgemm deconvolution's scratchpad, alive with the copies and
-#     growing with T, is not modelled (it dominates only where the output is small against
-#     the input and weight). Backward: that of the convolution from grad_output to the input:
+#     max(in + w_b + scratch, 2*out)). scratch: a strided deconvolution runs as the
+#     backward-by-data of the convolution from its output to its input (brg_deconv +
+#     brgconv_strided, with AVX-512 and AVX2 alike), whose scratchpad is nested in the
+#     deconvolution's (128 more; jit_brgemm_deconv.cpp) and holds, for each of the
+#     T = torch.get_num_threads() threads oneDNN sizes it for (jit_brgemm_conv_bwd_utils.cpp,
+#     init_conf and init_scratchpad; f32, exec_base, no accumulation buffer): the brgemm
+#     batch, rnd_up(gbs*40, 4096) bytes rounded to whole 40-byte elements (gbs <= K; 4120 for
+#     K <= 102), the input buffer rnd_up(Cin * prod(S_in + ovf), 4096) floats (oc_block = Cin,
+#     one block; per dim ovf = (k-1-p)//s + (k-1-(p-op))//s, each term >= 0), and its mask,
+#     one page while the blocks are fewer than 4096; three page-aligned entries, 3*4096.
+#     scratch = 3*4096 + 128 + T*(batch + in_buf + 4096), e.g. 12416 + T*106520 for
+#     ConvTranspose2d(24->12, k2, s2) on 4x24x32x32. Not modelled (scratch = 0): an output
+#     width that is not a multiple of the stride (exec_trans; measured: the same per-thread
+#     part plus an output-sized buffer), stride 1 (oneDNN's forward brgemm convolution),
+#     dilation, other dtypes. Backward: that of the convolution from grad_output to the input:
 #     its forward rule above (grad_output as the source) for gin, then its weight-gradient
 #     rule (the input as its grad_output; the scratchpad nested, 128 more), the bias gradient
 #     reduced from grad_output, and last the plain weight gradient made beside the blocked.
@@ -1408,11 +1420,13 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
         return max(bias_p + src_b + w_b + dst_b - out_bytes, dst_b)
     if backend == "MkldnnTranspose":
         # a channels-last copy of the input and the weight in blocks of output channels beside
-        # the output, then two more output-sized tensors (the result's reorder and copy).
-        # The brgemm scratchpad beside the copies (grows with the threads) is not modelled.
+        # the output and the brgemm scratchpad, then two more output-sized tensors (the
+        # result's reorder and copy).
         cout = int(out.shape[1])
         w_b = pad(cout) * int(inp.shape[1]) * k * b
-        return max(inp.numel() * b + w_b, 2 * out_bytes)
+        scratch = _deconv_strided_scratchpad(inp, weight, out, stride, padding, dilation,
+                                             output_padding)
+        return max(inp.numel() * b + w_b + scratch, 2 * out_bytes)
     if backend in ("Slow2d", "Slow3d"):
         plain = _im2col_free(weight, stride, padding, dilation)
         return 0 if plain else n * int(inp.shape[1]) * k * s_out * b
@@ -1420,6 +1434,35 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
         cols_t = int(out.shape[1]) * k * s_in * b
         return cols_t + (s_out * b if bias is not None else 0)
     return 0
+
+
+_BRGEMM_BATCH_ELEMENT = 40  # sizeof(brgemm_batch_element_t) on x86-64
+
+
+def _deconv_strided_scratchpad(inp: Any, weight: Any, out: Any, stride: Any, padding: Any,
+                               dilation: Any, output_padding: Any) -> int:
+    """The scratchpad of oneDNN's strided f32 deconvolution (brg_deconv over
+    brgconv_strided; see the rules above), or 0 where it is not modelled."""
+    stride, padding = [int(v) for v in stride], [int(v) for v in padding]
+    dilation, output_padding = [int(v) for v in dilation], [int(v) for v in output_padding]
+    ks = [int(v) for v in weight.shape[2:]]
+    if (inp.element_size() != 4 or all(s == 1 for s in stride) or any(d != 1 for d in dilation)
+            or int(out.shape[-1]) % stride[-1]):
+        return 0
+    # brgemm_convolution_bwd_utils::init_conf: the input buffer covers the deconvolution's
+    # input plus the rows the kernel overflows into (l_ovf/r_ovf and their h, d kin), Cin
+    # channels in one block
+    spatial = 1
+    for i, k, s, p, op in zip(inp.shape[2:], ks, stride, padding, output_padding):
+        lo = max(0, k - 1 - p) // s
+        hi = max(0, k - 1 - (p - op)) // s
+        spatial *= int(i) + lo + hi
+    in_buf = _cdiv(spatial * int(inp.shape[1]), _PAGE) * _PAGE * 4
+    gbs = _numel(ks)  # jcp.gemm_batch_size <= the kernel volume (exact while <= 102)
+    batch = _cdiv(_cdiv(gbs * _BRGEMM_BATCH_ELEMENT, _PAGE) * _PAGE,
+                  _BRGEMM_BATCH_ELEMENT) * _BRGEMM_BATCH_ELEMENT
+    mask = _PAGE  # rnd_up(nb_id*nb_ih*nb_iw, 4096) bytes: one page below 4096 blocks
+    return 3 * _PAGE + _SCRATCHPAD_PAD + _threads() * (batch + in_buf + mask)
 
 
 def _im2col_free(weight: Any, stride: Any, padding: Any, dilation: Any) -> bool:

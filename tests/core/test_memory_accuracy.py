@@ -485,9 +485,11 @@ def test_transposed_convolution_forward_and_backward(threads: int) -> None:
     # ConvTranspose2d(24, 12, 2, stride=2), batch 4, 16x16 -> 32x32. Forward, inference: alive
     # before, input 4*24*256*4 = 98304, weight 24*12*4*4 = 4608, bias 48: 102960. oneDNN's
     # deconvolution copies the input (channels last, 98304) and the weight (P(12)*24*4*4 =
-    # 6144) beside the output 4*12*1024*4 = 196608 (and a brgemm scratchpad, under 120 KiB
-    # on up to 4 threads, not modelled); then two more output-sized tensors: 3*196608 above
-    # what was alive before.
+    # 6144) beside the output 4*12*1024*4 = 196608 and its brgemm scratchpad (as in
+    # test_strided_deconvolution_scratchpad_per_thread: 12416 + T*(4120 + 8192*4 + 4096),
+    # 16*16*24 = 6144 floats rounded to 8192), on 4 threads 176352, with the copies 280800;
+    # then two more output-sized tensors, 2*196608 = 393216, more: 3*196608 above what was
+    # alive before.
     torch.manual_seed(0)
     conv = nn.ConvTranspose2d(24, 12, 2, stride=2)
     x = torch.randn(4, 24, 16, 16)
@@ -508,6 +510,92 @@ def test_transposed_convolution_forward_and_backward(threads: int) -> None:
     sizes, measured, rule = _conv_backward_allocations(conv, x, threads)
     assert sorted(sizes)[-3:] == [6144, 98304, 262144]
     assert measured == rule == 262144 + 98304 + 6144 + 48 - 4608 - 48
+
+
+@onednn_modelled
+@pytest.mark.parametrize("threads", [1, 2, 4, 8, 16])
+def test_strided_deconvolution_scratchpad_per_thread(threads: int) -> None:
+    # ConvTranspose2d(24, 12, 2, stride=2), batch 4, 32x32 -> 64x64, inference: oneDNN's
+    # brg_deconv runs the backward-by-data of the convolution from 64x64 to 32x32
+    # (brgconv_strided), whose scratchpad, nested in the deconvolution's (+128), books for
+    # each of T threads: the brgemm batch, rnd_up(4*40, 4096) = 4096 bytes in whole 40-byte
+    # elements, 103*40 = 4120; the input buffer, Cin = 24 channels over 32*32 (no overflow
+    # rows: (2-1-0)//2 = 0), 24576 floats (a multiple of 4096) = 98304 bytes; its mask, one
+    # page. Three page-aligned entries: 3*4096.
+    from pytest_modelcheck.core.memory import _deconv_strided_scratchpad
+
+    scratch = 3 * 4096 + 128 + threads * (4120 + 98304 + 4096)
+    assert scratch == 12416 + threads * 106520
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(24, 12, 2, stride=2)
+    x = torch.randn(4, 24, 32, 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = conv(x)
+        assert _deconv_strided_scratchpad(x, conv.weight, out, conv.stride, conv.padding,
+                                          conv.dilation, conv.output_padding) == scratch
+        est = estimate_step_memory(conv, x, phase="inference")
+        measured = measure_step_memory(conv, x, phase="inference").peak_bytes
+    finally:
+        torch.set_num_threads(before)
+    # alive before: input 4*24*1024*4 = 393216, weight 24*12*4*4 = 4608, bias 48. Inside,
+    # above the output 786432: the input's channels-last copy 393216, the blocked weight
+    # P(12)*24*4*4 = 6144 and the scratchpad, or later two output-sized tensors 2*786432
+    # (more on up to 8 threads).
+    inside = max(393216 + 6144 + scratch, 2 * 786432)
+    assert est.peak_bytes == 397872 + 786432 + inside
+    assert est.peak_bytes == measured
+
+
+@onednn_modelled
+@pytest.mark.parametrize("threads", [1, 4, 16])
+def test_strided_deconvolution_scratchpad_with_overflow_rows(threads: int) -> None:
+    # ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1), batch 2, 5x6x7 ->
+    # 10x12x14: per dimension the kernel overflows (3-1-1)//2 = 0 rows before the input and
+    # (3-1-(1-1))//2 = 1 after, so the input buffer covers 6*7*8 = 336 positions of 16
+    # channels, 5376 floats -> rnd_up(5376, 4096) = 8192 floats = 32768 bytes; the batch, 27
+    # kernel positions, rnd_up(27*40, 4096) = 4096 -> 103*40 = 4120; the mask 4096.
+    from pytest_modelcheck.core.memory import _deconv_strided_scratchpad
+
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose3d(16, 8, 3, stride=2, padding=1, output_padding=1)
+    x = torch.randn(2, 16, 5, 6, 7)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = conv(x)
+        scratch = _deconv_strided_scratchpad(x, conv.weight, out, conv.stride, conv.padding,
+                                             conv.dilation, conv.output_padding)
+        est = estimate_step_memory(conv, x, phase="inference").peak_bytes
+        measured = measure_step_memory(conv, x, phase="inference").peak_bytes
+    finally:
+        torch.set_num_threads(before)
+    assert scratch == 12416 + threads * (4120 + 32768 + 4096)
+    assert est == measured
+
+
+# the convolution cases of CASES (oneDNN's thread-sized scratchpads)
+_CONV_CASES = ("unet3d", "decoder", "unet2d", "conv1d")
+
+
+def test_convolution_cases_within_five_percent_on_sixteen_threads() -> None:
+    # A 16-core machine: oneDNN sizes its per-thread buffers for 16 threads (the two cores
+    # here are oversubscribed, which changes no sizes).
+    before = torch.get_num_threads()
+    torch.set_num_threads(16)
+    try:
+        for name in _CONV_CASES:
+            factory, x_shape, y_shape = CASES[name]
+            for phase in ("train", "inference"):
+                torch.manual_seed(0)
+                model = factory()
+                batch = (torch.randn(*x_shape), torch.randn(*y_shape))
+                real = measure_step_memory(model, batch, _mse, phase=phase).peak_bytes
+                est = estimate_step_memory(model, batch, _mse, phase=phase).peak_bytes
+                assert abs(est / real - 1) <= TOLERANCE, (name, phase, real, est, est / real)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("limit,cpu,isa", [
