@@ -180,10 +180,8 @@ class Batch:
             here = next((t.device for _, t in iter_tensors((self.args, self.kwargs, self.target))),
                         None)
             # a batch moved to a device stays there: the factory's new batch follows it
-            if here is not None and any(t.device != here for _, t in
-                                        iter_tensors((made.args, made.kwargs, made.target))):
-                made = made.to(here)
-            return made
+            # (.to() leaves tensors already on that device as they are)
+            return made if here is None else made.to(here)
         b = self.batch_size
         if b is None:
             raise UsageError("cannot change the batch size: the batch holds no tensor with a batch"

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-BLOCK = 512  # the caching allocator's rounding for small and large blocks alike
+CUDA_BLOCK_BYTES = 512  # the caching allocator's rounding for small and large blocks alike
 BACKWARD_FACTOR = 2.5  # largest backward workspace seen: 2.31x the operands
 
 
@@ -29,7 +29,7 @@ def _rounded(t: Any) -> int:
     if t is None or not hasattr(t, "numel"):
         return 0
     size = int(t.numel()) * int(t.element_size())
-    return -(-size // BLOCK) * BLOCK
+    return -(-size // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
 def cudnn_workspace_bound(func: Any, args: tuple, out: Any) -> int:

@@ -93,7 +93,7 @@ from typing import Any, Callable, Iterator, Optional
 from .batch import Batch, copy_model, iter_tensors
 from .errors import ModelError, UsageError
 from .forward import model_device, run_forward
-from .cuda_workspace import cudnn_workspace_bound
+from .cuda_workspace import CUDA_BLOCK_BYTES, cudnn_workspace_bound
 from .native_stderr import filtered_stderr
 from .losses import resolve_loss
 from .training import make_optimizer
@@ -108,7 +108,6 @@ UNTRACKED = "untracked"
 METHOD_CPU = "cpu allocator events (torch.profiler)"
 METHOD_CUDA = "cuda caching allocator"
 METHOD_FAKE = "fake-tensor estimate"
-CUDA_BLOCK_BYTES = 512
 TOP_MODULES = 10
 ROOT = "<root>"
 
@@ -1848,17 +1847,14 @@ def _fft_workspace(name: str, args: tuple) -> int:
 def _kernel_workspace(func: Any, args: tuple, out: Any) -> int:
     """Bytes a CPU kernel holds inside itself above what is alive after it returns."""
     name = func.overloadpacket.__name__
-    try:
-        if name == "convolution":
-            return _conv_forward_workspace(args, out)
-        if name == "convolution_backward":
-            return _conv_backward_workspace(args, out)
-        if name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):
-            return _fft_workspace(name, args)
-        if name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
-            return _attention_workspace(name, args)
-    except Exception:  # noqa: BLE001 - an unexpected signature: no workspace is modelled
-        return 0
+    if name == "convolution":
+        return _conv_forward_workspace(args, out)
+    if name == "convolution_backward":
+        return _conv_backward_workspace(args, out)
+    if name in ("_fft_r2c", "_fft_c2r", "_fft_c2c"):
+        return _fft_workspace(name, args)
+    if name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
+        return _attention_workspace(name, args)
     return 0
 
 
