@@ -66,8 +66,8 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
 
     >>> import torch
     >>> m = torch.nn.Linear(4, 1)
-    >>> model_overfits(steps=60, lr=0.05, model=m,
-    ...                batch=(torch.randn(8, 4), torch.randn(8, 1))).passed
+    >>> x = torch.randn(8, 4)
+    >>> model_overfits(steps=60, lr=0.05, model=m, batch=(x, x.sum(1, keepdim=True))).passed
     True
     """
     from ..core.batch import copy_model
