@@ -53,6 +53,7 @@ FREE_OPS = frozenset("aten." + name for name in """
     tril triu where masked_fill masked_fill_ im2col col2im pixel_shuffle pixel_unshuffle
     channel_shuffle _local_scalar_dense item _assert_async _assert_tensor_metadata
     _efficientzerotensor split_copy view_copy unbind_copy view_as_complex view_as_real
+    _nested_tensor_from_mask _nested_tensor_from_mask_left_aligned to_padded_tensor
 """.split())
 
 
@@ -72,36 +73,63 @@ def _sdpa_backward(grad_out_shape: Any, query_shape: Any, key_shape: Any, value_
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def _tokens(shape: Any) -> tuple:
-    """(batch, length) of a (B, L, E) or unbatched (L, E) shape."""
-    return (1, shape[0]) if len(shape) == 2 else (shape[0], shape[1])
+def _lengths(x: Any) -> list:
+    """The sequence length of every sample of a (B, L, E), unbatched (L, E) or nested tensor
+    (the fast paths pack a padded batch into a nested tensor of the unpadded sequences)."""
+    if getattr(x, "is_nested", False):
+        return [int(row[0]) for row in x._nested_tensor_size().tolist()]
+    shape = tuple(x.shape)
+    return [shape[0]] if len(shape) == 2 else [shape[1]] * shape[0]
 
 
-def _mha_flops(query_shape: Any, key_shape: Any, embed_dim: int) -> int:
+def _mha_flops(q_lens: list, k_lens: list, embed_dim: int) -> int:
     """The fused multi-head attention of ``nn.MultiheadAttention``'s fast path: q, k, v and
-    output projections (``2*tokens*E*E`` each) plus ``2*B*L*S*E`` twice for the attention
-    products (summed over heads, ``H*d = E``)."""
-    b, q_len = _tokens(query_shape)
-    _, k_len = _tokens(key_shape)
+    output projections (``2*tokens*E*E`` each) plus ``2*L*S*E`` twice per sample for the
+    attention products (summed over heads, ``H*d = E``)."""
     e = embed_dim
-    projections = 2 * b * q_len * e * e * 2 + 2 * b * k_len * e * e * 2
-    return projections + 2 * (2 * b * q_len * k_len * e)
+    projections = 2 * sum(q_lens) * e * e * 2 + 2 * sum(k_lens) * e * e * 2
+    return projections + sum(2 * (2 * q * k * e) for q, k in zip(q_lens, k_lens))
 
 
-def _native_mha(query_shape: Any, key_shape: Any, value_shape: Any, embed_dim: int,
-                *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _native_mha(query: Any, key: Any, value: Any, embed_dim: int, *args: Any,
+                out_val: Any = None, **kwargs: Any) -> int:
     """``aten._native_multi_head_attention`` (eval-mode, no-grad ``nn.MultiheadAttention``)."""
-    return _mha_flops(query_shape, key_shape, embed_dim)
+    return _mha_flops(_lengths(query), _lengths(key), int(embed_dim))
 
 
-def _encoder_layer(src_shape: Any, embed_dim: int, num_heads: int, *args: Any,
-                   out_shape: Any = None, **kwargs: Any) -> int:
+def _encoder_layer(src: Any, embed_dim: int, num_heads: int, *args: Any, out_val: Any = None,
+                   **kwargs: Any) -> int:
     """``aten._transformer_encoder_layer_fwd`` (the ``nn.TransformerEncoderLayer`` fast path):
-    self-attention plus the two feed-forward products ``2*tokens*E*F`` each."""
+    self-attention plus the two feed-forward products ``2*tokens*E*F`` each; a padded batch
+    (a nested tensor) counts its real tokens only, as the kernel computes them."""
     ffn_weight_1 = args[11] if len(args) > 11 else kwargs["ffn_weight_1"]
-    b, length = _tokens(src_shape)
-    return _mha_flops(src_shape, src_shape, embed_dim) + 2 * (2 * b * length * embed_dim
-                                                             * ffn_weight_1[0])
+    lens = _lengths(src)
+    return _mha_flops(lens, lens, int(embed_dim)) + 2 * (2 * sum(lens) * int(embed_dim)
+                                                        * int(ffn_weight_1.shape[0]))
+
+
+# these two take the tensors themselves: their input may be a nested tensor, which has no shape
+_native_mha._get_raw = True  # type: ignore[attr-defined]
+_encoder_layer._get_raw = True  # type: ignore[attr-defined]
+
+
+def _conv_backward(grad_out_shape: Any, x_shape: Any, w_shape: Any, bias: Any, stride: Any,
+                   padding: Any, dilation: Any, transposed: bool, output_padding: Any,
+                   groups: int, output_mask: Any, out_shape: Any = None) -> int:
+    """Backward convolution FLOPs: torch's formula, whose weight-gradient term leaves out the
+    groups (it counts every input channel against every output channel), divided by them."""
+    from torch.utils.flop_counter import conv_backward_flop
+
+    shapes_in = getattr(conv_backward_flop, "__wrapped__", conv_backward_flop)
+
+    def torch_formula(mask: list) -> int:
+        return shapes_in(grad_out_shape, x_shape, w_shape, bias, stride, padding,
+                                  dilation, transposed, output_padding, groups, mask,
+                                  out_shape=out_shape)
+
+    grad_input = torch_formula([output_mask[0], False, False])
+    grad_weight = torch_formula([False, output_mask[1], False]) // max(1, int(groups))
+    return grad_input + grad_weight
 
 
 # op name -> formula (shapes in, FLOPs out); added only where torch has no formula of its own
@@ -114,13 +142,19 @@ EXTRA_FORMULAS = {
     "_transformer_encoder_layer_fwd": _encoder_layer,
 }
 
+# op name -> formula that replaces torch's own (where torch's is wrong)
+CORRECTED_FORMULAS = {
+    "convolution_backward": _conv_backward,
+}
+
 _MAPPING: Optional[dict] = None
 
 
 def extra_formulas() -> dict:
-    """The ``custom_mapping`` for FlopCounterMode: attention kernels torch counts as zero.
+    """The ``custom_mapping`` for FlopCounterMode: attention kernels torch counts as zero, and
+    the corrections of torch's formulas (``CORRECTED_FORMULAS``).
 
-    Built once; an op torch already has a formula for keeps torch's.
+    Built once; an op torch already has a formula for keeps torch's unless it is corrected.
 
     >>> import torch
     >>> torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in extra_formulas()
@@ -135,6 +169,10 @@ def extra_formulas() -> dict:
         for name, formula in EXTRA_FORMULAS.items():
             packet = getattr(torch.ops.aten, name, None)
             if packet is not None and packet not in flop_registry:
+                mapping[packet] = formula
+        for name, formula in CORRECTED_FORMULAS.items():
+            packet = getattr(torch.ops.aten, name, None)
+            if packet is not None:
                 mapping[packet] = formula
         _MAPPING = mapping
     return _MAPPING
@@ -248,7 +286,12 @@ def _make_counter() -> Any:
         def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
             if func_packet not in self.flop_registry:
                 self.no_formula[str(func_packet)] += 1
-            return super()._count_flops(func_packet, out, args, kwargs)
+                return out
+            try:
+                return super()._count_flops(func_packet, out, args, kwargs)
+            except Exception:  # a formula that cannot read these arguments: listed, not fatal
+                self.no_formula[f"{func_packet} (formula failed)"] += 1
+                return out
 
     return CoverageFlopCounter()
 

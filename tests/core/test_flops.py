@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -155,6 +156,70 @@ def test_backward_is_twice_forward_for_linear_layers():
     r2 = count_flops(mlp, x.detach(), backward=True)
     assert r2.backward_flops == 2048
     assert all(p.grad is None for p in mlp.parameters())  # .grad put back as it was
+
+
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Conv2d(64, 64, 3, padding=1, groups=64), (2, 64, 8, 8)),      # depthwise
+    (nn.Conv2d(16, 32, 3, padding=1, groups=4), (2, 16, 8, 8)),       # grouped
+    (nn.ConvTranspose1d(6, 12, 3, stride=2, groups=3), (2, 6, 10)),   # grouped transposed
+])
+def test_backward_of_grouped_convolutions_is_twice_forward(layer, shape):
+    # torch's own formula counts the weight gradient as if every input channel met every
+    # output channel (groups times too much); the input and weight gradients are each one
+    # product the size of the forward one
+    x = torch.randn(*shape, requires_grad=True)
+    r = count_flops(layer, x, backward=True)
+    assert r.backward_flops == 2 * r.forward_flops > 0
+    assert r.by_operator["aten.convolution_backward"] == r.backward_flops
+
+
+def test_depthwise_backward_by_hand():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False)
+    x = torch.randn(1, 8, 4, 4, requires_grad=True)
+    # forward: 16 positions x 8 channels x 9 taps = 1152 MACs; backward: input and weight
+    # gradients, 1152 MACs each
+    r = count_flops(conv, x, backward=True)
+    assert (r.forward_flops, r.backward_flops) == (2 * 1152, 2 * 2 * 1152)
+
+
+def test_padded_encoder_fast_path_counts_the_real_tokens():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = enc
+
+        def forward(self, x, pad):
+            return self.enc(x, src_key_padding_mask=pad)
+
+    x = torch.randn(3, 10, 32)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 5:] = True
+    pad[1, 8:] = True
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: nested tensors are a prototype
+        r = count_flops(Padded().eval(), x, pad)  # packed into a nested tensor of 5, 8, 10
+    # per layer, 23 real tokens: four E x E projections 4*2*23*32*32 = 188416, attention
+    # 2 * 2*32*(5*5 + 8*8 + 10*10) = 24192, feed-forward 2 * 2*23*32*64 = 188416
+    assert r.forward_flops == 2 * (188416 + 24192 + 188416)
+    assert not any("formula failed" in op for op in r.uncovered)
+
+
+def test_a_formula_that_fails_is_listed_not_fatal(monkeypatch):
+    from pytest_modelcheck.core import flops as flops_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot read these arguments")
+
+    broken._get_raw = True
+    mapping = dict(flops_module.extra_formulas())
+    mapping[torch.ops.aten.mm] = broken
+    monkeypatch.setattr(flops_module, "extra_formulas", lambda: mapping)
+    r = count_flops(nn.Linear(4, 2, bias=False), torch.randn(3, 4))
+    assert r.flops == 0 and r.uncovered == {"aten.mm (formula failed)": 1}
 
 
 def test_shared_weights_are_counted_per_use():
