@@ -152,6 +152,17 @@ class Decoder(nn.Module):
         return self.dec(self.enc(x))
 
 
+class Strided(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.c2 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(16, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.c3(F.pixel_shuffle(self.c2(F.silu(self.c1(x))), 2))
+
+
 def _encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -175,6 +186,8 @@ CASES = {
     "mobilenet": (MobileNetLike, (4, 3, 64, 64), (4, 10)),
     # transposed convolutions (oneDNN's deconvolution)
     "decoder": (Decoder, (4, 2, 48, 48), (4, 1, 48, 48)),
+    # strided convolutions (their input gradients) and a pixel-shuffle upsampling
+    "strided": (Strided, (4, 3, 32, 32), (4, 3, 32, 32)),
 }
 
 
@@ -261,6 +274,35 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
         running += n
         peak = max(peak, running)
     return [n for n in sizes if n > 0], peak - running, rule
+
+
+@onednn_modelled
+@pytest.mark.parametrize("cin,cout,k,dims", [(24, 32, 3, 2), (32, 64, 1, 2), (16, 32, 3, 3)])
+def test_strided_input_gradient_takes_two_unblocked_copies(cin: int, cout: int, k: int,
+                                                           dims: int) -> None:
+    # A strided convolution's input gradient (measured alike on AVX-512 and AVX2 kernels, any
+    # channel count): two input-sized buffers besides the plain gradient it returns, so
+    # 2 * N*Cin*S*4 bytes above what the op leaves alive (24 channels, 32x32, batch 4:
+    # 2 * 393216 = 786432).
+    from pytest_modelcheck.core.memory import _conv_backward_workspace, allocation_profiler
+
+    torch.manual_seed(0)
+    conv = getattr(nn, f"Conv{dims}d")(cin, cout, k, stride=2, padding=k // 2)
+    size = 32 if dims == 2 else 16
+    x = torch.randn(4 if dims == 2 else 2, cin, *[size] * dims)
+    with torch.no_grad():
+        gout = torch.randn_like(conv(x))
+    args = (gout, x, conv.weight, [cout], [2] * dims, [k // 2] * dims, [1] * dims, False,
+            [0] * dims, 1, [True, False, False])
+    with allocation_profiler() as prof:
+        outs = torch.ops.aten.convolution_backward(*args)
+    running = peak = 0
+    for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if e.name() == "[memory]":
+            running += e.nbytes()
+            peak = max(peak, running)
+    gin = x.numel() * 4
+    assert peak - running == 2 * gin == _conv_backward_workspace(args, outs)
 
 
 @onednn_modelled
