@@ -163,6 +163,16 @@ class Strided(nn.Module):
         return self.c3(F.pixel_shuffle(self.c2(F.silu(self.c1(x))), 2))
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(32, 64, num_layers=2, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0])
+
+
 def _encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -188,6 +198,8 @@ CASES = {
     "decoder": (Decoder, (4, 2, 48, 48), (4, 1, 48, 48)),
     # strided convolutions (their input gradients) and a pixel-shuffle upsampling
     "strided": (Strided, (4, 3, 32, 32), (4, 3, 32, 32)),
+    # oneDNN's LSTM layers (their workspace and scratch), batch first, two layers
+    "lstm": (Recurrent, (8, 20, 32), (8, 20, 4)),
 }
 
 
@@ -274,6 +286,21 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
         running += n
         peak = max(peak, running)
     return [n for n in sizes if n > 0], peak - running, rule
+
+
+@pytest.mark.parametrize("t,b,h,i", [(20, 8, 64, 32), (7, 3, 11, 5), (50, 4, 128, 200)])
+def test_lstm_workspace_matches_what_the_kernel_returns(t: int, b: int, h: int, i: int) -> None:
+    # the workspace aten.mkldnn_rnn_layer returns for the backward, which its fake kernel
+    # returns empty: seven page-aligned parts (core/memory.py), to the byte
+    from pytest_modelcheck.core.memory import _all_args, _onednn_lstm_workspace
+
+    torch.manual_seed(0)
+    w = [torch.randn(4 * h, i), torch.randn(4 * h, h), torch.randn(4 * h), torch.randn(4 * h)]
+    args = (torch.randn(t, b, i), *w, torch.zeros(b, h), torch.zeros(b, h), False, [], 2, h, 1,
+            True, False, False, True)
+    out = torch.ops.aten.mkldnn_rnn_layer(*args)
+    full = _all_args(torch.ops.aten.mkldnn_rnn_layer.default, args, {})
+    assert _onednn_lstm_workspace(full) == out[3].numel() * out[3].element_size()
 
 
 @onednn_modelled
