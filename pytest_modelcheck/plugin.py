@@ -132,27 +132,73 @@ def pytest_configure(config: pytest.Config) -> None:
             timeout = parse_duration(timeout)
         except UsageError as exc:
             raise pytest.UsageError(f"--modelcheck-timeout / modelcheck_timeout: {exc}") from None
-        if timeout <= 0:
-            raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration such as"
-                                    f" '90s', got {timeout!r}")
+        if not 0 < timeout <= 1e7:
+            raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration up to"
+                                    f" 1e7 s (about 115 days), such as '90s', got {timeout!r}")
     state = SessionState(bool(_option(config, "modelcheck")), json_path, timeout)
     state.save_baseline = _option(config, "modelcheck_save_baseline") or None
     state.markdown_path = _option(config, "modelcheck_markdown") or None
     state.html_path = _option(config, "modelcheck_html") or None
     logdir = _option(config, "modelcheck_logdir") or None
     state.logdir = os.path.abspath(logdir) if logdir else None
+    device = _option(config, "modelcheck_device") or None
+    if device:
+        from .checks.registry import validate_device
+
+        try:
+            validate_device(device)
+        except UsageError as exc:
+            raise pytest.UsageError(f"--modelcheck-device / modelcheck_device: {exc}") from None
+    for option, path in (("--modelcheck-json", json_path),
+                         ("--modelcheck-markdown", state.markdown_path),
+                         ("--modelcheck-html", state.html_path),
+                         ("--modelcheck-save-baseline", state.save_baseline)):
+        _check_output_path(option, path)
     baseline_path = _option(config, "modelcheck_baseline") or None
     if baseline_path or state.save_baseline:
         from .core.baseline import Baseline, BaselineError, machine_fingerprint
 
         state.fingerprint = machine_fingerprint()
         if baseline_path:
+            if not os.path.exists(baseline_path) and not _same_path(baseline_path,
+                                                                     state.save_baseline):
+                raise pytest.UsageError(
+                    f"--modelcheck-baseline={baseline_path}: no such file; record one first"
+                    f" with --modelcheck-save-baseline={baseline_path}")
             try:
                 state.baseline = Baseline.load(baseline_path)
             except BaselineError as exc:
                 raise pytest.UsageError(f"--modelcheck-baseline: {exc}") from None
+        if state.save_baseline and isinstance(state.save_baseline, str):
+            try:  # the file is merged into at the end: a corrupt one is refused now
+                Baseline.load(state.save_baseline)
+            except BaselineError as exc:
+                raise pytest.UsageError(f"--modelcheck-save-baseline: {exc}") from None
     config.stash[session_key] = state
     config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and \
+        os.path.abspath(a) == os.path.abspath(b)
+
+
+def _check_output_path(option: str, path: Any) -> None:
+    """A report or baseline path must name a file under a writable directory (missing
+    directories are made when the file is written)."""
+    if not path or not isinstance(path, str):
+        return
+    if os.path.isdir(path):
+        raise pytest.UsageError(f"{option}={path}: is a directory; expected a file path such as"
+                                f" {os.path.join(path, 'report')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # missing directories are created when it is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise pytest.UsageError(f"{option}={path}: {parent} is a file, not a directory; choose"
+                                f" another path")
+    if not os.access(parent, os.W_OK):
+        raise pytest.UsageError(f"{option}={path}: the directory {parent} is not writable")
 
 
 def _usage_failure(who: str, exc: Exception) -> None:
@@ -260,14 +306,25 @@ def _bind(item: pytest.Item) -> list:
     bound = []
     for mark in reversed(_markers(item)):  # top-down, as written
         kwargs = dict(mark.kwargs)
-        model_fx = kwargs.pop("model_fixture", None) or item.config.getini("modelcheck_model_fixture")
-        batch_fx = kwargs.pop("batch_fixture", None) or item.config.getini("modelcheck_batch_fixture")
         try:
+            model_fx = _fixture_name(kwargs, "model_fixture", item.config)
+            batch_fx = _fixture_name(kwargs, "batch_fixture", item.config)
             plans = _plans(mark, kwargs)
         except UsageError as exc:
             _usage_failure(f"@pytest.mark.{mark.name}", exc)
         bound.append(BoundMarker(mark.name, plans, model_fx, batch_fx))
     return bound
+
+
+def _fixture_name(kwargs: dict, key: str, config: pytest.Config) -> str:
+    """``model_fixture=`` / ``batch_fixture=`` from the marker, else the ini key's name."""
+    if key not in kwargs:
+        return config.getini(f"modelcheck_{key}")
+    name = kwargs.pop(key)
+    if not isinstance(name, str) or not name.isidentifier():
+        raise UsageError(f"{key}={name!r}: expected the name of a fixture, such as"
+                         f" {key.split('_')[0]!r}")
+    return name
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -335,7 +392,8 @@ def _record_model(item: pytest.Item, model: Any, batch: Any = None) -> None:
         return
     from .core.facts import model_facts
 
-    item.user_properties.append((MODEL_PROPERTY, model_facts(model, batch)))
+    timeout = item.config.stash[session_key].timeout
+    item.user_properties.append((MODEL_PROPERTY, model_facts(model, batch, timeout=timeout)))
 
 
 def _device(config: pytest.Config) -> Optional[str]:

@@ -86,13 +86,14 @@ class CheckSpec:
             from ..core.losses import validate_loss_arg
 
             values["loss"] = validate_loss_arg(values["loss"])
+        if values.get("device") is not None:
+            values["device"] = validate_device(values["device"])
         return values
 
     def run(self, values: dict, *, model: Any, batch: Any, loss: Any = None,
             device: Any = None, timeout: Optional[float] = None) -> CheckResult:
         """Run with already-bound ``values``; a failing model becomes a failed result, and so do
         an overrun of ``timeout`` seconds and running out of memory (memory is released)."""
-        from ..core.batch import Batch
         from ..core.guard import CheckTimeout, is_out_of_memory, release_memory, time_budget
         from ..core.state import preserved_globals
 
@@ -100,9 +101,11 @@ class CheckSpec:
         context.update({k: v for k, v in values.items() if k in MARKER_CONTEXT and v is not None})
         user = {k: v for k, v in values.items() if k not in CONTEXT}
         start = time.perf_counter()
+        validate_model(model, self.absent_device_ok)
         with preserved_globals():  # a batch factory's random draws are undone too
-            batch = Batch.from_user(batch)
             try:
+                with time_budget(timeout):
+                    batch = _user_batch(batch)
                 device = _resolve_device(context["device"], model, self.absent_device_ok)
                 with time_budget(timeout):
                     result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
@@ -120,10 +123,17 @@ class CheckSpec:
                 else:
                     result = CheckResult(self.name, False, str(exc), details=_cause(exc),
                                          metrics={"raised_in": exc.module})
-            except Exception as exc:  # noqa: BLE001 - only out-of-memory is turned into a result
-                if not is_out_of_memory(exc):
-                    raise
-                result = _oom_result(self.name, exc, release_memory())
+            except UsageError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - never a traceback from inside a check
+                if is_out_of_memory(exc):
+                    result = _oom_result(self.name, exc, release_memory())
+                else:
+                    result = CheckResult(
+                        self.name, False, f"expected the check to run on this model, observed"
+                        f" {type(exc).__name__}: {_first_line(exc)[:200]}",
+                        details=_cause(ModelError("", original=exc)),
+                        metrics={"error": type(exc).__name__})
         result.duration_s = round(time.perf_counter() - start, 4)
         result.arguments = {k: _describe(v) for k, v in values.items()}
         return result
@@ -168,6 +178,73 @@ def _describe(value: Any) -> Any:
     return getattr(value, "__name__", None) or repr(value)
 
 
+def _user_batch(batch: Any) -> Any:
+    """``Batch.from_user``; a batch factory that raises is the user's error, named."""
+    from ..core.batch import Batch
+    from ..core.guard import CheckTimeout
+
+    try:
+        return Batch.from_user(batch)
+    except (UsageError, CheckTimeout):
+        raise
+    except Exception as exc:  # noqa: BLE001 - the user's make_batch raised
+        raise UsageError(f"the batch (or its make_batch factory) raised"
+                         f" {type(exc).__name__}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+_DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "mtia", "privateuseone")
+
+
+def validate_device(device: Any) -> Any:
+    """A device given to a check: a ``torch.device``, an index or a string such as ``"cpu"``,
+    ``"cuda"`` or ``"cuda:1"``; anything else is a UsageError naming it (no torch import for
+    strings).
+
+    >>> validate_device("cuda:1")
+    'cuda:1'
+    >>> validate_device("5 parsecs")
+    Traceback (most recent call last):
+    ...
+    pytest_modelcheck.core.errors.UsageError: device='5 parsecs': expected a device such as 'cpu', 'cuda' or 'cuda:1'
+    """
+    import re
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(device, torch.device):
+        return device
+    if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 1024:
+        return device
+    if isinstance(device, str) and re.fullmatch(
+            rf"({'|'.join(_DEVICE_TYPES)})(:\d{{1,4}})?", device.strip()):
+        return device.strip()
+    raise UsageError(f"device={device!r}: expected a device such as 'cpu', 'cuda' or 'cuda:1'")
+
+
+def validate_model(model: Any, absent_ok: bool = False) -> None:
+    """The model given to a check must be an eager ``torch.nn.Module`` with real parameters
+    (meta parameters only where the check estimates, ``absent_ok``); anything else is a
+    UsageError naming what was given."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError(f"model: got a TorchScript module ({type(model).__name__}); the checks"
+                         " run the eager torch.nn.Module (hooks, copies, autograd): pass the"
+                         " module before torch.jit.script/trace")
+    if not absent_ok and any(t.is_meta for t in
+                             [*model.parameters(), *model.buffers()]):
+        raise UsageError("model: has parameters or buffers on the meta device (no values);"
+                         " build it on a real device for this check (the memory estimate and"
+                         " FLOP counter take meta models)")
+
+
 def _resolve_device(device: Any, model: Any, absent_ok: bool) -> Any:
     import torch
 
@@ -175,7 +252,7 @@ def _resolve_device(device: Any, model: Any, absent_ok: bool) -> Any:
 
     if device is None:
         return model_device(model)
-    dev = torch.device(device)
+    dev = torch.device(validate_device(device))
     if dev.type == "cuda" and not torch.cuda.is_available() and not absent_ok:
         raise SkipCheck(f"device {device!r} is not available on this machine")
     if dev.type not in ("cpu", "cuda", "meta") and not absent_ok:

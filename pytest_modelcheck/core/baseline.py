@@ -245,6 +245,9 @@ class Baseline:
                 text = fh.read()
         except FileNotFoundError:
             return cls()
+        except UnicodeDecodeError:
+            raise BaselineError(f"baseline {path}: not a text (UTF-8 JSON) file; delete it or"
+                                f" save a new baseline") from None
         except OSError as exc:
             raise BaselineError(f"baseline {path}: cannot be read ({exc.strerror})") from None
         try:

@@ -20,7 +20,7 @@ def run_forward(model: Any, batch: Batch) -> Any:
     0
     """
     try:
-        return batch.call(model)
+        out = batch.call(model)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised with the module path
@@ -28,6 +28,30 @@ def run_forward(model: Any, batch: Batch) -> Any:
         place = f" in module '{where}' ({type(_module(model, where)).__name__})" if where else ""
         raise ModelError(f"forward raised {type(exc).__name__}{place}: {_one_line(exc)}",
                          where, exc) from exc
+    if not _holds_tensor(out):
+        raise ModelError(f"forward returned {type(out).__name__} with no tensor in it; expected"
+                         " a tensor, or a tuple, list or dict of tensors")
+    return out
+
+
+def _holds_tensor(value: Any, depth: int = 0) -> bool:
+    """Whether a forward's output holds a tensor (in tuples, lists, dicts, dataclasses)."""
+    import dataclasses
+
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    if depth > 8:
+        return False
+    if isinstance(value, dict):
+        return any(_holds_tensor(v, depth + 1) for v in value.values())
+    if isinstance(value, (tuple, list)):
+        return any(_holds_tensor(v, depth + 1) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return any(_holds_tensor(getattr(value, f.name), depth + 1)
+                   for f in dataclasses.fields(value))
+    return False
 
 
 def _module(model: Any, path: str) -> Any:

@@ -56,6 +56,9 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
     >>> is_out_of_memory(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     True
+    >>> is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"
+    ...                               " to allocate 8000000000 bytes"))
+    True
     """
     import sys
 
@@ -63,8 +66,10 @@ def is_out_of_memory(exc: BaseException) -> bool:
     oom_type = getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None) if torch else None
     if oom_type is not None and isinstance(exc, oom_type):
         return True
+    text = str(exc).lower()
     return isinstance(exc, (RuntimeError, MemoryError)) and (
-        "out of memory" in str(exc).lower() or isinstance(exc, MemoryError))
+        "out of memory" in text or "can't allocate memory" in text
+        or isinstance(exc, MemoryError))
 
 
 def release_memory() -> Optional[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .batch import Batch, iter_tensors
-from .errors import UsageError
+from .errors import ModelError, UsageError
 
 LOSS_NAMES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce", "bce_with_logits", "nll")
 
@@ -72,15 +72,37 @@ class Loss:
             extra["model"] = model
         if self.wants_inputs:
             extra["inputs"] = batch.args
-        value = self.fn(output, batch.target, **extra)
+        try:
+            value = self.fn(output, batch.target, **extra)
+        except (UsageError, ModelError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the user's loss: a failed check, named
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ModelError(f"the loss {self.name} raised {type(exc).__name__}: {first[:200]}",
+                             module="loss", original=exc) from None
         if isinstance(value, dict):
             if not value:
                 raise UsageError(f"loss {self.name}: returned an empty dict of terms")
+            for key, v in value.items():
+                _check_loss_value(f"{self.name}[{key!r}]", v)
             total = None
             for v in value.values():
                 total = v if total is None else total + v
             return total, dict(value)
+        _check_loss_value(self.name, value)
         return value, {}
+
+
+def _check_loss_value(name: str, value: Any) -> None:
+    """A loss must be a tensor with one element (a scalar); anything else is named."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise ModelError(f"the loss {name} returned {type(value).__name__}; expected a scalar"
+                         f" tensor", module="loss")
+    if value.numel() != 1:
+        raise ModelError(f"the loss {name} returned a tensor of shape {tuple(value.shape)};"
+                         f" expected a scalar (reduce it with .mean() or .sum())", module="loss")
 
 
 def _auto_name(output: Any, batch: Batch) -> Optional[str]:

@@ -10,6 +10,7 @@ state (enabled flag and dtype per device type, cache flag).
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import sys
 from typing import Any, Iterator
@@ -67,6 +68,9 @@ def preserved_globals() -> Iterator[None]:
         torch.get_num_threads(),
     )
     autocast = _autocast_state(torch)
+    backends = _backend_flags(torch)
+    default_device = _default_device(torch)
+    recursion, cwd = sys.getrecursionlimit(), _cwd()
     try:
         yield
     finally:
@@ -94,6 +98,40 @@ def preserved_globals() -> Iterator[None]:
             torch.set_num_threads(threads)
         if _autocast_state(torch) != autocast:
             _restore_autocast(torch, autocast)
+        if _backend_flags(torch) != backends:
+            _restore_backend_flags(torch, backends)
+        if _default_device(torch) != default_device:
+            torch.set_default_device(default_device)
+        if sys.getrecursionlimit() != recursion:
+            sys.setrecursionlimit(recursion)
+        if cwd is not None and _cwd() != cwd:
+            os.chdir(cwd)
+
+
+def _cwd() -> Any:
+    try:
+        return os.getcwd()
+    except OSError:  # the directory was removed
+        return None
+
+
+def _default_device(torch: Any) -> Any:
+    """The device set by ``torch.set_default_device`` (None when none was set)."""
+    from torch.utils._device import CURRENT_DEVICE
+
+    return CURRENT_DEVICE
+
+
+def _backend_flags(torch: Any) -> tuple:
+    return (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled)
+
+
+def _restore_backend_flags(torch: Any, flags: tuple) -> None:
+    (torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark,
+     torch.backends.cudnn.deterministic, torch.backends.cudnn.allow_tf32,
+     torch.backends.cuda.matmul.allow_tf32, torch.backends.mkldnn.enabled) = flags
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")

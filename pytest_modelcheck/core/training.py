@@ -37,6 +37,11 @@ def make_optimizer(optimizer: Any, params: Any, lr: float) -> Any:
     import torch
 
     params = [p for p in params if p.requires_grad]
+    if not params:
+        from .errors import ModelError
+
+        raise ModelError("the model has no trainable parameters (none, or all with"
+                         " requires_grad=False): there is nothing to train")
     if callable(optimizer):
         return optimizer(params, lr)
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
@@ -111,6 +116,12 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
         if not math.isfinite(value):
             run.stopped = f"loss became {value} at step {step}"
             break
+        if not total.requires_grad:
+            from .errors import ModelError
+
+            raise ModelError("the loss does not require grad: the forward detaches its output"
+                             " (.detach(), torch.no_grad(), set_grad_enabled(False)) or no"
+                             " trainable parameter reaches it")
         total.backward()
         run.grad_norms.append(grad_norm(model))
         opt.step()
