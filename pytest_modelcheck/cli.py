@@ -38,11 +38,17 @@ def load_object(spec: str, what: str = "--model") -> Any:
     module_name, attr = spec.split(":", 1)
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    if not module_name or module_name.startswith(".") or not attr:
+        raise CliError(f"{what} {spec!r}: expected an absolute 'package.module:factory', e.g."
+                       " example_models.vit3d:build_model")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"{what} {spec!r}: cannot import {module_name!r} ({exc}); run from the"
                        " directory that contains the package or install it") from None
+    except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
+        raise CliError(f"{what} {spec!r}: importing {module_name!r} raised"
+                       f" {type(exc).__name__}: {_first_line(exc)}") from None
     try:
         obj = module
         for part in attr.split("."):
@@ -61,6 +67,8 @@ def load_config(path: Optional[str]) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
+    except UnicodeDecodeError:
+        raise CliError(f"--config {path}: not a text file (expected UTF-8 JSON or YAML)") from None
     except OSError as exc:
         raise CliError(f"--config {path}: cannot read it ({exc.strerror})") from None
     try:
@@ -151,7 +159,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     from .core.batch import Batch
     from .core.trace import trace_batch
 
-    batch = Batch.from_user(make_batch(args.batch_size))
+    batch = Batch.from_user(_call_make_batch(make_batch, args.batch_size))
     import torch
 
     print(_section(f"Forward flow (batch size {args.batch_size}; * = shape changes)"))
@@ -175,6 +183,19 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _call_make_batch(make_batch: Any, size: int) -> Any:
+    try:
+        return make_batch(size)
+    except Exception as exc:  # noqa: BLE001 - the user's factory
+        raise CliError(f"--batch: make_batch({size}) raised {type(exc).__name__}:"
+                       f" {_first_line(exc)}") from None
+
+
 def cmd_profile(args: argparse.Namespace) -> dict:
     from .core.profiler import profile_model
 
@@ -190,8 +211,21 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     except ValueError:
         raise CliError(f"--batch-sizes {args.batch_sizes!r}: expected positive integers such as"
                        " 1,2,4,8") from None
-    report = profile_model(model, make_batch, batch_sizes=sizes, device=args.device,
-                           warmup=args.warmup, runs=args.runs, progress=True)
+    if args.device:
+        from .checks.registry import validate_device
+
+        try:
+            validate_device(args.device)
+        except UsageError as exc:
+            raise CliError(f"--device: {exc}") from None
+    _call_make_batch(make_batch, sizes[0])  # a factory that fails, before the long sweep
+    try:
+        report = profile_model(model, make_batch, batch_sizes=sizes, device=args.device,
+                               warmup=args.warmup, runs=args.runs, progress=True)
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the model or the device failed in the sweep
+        raise CliError(f"profile: {type(exc).__name__}: {_first_line(exc)}") from None
     print(report.render())
     return json.loads(report.to_json())
 
@@ -244,6 +278,10 @@ def main(argv: Optional[list] = None) -> int:
     if getattr(args, "batch_size", 1) is not None and getattr(args, "batch_size", 1) < 1:
         print(f"modelcheck: error: --batch-size {args.batch_size}: expected a positive integer",
               file=sys.stderr)
+        return 2
+    if getattr(args, "json", None) and os.path.isdir(args.json):
+        print(f"modelcheck: error: --json {args.json}: is a directory; expected a file path such"
+              f" as {os.path.join(args.json, 'report.json')}", file=sys.stderr)
         return 2
     try:
         data = args.run(args)

@@ -143,47 +143,59 @@ class CheckpointInfo:
         """
         where = "top level (raw state dict)" if self.state_key == "" else (
             repr(self.state_key) if self.state_key else "none found")
-        lines = [f"Checkpoint: {self.path} ({self.format}, {format_bytes(self.file_bytes)})",
+        lines = [f"Checkpoint: {_p(self.path)} ({self.format}, {format_bytes(self.file_bytes)})",
                  f"  Weights:             {where}",
                  f"  Tensors:             {len(self.tensors):,}, {self.total_numel:,} elements, "
                  f"{format_bytes(self.total_bytes)}",
                  "  Dtypes:              " + (", ".join(f"{k}: {v:,}" for k, v in self.dtypes.items())
                                               or "-")]
         for key, value in self.metadata.items():
-            lines.append(f"  {str(key) + ':':<21}{_short(value)}")
+            lines.append(f"  {_p(key) + ':':<21}{_p(_short(value))}")
         lines.append(f"  Optimizer state:     {'yes' if self.has_optimizer else 'no'}")
         lines.append(f"  Scheduler state:     {'yes' if self.has_scheduler else 'no'}")
         if self.other_state_dicts:
-            lines.append(f"  Other weight sets:   {', '.join(self.other_state_dicts)}")
+            lines.append(f"  Other weight sets:   {', '.join(map(_p, self.other_state_dicts))}")
         if self.other_keys:
-            lines.append(f"  Other entries:       {', '.join(map(str, self.other_keys))}")
+            lines.append(f"  Other entries:       {', '.join(map(_p, self.other_keys))}")
         if self.config is not None:
             lines.append("Config:")
             if isinstance(self.config, dict):
                 for k, v in self.config.items():
-                    lines.append(f"  {str(k) + ':':<21}{_short(v)}")
+                    lines.append(f"  {_p(k) + ':':<21}{_p(_short(v))}")
             else:
-                lines.append(f"  {_short(self.config)}")
+                lines.append(f"  {_p(_short(self.config))}")
         lines.append("Parameters by prefix:")
         for prefix, d in self.by_prefix.items():
             pct = 100.0 * d["numel"] / self.total_numel if self.total_numel else 0.0
-            lines.append(f"  {prefix:<20}: {d['numel']:>10,} ({pct:5.1f}%)  {format_bytes(d['bytes'])}")
+            lines.append(f"  {_p(prefix):<20}: {d['numel']:>10,} ({pct:5.1f}%)  {format_bytes(d['bytes'])}")
         if self.model_checked:
             lines.append("Model check: " + ("keys and shapes match" if self.matches_model else
                                             "MISMATCH"))
             if self.stripped_prefix:
                 lines.append(f"  (prefix {self.stripped_prefix!r} stripped from checkpoint keys)")
             for name in self.missing_keys:
-                lines.append(f"  missing in checkpoint: {name}")
+                lines.append(f"  missing in checkpoint: {_p(name)}")
             for name in self.unexpected_keys:
-                lines.append(f"  unexpected (not in model): {name}")
+                lines.append(f"  unexpected (not in model): {_p(name)}")
             for name, ck, mo in self.shape_mismatches:
-                lines.append(f"  shape mismatch: {name}: checkpoint {tuple(ck)}, model {tuple(mo)}")
+                lines.append(f"  shape mismatch: {_p(name)}: checkpoint {tuple(ck)}, model {tuple(mo)}")
         if verbose:
             lines.append("Tensors:")
             for name, (shape, dtype) in self.tensors.items():
-                lines.append(f"  {name}  {tuple(shape)}  {dtype}")
+                lines.append(f"  {_p(name)}  {tuple(shape)}  {dtype}")
         return "\n".join(lines)
+
+
+def _p(value: Any) -> str:
+    """A name read from a file, safe to print: control characters (newlines, terminal escapes)
+    and lone surrogates shown as escapes.
+
+    >>> _p("line1\\nline2\\x1b[31m")
+    'line1\\\\nline2\\\\x1b[31m'
+    """
+    text = str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
 
 
 def _short(value: Any, limit: int = 100) -> str:
@@ -202,6 +214,9 @@ def _check_path(path: Any) -> int:
         raise _err(path, "no such file")
     if os.path.isdir(p):
         raise _err(path, "is a directory, expected a checkpoint file")
+    if not os.path.isfile(p):
+        raise _err(path, "is not a regular file (a device, FIFO or socket), expected a"
+                         " checkpoint file")
     size = os.path.getsize(p)
     if size == 0:
         raise _err(path, "is empty (0 bytes)")
@@ -286,22 +301,43 @@ def _safetensors_tensors(path: Any, entries: dict, start: int) -> dict:
     for name, (shape, dtype, offset, nbytes) in entries.items():
         tdtype = getattr(torch, dtype)
         if nbytes == 0:
-            out[name] = torch.empty(shape, dtype=tdtype)
+            try:
+                out[name] = torch.empty(shape, dtype=tdtype)
+            except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
+                raise _err(path, f"tensor {name!r}: shape {list(shape)} cannot be made"
+                                 f" ({_first_line(str(exc)) or type(exc).__name__})") from None
             continue
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start + offset)
         out[name] = flat.view(tdtype).reshape(shape)
     return out
 
 
+_MAX_INFLATE = 64 << 20  # a compressed record may inflate to this much (or 4x the file)
+_MAX_PICKLE = 256 << 20  # the pickle and other metadata records of a torch.save archive
+
+
 def _verify_zip(path: Any, full: bool) -> None:
     """CRC-check the small records (pickle, version, byteorder) or, with ``full``, every record."""
     try:
         with zipfile.ZipFile(path) as zf:
+            file_size = os.path.getsize(path)
+            for item in zf.infolist():
+                if item.compress_type != zipfile.ZIP_STORED and \
+                        item.file_size > max(_MAX_INFLATE, 4 * file_size):
+                    raise _err(path, f"record {item.filename!r} inflates to {item.file_size}"
+                                     f" bytes from {item.compress_size} (a zip bomb?);"
+                                     f" torch.save stores its records uncompressed")
+                if "/data/" not in item.filename and item.file_size > _MAX_PICKLE:
+                    raise _err(path, f"record {item.filename!r} declares {item.file_size}"
+                                     f" bytes, more than a checkpoint's metadata needs"
+                                     f" ({_MAX_PICKLE} at most)")
             for item in zf.infolist():
                 if full or "/data/" not in item.filename:
                     with zf.open(item) as member:
                         while member.read(1 << 24):
                             pass
+    except CheckpointError:
+        raise
     except zipfile.BadZipFile as exc:
         raise _err(path, f"corrupt or truncated zip archive ({exc})") from None
     except (OSError, EOFError, ValueError, NotImplementedError, RuntimeError, zlib.error) as exc:
@@ -364,16 +400,57 @@ def _open(path: Any, allow_unsafe: bool, verify: bool, need_values: bool) -> tup
 
 
 def _split(obj: Any) -> tuple:
-    """(state key, state dict, the rest of a wrapper dict)."""
-    if _is_state_dict(obj):
-        return "", {k: v for k, v in obj.items() if _is_tensor(v)}, {}
+    """(state key, state dict, the rest of a wrapper dict); the standard wrapper keys
+    (``model_state_dict``, ``state_dict``, ...) are looked for first, so a wrapper holding a
+    few tensors of its own (a step counter) is not taken for the state dict."""
     if isinstance(obj, dict):
         for key in STATE_KEYS:
             if key in obj and _is_state_dict(obj[key]):
                 return key, {k: v for k, v in obj[key].items() if _is_tensor(v)}, \
                     {k: v for k, v in obj.items() if k != key}
+    if _is_state_dict(obj):
+        return "", {k: v for k, v in obj.items() if _is_tensor(v)}, \
+            {k: v for k, v in obj.items() if not _is_tensor(v)}
+    if isinstance(obj, dict):
         return None, {}, dict(obj)
     return None, {}, {"<object>": obj}
+
+
+def _shape(t: Any) -> list:
+    """A tensor's shape; a nested tensor (no single shape) counts as its flat storage."""
+    try:
+        return list(t.shape)
+    except RuntimeError:
+        return [int(_stored_bytes(t) // max(1, t.element_size()))]
+
+
+def _stored_bytes(t: Any) -> int:
+    """Bytes a tensor holds in the file: its storage (an expanded, stride-0 tensor stores one
+    row), or its values and indices when sparse."""
+    try:
+        if t.layout != _strided_layout():
+            return sum(_stored_bytes(x) for x in _sparse_parts(t))
+        return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
+
+
+def _strided_layout() -> Any:
+    import torch
+
+    return torch.strided
+
+
+def _sparse_parts(t: Any) -> list:
+    import torch
+
+    if t.layout == torch.sparse_coo:
+        return [t._values(), t._indices()]
+    if t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        return [t.values(), t.crow_indices(), t.col_indices()]
+    if t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        return [t.values(), t.ccol_indices(), t.row_indices()]
+    return []
 
 
 def _dtype_name(dtype: Any) -> str:
@@ -444,15 +521,16 @@ def inspect_checkpoint(path: Any, model: Any = None, allow_unsafe: bool = False,
         metadata.update(st_meta)
         for ck in CONFIG_KEYS:
             if isinstance(metadata.get(ck), str):
+                text = metadata.pop(ck)
                 try:
-                    config = json.loads(metadata.pop(ck))
-                except ValueError:
-                    config = metadata.pop(ck)
+                    config = json.loads(text)
+                except (ValueError, RecursionError):
+                    config = text
                 break
     else:
         key, state, rest = _split(obj)
-        tensors = {n: [list(t.shape), _dtype_name(t.dtype)] for n, t in state.items()}
-        nbytes = {n: t.numel() * t.element_size() for n, t in state.items()}
+        tensors = {n: [_shape(t), _dtype_name(t.dtype)] for n, t in state.items()}
+        nbytes = {n: _stored_bytes(t) for n, t in state.items()}
     info = CheckpointInfo(str(path), fmt, size, key, tensors, 0, 0, {}, {})
     for name, (shape, dtype) in tensors.items():
         n = math.prod(shape)
@@ -479,14 +557,52 @@ def inspect_checkpoint(path: Any, model: Any = None, allow_unsafe: bool = False,
             metadata[str(k)] = v.item() if _is_tensor(v) else v
         else:
             info.other_keys.append(k)
-    info.metadata = _builtin(metadata)
-    info.config = _builtin(config) if config is not None else None
+    info.metadata = _bounded(metadata)
+    info.config = _bounded(config) if config is not None else None
     info.dtypes = dict(sorted(info.dtypes.items(), key=lambda kv: -kv[1]))
     info.by_prefix = dict(sorted(info.by_prefix.items(), key=lambda kv: -kv[1]["numel"]))
     module = _resolve_model(model)
     if module is not None:
         _compare_with_model(info, module)
     return info
+
+
+_MAX_CONFIG_ITEMS = 20000  # values kept from a stored config (a file could nest without end)
+_MAX_CONFIG_DEPTH = 32
+
+
+def _bounded(value: Any) -> Any:
+    """``_builtin`` of a stored config or metadata, at most ``_MAX_CONFIG_ITEMS`` values and
+    ``_MAX_CONFIG_DEPTH`` levels: a shared or deeply nested structure in a small file (a
+    "billion laughs" list) is cut with a marker, never expanded.
+
+    >>> deep = []
+    >>> for _ in range(3):
+    ...     deep = [deep, deep]
+    >>> _bounded(deep)
+    [[[[], []], [[], []]], [[[], []], [[], []]]]
+    """
+    budget = [_MAX_CONFIG_ITEMS]
+
+    def walk(v: Any, depth: int) -> Any:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return "<cut: too many values>"
+        if depth > _MAX_CONFIG_DEPTH:
+            return "<cut: nested too deep>"
+        if isinstance(v, dict):
+            return {_short(k, 200): walk(x, depth + 1) for k, x in list(v.items())}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, depth + 1) for x in v]
+        if isinstance(v, str):
+            return v[:10000]
+        return _builtin(v)
+
+    out = walk(value, 0)
+    if budget[0] < 0:
+        return {"<truncated>": f"more than {_MAX_CONFIG_ITEMS} values", "head": out} \
+            if not isinstance(out, dict) else {**out, "<truncated>": True}
+    return out
 
 
 def _compare_with_model(info: CheckpointInfo, module: Any) -> None:
@@ -585,30 +701,30 @@ class DriftReport:
         Unchanged (frozen or dead): fc.b
         """
         moved = [t for t in self.tensors if t.moved]
-        lines = [f"Drift from {self.a} to {self.b}: {len(self.tensors)} tensors compared, "
+        lines = [f"Drift from {_p(self.a)} to {_p(self.b)}: {len(self.tensors)} tensors compared, "
                  f"{len(moved)} moved, {len(self.unchanged)} unchanged"]
         if moved:
             lines.append("Tensors that moved most (relative change ||b-a||/||a||, cosine, max |b-a|):")
-            width = max(len(t.name) for t in moved[:top])
+            width = max(len(_p(t.name)) for t in moved[:top])
             for t in moved[:top]:
                 cos = "-" if t.cosine is None else f"{t.cosine:.4g}"
-                lines.append(f"  {t.name:<{width}}  {t.relative_change:.4g}  {cos}  {t.max_abs_diff:.4g}")
+                lines.append(f"  {_p(t.name):<{width}}  {t.relative_change:.4g}  {cos}  {t.max_abs_diff:.4g}")
             layers = [lay for lay in self.layers if lay[1] > 0][:top]
             if layers:
                 lines.append("Layers that moved most:")
-                width = max(len(lay[0]) for lay in layers)
+                width = max(len(_p(lay[0])) for lay in layers)
                 for name, rel in layers:
-                    lines.append(f"  {name:<{width}}  {rel:.4g}")
+                    lines.append(f"  {_p(name):<{width}}  {rel:.4g}")
         if self.unchanged:
-            lines.append(f"Unchanged (frozen or dead): {', '.join(self.unchanged)}")
+            lines.append(f"Unchanged (frozen or dead): {', '.join(map(_p, self.unchanged))}")
         if self.only_in_a:
-            lines.append(f"Only in a: {', '.join(self.only_in_a)}")
+            lines.append(f"Only in a: {', '.join(map(_p, self.only_in_a))}")
         if self.only_in_b:
-            lines.append(f"Only in b: {', '.join(self.only_in_b)}")
+            lines.append(f"Only in b: {', '.join(map(_p, self.only_in_b))}")
         for name, sa, sb in self.shape_mismatches:
-            lines.append(f"Shape differs: {name}: {tuple(sa)} vs {tuple(sb)}")
+            lines.append(f"Shape differs: {_p(name)}: {tuple(sa)} vs {tuple(sb)}")
         for name, da, db in self.dtype_mismatches:
-            lines.append(f"Dtype differs: {name}: {da} vs {db}")
+            lines.append(f"Dtype differs: {_p(name)}: {da} vs {db}")
         return "\n".join(lines)
 
 
@@ -627,6 +743,32 @@ def _as_state(x: Any, allow_unsafe: bool) -> tuple:
         return str(x), load_state_dict(x, allow_unsafe=allow_unsafe)
     raise UsageError(f"compare_checkpoints: expected a path, a state dict or an nn.Module, got "
                      f"{type(x).__name__}")
+
+
+_MAX_COMPARE_NUMEL = 1 << 24  # elements materialised for one comparison (expanded, sparse)
+
+
+def _comparable(t: Any) -> Any:
+    """A plain strided tensor to compare: quantized ones dequantized, sparse ones densified and
+    expanded (stride-0) ones materialised when that stays under ``_MAX_COMPARE_NUMEL``
+    elements; None when it cannot be compared (nested, or too large)."""
+    import torch
+
+    try:
+        if t.is_nested:
+            return None
+        if t.is_quantized:
+            t = t.dequantize()
+        if t.layout != torch.strided:
+            if t.numel() > _MAX_COMPARE_NUMEL:
+                return None
+            t = t.to_dense()
+        if t.numel() * t.element_size() > t.untyped_storage().nbytes() and \
+                t.numel() > _MAX_COMPARE_NUMEL:
+            return None
+        return t
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def _pair_sums(a: Any, b: Any) -> tuple:
@@ -675,18 +817,21 @@ def compare_checkpoints(a: Any, b: Any, allow_unsafe: bool = False) -> DriftRepo
     layer_sums: dict = {}
     for name in [n for n in sa if n in sb]:
         ta, tb = sa[name], sb[name]
-        if tuple(ta.shape) != tuple(tb.shape):
-            shapes.append([name, list(ta.shape), list(tb.shape)])
+        if _shape(ta) != _shape(tb):
+            shapes.append([name, _shape(ta), _shape(tb)])
             continue
         if ta.dtype != tb.dtype:
             dtypes.append([name, _dtype_name(ta.dtype), _dtype_name(tb.dtype)])
         if ta.is_complex() != tb.is_complex() or "meta" in (ta.device.type, tb.device.type):
             continue
+        ta, tb = _comparable(ta), _comparable(tb)
+        if ta is None or tb is None:
+            continue  # nested, or too large once expanded or densified
         aa, bb, ab, dd, mx = _pair_sums(ta, tb)
         na, nb, nd = math.sqrt(aa), math.sqrt(bb), math.sqrt(dd)
         rel = nd / na if na > 0 else (0.0 if nd == 0 else math.inf)
         cos = ab / (na * nb) if na > 0 and nb > 0 else None
-        rows.append(TensorDrift(name, list(ta.shape), rel, cos, mx, na, nb))
+        rows.append(TensorDrift(name, _shape(ta), rel, cos, mx, na, nb))
         if mx == 0.0 and not math.isnan(dd):
             unchanged.append(name)
         layer = name.rpartition(".")[0] or name

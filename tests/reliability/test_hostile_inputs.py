@@ -1,0 +1,229 @@
+"""Hostile files, hostile arguments and misbehaving models: each gets a one-line error or a
+failed check naming the problem, never a hang, a traceback from inside the plugin, or a change
+left behind."""
+import os
+import pickle
+import time
+import zipfile
+
+import pytest
+import torch
+from torch import nn
+
+from pytest_modelcheck.checks import grads_finite, model_overfits, shapes_consistent
+from pytest_modelcheck.core.checkpoint import (CheckpointError, compare_checkpoints,
+                                               inspect_checkpoint)
+from pytest_modelcheck.core.errors import UsageError
+
+
+# -- checkpoint files ------------------------------------------------------------------------
+def test_shared_nested_config_is_cut_not_expanded(tmp_path):
+    laughs = ["ha"]
+    for _ in range(40):  # 2**40 leaves once expanded, a few KB on disk
+        laughs = [laughs, laughs]
+    path = tmp_path / "laughs.pt"
+    torch.save({"model": {"w": torch.ones(2)}, "config": laughs}, path)
+    start = time.perf_counter()
+    info = inspect_checkpoint(path)
+    assert time.perf_counter() - start < 30
+    assert "<truncated>" in str(info.config) or "<cut" in str(info.config)
+    assert "Config:" in info.render()
+
+
+def test_zip_bomb_record_is_refused_before_inflating(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.ones(2)}, good)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(good) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for item in src.infolist():
+            dst.writestr(item, src.read(item))
+        dst.writestr("good/extra/huge", b"\0" * (80 << 20), compress_type=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match="inflates to .* zip bomb"):
+        inspect_checkpoint(bomb)
+
+
+def test_wrapper_with_a_step_tensor_keeps_its_weights(tmp_path):
+    path = tmp_path / "ck.pt"
+    weights = nn.Linear(6, 4).state_dict()
+    torch.save({"model_state_dict": weights, "step": torch.tensor(1000)}, path)
+    info = inspect_checkpoint(path)
+    assert info.state_key == "model_state_dict"
+    assert sorted(info.tensors) == ["bias", "weight"]
+    assert info.metadata["step"] == 1000
+
+
+def test_expanded_tensor_is_not_materialised(tmp_path):
+    path = tmp_path / "expanded.pt"
+    torch.save({"w": torch.ones(1).expand(1 << 40)}, path)  # 4 TiB of view, 4 bytes stored
+    start = time.perf_counter()
+    info = inspect_checkpoint(path)
+    report = compare_checkpoints(str(path), str(path))
+    assert time.perf_counter() - start < 30
+    assert info.total_bytes == 4
+    assert report.tensors == []  # too large to compare element by element: left out
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_nested_quantized_and_sparse_tensors(tmp_path):
+    path = tmp_path / "odd.pt"
+    torch.save({"n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+                "q": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8),
+                "s": torch.eye(3).to_sparse()}, path)
+    inspect_checkpoint(path).render()
+    report = compare_checkpoints(str(path), str(path))
+    assert set(report.unchanged) >= {"q", "s"}
+
+
+def test_names_from_the_file_are_printed_escaped(tmp_path):
+    path = tmp_path / "names.pt"
+    torch.save({"line1\nline2\x1b[31m": torch.ones(2), "a\udc80b": torch.ones(2)}, path)
+    text = inspect_checkpoint(path).render(verbose=True)
+    assert "\x1b" not in text and "line1\\nline2\\x1b[31m" in text
+    text.encode("utf-8")  # no lone surrogate left to break a strict terminal
+
+
+def test_fifo_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        inspect_checkpoint(fifo)
+
+
+def test_hostile_pickle_in_a_wrapper_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "hostile.pt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "extra": Payload()}, path,
+               pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="untrusted"):
+        inspect_checkpoint(path)
+    assert not marker.exists()
+
+
+# -- arguments and models --------------------------------------------------------------------
+def test_a_model_that_is_not_a_module_is_a_usage_error():
+    with pytest.raises(UsageError, match="expected a torch.nn.Module, got function"):
+        grads_finite(model=lambda x: x, batch=torch.ones(2, 3))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script is deprecated
+def test_a_torchscript_model_is_a_usage_error_and_keeps_its_grads():
+    scripted = torch.jit.script(nn.Linear(3, 2))
+    with pytest.raises(UsageError, match="TorchScript"):
+        grads_finite(model=scripted, batch=(torch.ones(2, 3), torch.ones(2, 2)))
+    assert all(p.grad is None for p in scripted.parameters())
+
+
+@pytest.mark.parametrize("device", ["5 parsecs", "", [1], -1])
+def test_a_bad_device_is_a_usage_error(device):
+    with pytest.raises(UsageError, match="expected a device such as"):
+        grads_finite(model=nn.Linear(3, 2), batch=torch.ones(2, 3), device=device)
+
+
+def test_a_loss_that_raises_fails_the_check_naming_the_loss():
+    def loss(out, target):
+        raise IndexError("Target 10 is out of bounds.")
+
+    r = grads_finite(model=nn.Linear(3, 2), batch=(torch.ones(2, 3), torch.ones(2)), loss=loss)
+    assert r.passed is False and "the loss" in r.headline and "IndexError" in r.headline
+
+
+def test_a_loss_that_returns_a_vector_fails_the_check():
+    r = grads_finite(model=nn.Linear(3, 2), batch=(torch.ones(2, 3), torch.ones(2, 2)),
+                     loss=lambda out, target: (out - target) ** 2)
+    assert r.passed is False and "expected a scalar" in r.headline
+
+
+class ReturnsNothing(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        self.lin(x)
+
+
+def test_a_forward_returning_no_tensor_fails_shapes_consistent():
+    r = shapes_consistent(out=("B", 2), model=ReturnsNothing(), batch=torch.ones(2, 3))
+    assert r.passed is False and "returned NoneType with no tensor" in r.headline
+
+
+def test_a_model_without_trainable_parameters_fails_model_overfits():
+    frozen = nn.Linear(3, 1).requires_grad_(False)
+    r = model_overfits(model=frozen, batch=(torch.ones(4, 3), torch.ones(4, 1)))
+    assert r.passed is False and "no trainable parameters" in r.headline
+
+
+class SetsDefaultDevice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        torch.set_default_device("meta")
+        torch.backends.mkldnn.enabled = False
+        return self.lin(x)
+
+
+def test_settings_a_forward_changes_are_put_back():
+    grads_finite(model=SetsDefaultDevice(), batch=(torch.ones(2, 3), torch.ones(2, 2)))
+    assert torch.empty(1).device.type == "cpu"
+    assert torch.backends.mkldnn.enabled
+
+
+# -- plugin options and a hanging forward ----------------------------------------------------
+def test_missing_baseline_and_directory_report_are_refused_at_start(pytester):
+    pytester.makepyfile("def test_nothing():\n    pass\n")
+    result = pytester.runpytest("--modelcheck", "--modelcheck-baseline=missing.json")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--modelcheck-baseline=missing.json: no such file*"])
+    os.mkdir(pytester.path / "adir")
+    result = pytester.runpytest("--modelcheck", "--modelcheck-json=adir")
+    result.stderr.fnmatch_lines(["*--modelcheck-json=adir: is a directory*"])
+
+
+def test_a_hanging_forward_is_stopped_by_the_timeout(pytester):
+    pytester.makeconftest("""
+import time
+import pytest
+import torch
+from torch import nn
+
+class Hangs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        time.sleep(3600)
+        return self.lin(x)
+
+@pytest.fixture
+def model():
+    return Hangs()
+
+@pytest.fixture
+def batch():
+    return torch.ones(2, 3)
+""")
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.shapes_consistent(out=("B", 2))
+def test_hangs():
+    pass
+
+def test_next():
+    pass
+""")
+    start = time.perf_counter()
+    result = pytester.runpytest("--modelcheck", "--modelcheck-timeout=1s", "-p",
+                                "no:cacheprovider")
+    assert time.perf_counter() - start < 120
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*time budget of 1 s*"])
