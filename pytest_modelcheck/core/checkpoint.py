@@ -28,6 +28,7 @@ import mmap
 import os
 import re
 import struct
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -352,9 +353,12 @@ def _torch_load(path: Any, fmt: str, allow_unsafe: bool, verify: bool) -> Any:
     if fmt == "torch-zip":
         _verify_zip(path, verify)
     try:
-        if allow_unsafe:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=fmt == "torch-zip")
+        with warnings.catch_warnings():  # torch's deprecation notes about the file's contents
+            warnings.simplefilter("ignore")
+            if allow_unsafe:
+                return torch.load(path, map_location="cpu", weights_only=False)
+            return torch.load(path, map_location="cpu", weights_only=True,
+                              mmap=fmt == "torch-zip")
     except pickle.UnpicklingError as exc:
         text = str(exc)
         found = re.search(r"GLOBAL ([\w.]+)", text)
