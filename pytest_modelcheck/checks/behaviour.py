@@ -15,6 +15,7 @@ stateless, and a saved state_dict reproduces the model.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from typing import Any, Optional
 
 from ..core.errors import UsageError
@@ -707,16 +708,59 @@ def _plain_tensor_attributes(work: Any) -> list:
     return found
 
 
+def _rebuild(mod: Any) -> Any:
+    """(a fresh instance of ``mod``'s class (seeded) or None, whether its arguments were
+    guessed). A class whose constructor needs arguments is built with integers from the
+    module's own tensor shapes (a ``Scaler(6)`` of 6 features), accepted when the result's
+    state has the same names and shapes; at most three required arguments, small modules only.
+    Only constant buffers (fitted statistics start as zeros or ones) of such a rebuild are
+    judged by the caller."""
+    import inspect
+    import itertools
+
+    import torch
+
+    try:
+        params = list(inspect.signature(type(mod)).parameters.values())
+    except (TypeError, ValueError):
+        return None, False
+    required = [p for p in params if p.default is p.empty and p.kind in (
+        p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.default is p.empty and p.kind is p.KEYWORD_ONLY for p in params) or \
+            len(required) > 3:
+        return None, False
+    want = {k: tuple(v.shape) for k, v in mod.state_dict(keep_vars=True).items()}
+    want.update({f"buffer:{k}": tuple(v.shape) for k, v in mod.named_buffers()})
+    if required and sum(v.numel() for v in mod.parameters()) > 10_000_000:
+        return None, False
+    dims = sorted({int(d) for t in [*mod.parameters(), *mod.buffers()] for d in t.shape})[:8]
+    candidates = [()] if not required else itertools.product(dims, repeat=len(required))
+    for args in candidates:
+        try:
+            with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.manual_seed(0)
+                rebuilt = type(mod)(*args)
+        except Exception:  # noqa: BLE001 - a class that cannot be rebuilt so is not judged
+            continue
+        if not required:
+            return rebuilt, False
+        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict(keep_vars=True).items()}
+        got.update({f"buffer:{k}": tuple(v.shape) for k, v in rebuilt.named_buffers()})
+        if got == want:
+            return rebuilt, True
+    return None, False
+
+
 def _lost_nonpersistent_buffers(work: Any, fresh: Any, reference: Any, forward: Any) -> list:
     """Non-persistent buffers whose value differs from a freshly constructed module's and
     changes the outputs: ``[(module name, buffer, (output path, max diff)), ...]``.
 
-    Only modules whose class can be built without arguments are rebuilt (a fresh instance is
-    what a reloaded checkpoint starts from); buffers computed in ``__init__`` (positional
-    encodings, masks) come out identical and are not reported.
+    Modules are rebuilt (a fresh instance is what a reloaded checkpoint starts from) without
+    arguments, or with arguments found by ``_rebuild``; buffers computed in ``__init__``
+    (positional encodings, masks) come out identical and are not reported.
     """
     import copy
-    import inspect
 
     import torch
 
@@ -726,24 +770,16 @@ def _lost_nonpersistent_buffers(work: Any, fresh: Any, reference: Any, forward: 
                  if isinstance(mod._buffers.get(n), torch.Tensor)]
         if not names:
             continue
-        try:
-            params = list(inspect.signature(type(mod)).parameters.values())
-        except (TypeError, ValueError):
-            continue
-        if any(p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for p in params):
-            continue
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                rebuilt = type(mod)()
-        except Exception:  # noqa: BLE001 - a class that cannot be rebuilt is not judged
+        rebuilt, guessed = _rebuild(mod)
+        if rebuilt is None:
             continue
         for n in names:
             new = getattr(rebuilt, n, None)
             old = mod._buffers[n]
             if not isinstance(new, torch.Tensor) or new.shape != old.shape or new.dtype != old.dtype:
                 continue
+            if guessed and new.numel() > 1 and not bool((new == new.flatten()[0]).all()):
+                continue  # computed from arguments that were guessed: not judged
             if _identical(new.to(old.device), old):
                 continue
             trial = copy.deepcopy(fresh)

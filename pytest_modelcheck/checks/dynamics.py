@@ -272,7 +272,10 @@ def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1
         raise SkipCheck("no gradient was computed (the loss does not require grad)")
     reference = statistics.median(norms[:3])
     metrics["reference_norm"] = reference
-    low = next((i for i, v in enumerate(norms) if v < min_norm), None)
+    # a loss driven to (numerically) zero has no gradient left: that is convergence
+    floor = 1e-6 * max(abs(run.losses[0]), 1e-30) if run.losses else 0.0
+    converged = next((i for i, v in enumerate(run.losses) if abs(v) <= floor), len(norms))
+    low = next((i for i, v in enumerate(norms[:converged]) if v < min_norm), None)
     if low is not None:
         return CheckResult("grad_norms_stable", False,
                            f"expected gradient norms >= {min_norm:g}, observed {norms[low]:.3g} at"

@@ -359,9 +359,15 @@ def dtype_stable(amp: Any = "bf16", *, model: Any, batch: Any, loss: Any = None,
         with torch.no_grad(), torch.autocast(dev_type, dtype=amp_dtype):
             amp_out = run_forward(work, data)
     except ModelError as exc:
-        details.append(_cause_text(exc))
-        return CheckResult("dtype_stable", False, f"{expected}, observed {exc}",
-                           "\n".join(details), dict(metrics, amp_raised_in=exc.module))
+        # torch's fused inference path of nn.MultiheadAttention / TransformerEncoderLayer has
+        # no autocast support on every device; training (with grad) never takes it
+        amp_out = _without_attention_fastpath(work, data, dev_type, amp_dtype)
+        if amp_out is None:
+            details.append(_cause_text(exc))
+            return CheckResult("dtype_stable", False, f"{expected}, observed {exc}",
+                               "\n".join(details), dict(metrics, amp_raised_in=exc.module))
+        details.append(f"note: the autocast forward raised on torch's fused attention inference"
+                       f" path ({exc}) and ran without it; training never takes that path")
     bad = [p for p, t in iter_tensors(amp_out, "output")
            if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())]
     if bad:
@@ -385,6 +391,24 @@ def _cause_text(exc: ModelError) -> str:
         return ""
     lines = traceback.format_exception(type(exc.original), exc.original, exc.original.__traceback__)
     return "\n".join("".join(lines).rstrip().splitlines()[-8:])
+
+
+def _without_attention_fastpath(work: Any, data: Any, dev_type: str, amp_dtype: Any) -> Any:
+    """The autocast forward with torch's fused attention path off; None when it raises too (or
+    when that path was not on)."""
+    import torch
+
+    from ..core.forward import run_forward
+    from ..core.memory import _mha_fastpath
+
+    mha = getattr(torch.backends, "mha", None)
+    if mha is None or not getattr(mha, "get_fastpath_enabled", lambda: False)():
+        return None
+    try:
+        with _mha_fastpath(False), torch.no_grad(), torch.autocast(dev_type, dtype=amp_dtype):
+            return run_forward(work, data)
+    except ModelError:
+        return None
 
 
 def _first_nonfinite_op(model: Any, batch: Any, device: Any, dev_type: str, amp_dtype: Any) -> str:

@@ -30,6 +30,10 @@ def _number(name: str, value: Any, *, positive: bool = True, integer: bool = Fal
     return int(value) if integer else float(value)
 
 
+#: With a declared chance level, an initial loss more than this many times above it fails.
+INIT_OVER_CHANCE = 10.0
+
+
 def _validate(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
               target: Any = None, chance_level: Any = None, seed: Any = 0) -> dict:
     from ..core.training import validate_optimizer
@@ -62,7 +66,9 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     still clearly falling, so a slow but healthy model is not flagged.
 
     ``chance_level`` (e.g. ``math.log(10)`` for 10-class cross-entropy, ``math.pi / 2`` for an
-    angular-distance loss) lets the failure say "stuck at chance level".
+    angular-distance loss) lets the failure say "stuck at chance level", and fails a model whose
+    initial loss is more than ``INIT_OVER_CHANCE`` (10) times above it (exploding outputs at
+    initialization), even if it then fits the batch.
 
     >>> import torch
     >>> m = torch.nn.Linear(4, 1)
@@ -123,6 +129,15 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     if not math.isfinite(initial):
         return CheckResult("model_overfits", False,
                            f"expected a finite initial loss, observed {initial}", "", metrics)
+    if chance_level is not None and chance_level > 0 and initial > INIT_OVER_CHANCE * chance_level:
+        return CheckResult("model_overfits", False,
+                           f"expected an initial loss near the chance level {chance_level:.4g},"
+                           f" observed {initial:.4g} ({initial / chance_level:.0f}x): outputs far"
+                           f" too large at initialization {curve}",
+                           "\n".join(details + ["hints:", "  - weights initialised too large"
+                                                 " (a gain or a scale applied twice)", "  - a"
+                                                 " missing normalization or a final layer that"
+                                                 " is not scaled down"]), metrics)
     if best <= goal:
         return CheckResult("model_overfits", True,
                            f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g} {curve}",

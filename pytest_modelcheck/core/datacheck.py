@@ -30,6 +30,9 @@ FIELD_KEYS = ("shape", "dtype", "range", "mean", "std", "tol", "features", "feat
 TOP_KEYS = ("constant_channels",)
 #: The constant-channel check needs at least this many samples (fewer agree by chance too often).
 MIN_SAMPLES_FOR_CONSTANT = 4
+#: ... and, for a (B, N) input (features or a mask, one value per sample), this many: a rare
+#: binary feature or an all-ones mask is constant over a small batch by chance.
+MIN_SAMPLES_FOR_CONSTANT_FEATURE = 32
 
 
 def _pair(name: str, value: Any) -> tuple:
@@ -261,7 +264,8 @@ def _padding_masks(data: Batch) -> list:
 
 
 def _constant_channels(batch: Batch) -> list:
-    """Floating inputs (B, C, ...) with B >= 4 whose channel c is one value over the whole batch.
+    """Floating inputs (B, C, ...) with B >= 4 (B >= 32 for a 2-D (B, N) input) whose channel c
+    is one value over the whole batch.
 
     Positions of a ``(B, N, ...)`` set or sequence that a ``(B, N)`` mask input marks as
     padding in every sample are exempt (a batch padded to a fixed length has them), and so are
@@ -278,6 +282,8 @@ def _constant_channels(batch: Batch) -> list:
     for path, t in batch.input_tensors():
         if not t.is_floating_point() or t.dim() < 2 or t.shape[0] != size or path == skip or any(
                 t is m for m, _, _ in masks):
+            continue
+        if t.dim() == 2 and size < MIN_SAMPLES_FOR_CONSTANT_FEATURE:
             continue
         flat = t.detach().movedim(1, 0).reshape(t.shape[1], -1)
         if flat.shape[1] < 2:
