@@ -559,10 +559,13 @@ def _same(a: tuple, b: tuple) -> bool:
 
 def _snapshot(work: Any, ignore: tuple) -> dict:
     snap = {}
+    from ..core.state import hook_managed_attributes
+
     internals = _internals()
     for mname, mod in work.named_modules():
+        managed = hook_managed_attributes(mod)
         for attr, value in vars(mod).items():
-            if attr in internals:
+            if attr in internals or attr in managed:
                 continue
             path = f"{mname}.{attr}" if mname else attr
             if not _matches(path, ignore):
@@ -698,11 +701,14 @@ def _scramble(t: Any, gen: Any) -> None:
 def _plain_tensor_attributes(work: Any) -> list:
     import torch
 
+    from ..core.state import hook_managed_attributes
+
     internals = _internals()
     found = []
     for mname, mod in work.named_modules():
+        managed = hook_managed_attributes(mod)
         for attr, value in vars(mod).items():
-            if attr not in internals and isinstance(value, torch.Tensor) and (
+            if attr not in internals and attr not in managed and isinstance(value, torch.Tensor) and (
                     value.is_floating_point() or value.is_complex()) and value.numel():
                 found.append((mname, attr))
     return found

@@ -104,10 +104,14 @@ def plain_tensor_attributes(model: Any) -> list:
     """
     import torch
 
+    from ..core.state import hook_managed_attributes
+
     found = []
     for name, mod in model.named_modules():
+        managed = hook_managed_attributes(mod)
         for key, value in vars(mod).items():
-            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+            if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                    and key not in managed:
                 found.append((f"{name}.{key}" if name else key, type(mod).__name__))
     return found
 

@@ -32,6 +32,23 @@ def _number(name: str, value: Any, *, positive: bool = True, integer: bool = Fal
 
 #: With a declared chance level, an initial loss more than this many times above it fails.
 INIT_OVER_CHANCE = 10.0
+#: A run that hits the step cap passes as a slow fit when its loss has come down to this
+#: fraction of the initial one and still falls steadily over the last fifth of the run.
+SLOW_FIT_RATIO = 0.6
+
+
+def _slow_but_learning(losses: list, cap: int, initial: float) -> bool:
+    """The run used every step it was allowed, its best loss is at most ``SLOW_FIT_RATIO`` x
+    the initial one, and each of the last two tenths of the run set a new low by a clear
+    margin (a memorising fit of noise targets is slow but steady; a stuck model plateaus)."""
+    n = len(losses)
+    if n < cap or n < 20 or not initial > 0 or min(losses) > SLOW_FIT_RATIO * initial:
+        return False
+    tenth = n // 10
+    before = min(losses[:n - 2 * tenth])
+    mid = min(losses[n - 2 * tenth:n - tenth])
+    last = min(losses[n - tenth:])
+    return mid < before - 0.01 * abs(before) and last < mid - 0.01 * abs(mid)
 
 
 def _validate(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
@@ -142,6 +159,11 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         return CheckResult("model_overfits", True,
                            f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g} {curve}",
                            "\n".join(details), metrics)
+    if target is None and _slow_but_learning(run.losses, 3 * steps, initial):
+        return CheckResult("model_overfits", True,
+                           f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
+                           f" and still falling steadily at the cap (a slow fit, not a stuck one)"
+                           f" {curve}", "\n".join(details), dict(metrics, slow_fit=True))
     at_chance = chance_level is not None and abs(final - chance_level) <= 0.05 * max(abs(chance_level), 1e-12)
     if at_chance:
         observed = f"stuck at chance level {chance_level:.4g} (final {final:.4g})"

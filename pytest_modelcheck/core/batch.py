@@ -223,9 +223,41 @@ class Batch:
 
 
 def copy_model(model: Any) -> Any:
-    """A deep copy of the model that a check may train, move or mutate freely."""
+    """A deep copy of the model that a check may train, move or mutate freely.
+
+    Tensors a module keeps as plain attributes with an autograd history (the ``weight`` that
+    the old ``nn.utils.weight_norm`` recomputes before each forward) cannot be deep-copied;
+    they are copied detached (the originals are left as they were).
+
+    >>> import torch
+    >>> m = torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))
+    >>> _ = m(torch.ones(1, 2))  # weight is now a non-leaf tensor attribute
+    >>> copy_model(m).weight.grad_fn is None
+    True
+    """
     try:
         return copy.deepcopy(model)
-    except Exception as exc:  # noqa: BLE001 - any failure to copy is a usage problem
+    except Exception as first:  # noqa: BLE001 - tried again with history-carrying attributes
+        try:
+            return _copy_without_history(model)
+        except Exception:  # noqa: BLE001 - any failure to copy is a usage problem
+            exc = first
         raise UsageError(f"model: cannot be deep-copied ({type(exc).__name__}: {exc}); checks"
                          " work on a copy so the original is never changed") from exc
+
+
+def _copy_without_history(model: Any) -> Any:
+    import torch
+
+    swapped = []
+    try:
+        for mod in model.modules():
+            for attr, value in list(vars(mod).items()):
+                if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                        and value.grad_fn is not None:
+                    swapped.append((mod, attr, value))
+                    object.__setattr__(mod, attr, value.detach())
+        return copy.deepcopy(model)
+    finally:
+        for mod, attr, value in swapped:
+            object.__setattr__(mod, attr, value)

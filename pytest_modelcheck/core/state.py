@@ -227,3 +227,24 @@ def module_where_raised(model: Any, exc: BaseException) -> str:
             found = names[id(obj)]
         tb = tb.tb_next
     return found
+
+
+def hook_managed_attributes(module: Any) -> set:
+    """Names of the tensors a module's forward pre-hooks recompute before every forward and keep
+    as plain attributes: ``weight`` under the old ``nn.utils.spectral_norm`` and
+    ``weight_norm`` (hook objects with a ``name``, built from ``<name>_orig`` or
+    ``<name>_g``/``<name>_v`` parameters). They are state the hook owns, not a user's tensor
+    left out of the buffers.
+
+    >>> import torch
+    >>> hook_managed_attributes(torch.nn.utils.spectral_norm(torch.nn.Linear(2, 2)))
+    {'weight'}
+    """
+    names = set()
+    params = set(getattr(module, "_parameters", {}))
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():
+        name = getattr(hook, "name", None)
+        if isinstance(name, str) and ({f"{name}_orig", f"{name}_g", f"{name}_v"} & params):
+            names.add(name)
+    return names
+
