@@ -20,6 +20,7 @@ input tensor.
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -190,6 +191,10 @@ class Batch:
             return self.clone()
         import torch
 
+        growth = sum(t.numel() * t.element_size() for _, t in iter_tensors(
+            (self.args, self.kwargs, self.target)) if t.dim() and t.shape[0] == b) * n // b
+        check_allocation(growth, f"a batch of {n} samples")
+
         def resize(t: Any) -> Any:
             if t.dim() == 0 or t.shape[0] != b:
                 return t.detach().clone()
@@ -222,6 +227,30 @@ class Batch:
         return ", ".join(parts)
 
 
+def check_allocation(nbytes: int, what: str) -> None:
+    """Refuse, as a usage error, to build inputs larger than half the memory this machine has
+    available (a batch size or an input size typed with too many zeros), before allocating.
+
+    >>> check_allocation(1 << 60, "a batch of 10**18 samples")
+    Traceback (most recent call last):
+    ...
+    pytest_modelcheck.core.errors.UsageError: a batch of 10**18 samples needs 1.00 EiB, more than half the memory available here (...); use a smaller size
+    """
+    available = _available_memory()
+    if available is not None and nbytes > available // 2:
+        from .units import format_bytes
+
+        raise UsageError(f"{what} needs {format_bytes(nbytes)}, more than half the memory"
+                         f" available here ({format_bytes(available)}); use a smaller size")
+
+
+def _available_memory() -> Any:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def copy_model(model: Any) -> Any:
     """A deep copy of the model that a check may train, move or mutate freely.
 
@@ -230,10 +259,10 @@ def copy_model(model: Any) -> Any:
     they are copied detached (the originals are left as they were).
 
     >>> import torch
-    >>> m = torch.nn.utils.weight_norm(torch.nn.Linear(2, 2))
-    >>> _ = m(torch.ones(1, 2))  # weight is now a non-leaf tensor attribute
-    >>> copy_model(m).weight.grad_fn is None
-    True
+    >>> m = torch.nn.Linear(2, 2)
+    >>> m.scaled = m.weight * 2  # a plain attribute with an autograd history
+    >>> copy_model(m).scaled.grad_fn is None, m.scaled.grad_fn is not None
+    (True, True)
     """
     try:
         return copy.deepcopy(model)

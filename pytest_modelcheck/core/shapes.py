@@ -112,8 +112,16 @@ def resize_to(t: Any, shape: tuple) -> Any:
     >>> resize_to(torch.arange(3), (5,)).tolist()
     [0, 1, 2, 0, 1]
     """
+    import math
+
     import torch
 
+    from .batch import check_allocation
+
+    if any(int(size) > 2 ** 40 for size in shape):
+        raise UsageError(f"size {max(int(x) for x in shape)} is too large for a tensor dimension")
+    check_allocation(math.prod(int(x) for x in shape) * t.element_size(),
+                     f"an input of shape {tuple(shape)}")
     out = t.detach()
     for dim, size in enumerate(shape):
         if out.shape[dim] != size:

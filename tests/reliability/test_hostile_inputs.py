@@ -227,3 +227,24 @@ def test_next():
     assert time.perf_counter() - start < 120
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*time budget of 1 s*"])
+
+
+def test_an_absurd_batch_size_is_refused_before_allocating():
+    with pytest.raises(UsageError, match="more than half the memory available"):
+        shapes_consistent(out=("B", 2), batch_sizes=(10 ** 12,), model=nn.Linear(3, 2),
+                          batch=torch.ones(2, 3))
+
+
+def test_an_absurd_input_size_is_refused_before_allocating():
+    from pytest_modelcheck.checks import vit_patches
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Conv2d(3, 8, 4, stride=4)
+
+        def forward(self, x):
+            return self.proj(x).flatten(2).mean(-1)
+
+    with pytest.raises(UsageError, match="too large|more than half the memory"):
+        vit_patches(sizes=(10 ** 9,), model=Tiny(), batch=torch.ones(2, 3, 8, 8))
