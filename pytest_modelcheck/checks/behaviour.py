@@ -717,7 +717,7 @@ def _plain_tensor_attributes(work: Any) -> list:
 def _rebuild(mod: Any) -> Any:
     """(a fresh instance of ``mod``'s class (seeded) or None, whether its arguments were
     guessed). A class whose constructor needs arguments is built with integers from the
-    module's own tensor shapes (a ``Scaler(6)`` of 6 features), accepted when the result's
+    module's own tensor shapes (a ``Scaler(6)`` of 6 features) and flags, accepted when the result's
     state has the same names and shapes; at most three required arguments, small modules only.
     Only constant buffers (fitted statistics start as zeros or ones) of such a rebuild are
     judged by the caller."""
@@ -740,7 +740,9 @@ def _rebuild(mod: Any) -> Any:
     if required and sum(v.numel() for v in mod.parameters()) > 10_000_000:
         return None, False
     dims = sorted({int(d) for t in [*mod.parameters(), *mod.buffers()] for d in t.shape})[:8]
-    candidates = [()] if not required else itertools.product(dims, repeat=len(required))
+    values = [*dims, False, True]  # sizes from the shapes, and flags
+    candidates = [()] if not required else itertools.islice(
+        itertools.product(values, repeat=len(required)), 300)
     for args in candidates:
         try:
             with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
