@@ -166,9 +166,13 @@ class CheckpointInfo:
             else:
                 lines.append(f"  {_p(_short(self.config))}")
         lines.append("Parameters by prefix:")
-        for prefix, d in self.by_prefix.items():
+        shown = self.by_prefix if verbose else dict(list(self.by_prefix.items())[:40])
+        for prefix, d in shown.items():
             pct = 100.0 * d["numel"] / self.total_numel if self.total_numel else 0.0
             lines.append(f"  {_p(prefix):<20}: {d['numel']:>10,} ({pct:5.1f}%)  {format_bytes(d['bytes'])}")
+        if len(shown) < len(self.by_prefix):
+            lines.append(f"  ... {len(self.by_prefix) - len(shown):,} more prefixes (--verbose"
+                         f" lists every tensor)")
         if self.model_checked:
             lines.append("Model check: " + ("keys and shapes match" if self.matches_model else
                                             "MISMATCH"))
@@ -285,6 +289,14 @@ def _safetensors_header(path: Any, size: int) -> tuple:
             raise _err(path, f"safetensors tensor {name!r}: shape {shape} of {dtype} needs "
                              f"{nbytes:,} bytes, data_offsets span {offsets[1] - offsets[0]:,}")
         entries[name] = (shape, dtype, offsets[0], nbytes)
+    end = 0  # the format lays tensors end to end: no overlap (aliasing), no gap
+    for name, (_, _, begin, nbytes) in sorted(entries.items(), key=lambda kv: (kv[1][2],
+                                                                                 kv[1][3])):
+        if nbytes and begin != end:
+            problem = "overlaps the tensor before it" if begin < end else "leaves a gap before it"
+            raise _err(path, f"safetensors tensor {name!r}: data_offsets start at byte {begin:,},"
+                             f" which {problem} (expected {end:,}; corrupt or crafted)")
+        end = max(end, begin + nbytes)
     return entries, {str(k): v for k, v in metadata.items()}, 8 + n
 
 

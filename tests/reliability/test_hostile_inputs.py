@@ -248,3 +248,15 @@ def test_an_absurd_input_size_is_refused_before_allocating():
 
     with pytest.raises(UsageError, match="too large|more than half the memory"):
         vit_patches(sizes=(10 ** 9,), model=Tiny(), batch=torch.ones(2, 3, 8, 8))
+
+
+def test_overlapping_safetensors_offsets_are_refused(tmp_path):
+    import json
+    import struct
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+                         "b": {"dtype": "F32", "shape": [3], "data_offsets": [4, 16]}}).encode()
+    path = tmp_path / "overlap.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(CheckpointError, match="overlaps the tensor before it"):
+        inspect_checkpoint(path)
