@@ -146,7 +146,9 @@ def user_source() -> str:
     while frame is not None:
         f = os.path.abspath(frame.f_code.co_filename)
         in_pkg = f.startswith(_PKG_DIR)
-        if in_pkg:
+        if in_pkg and frame.f_code.co_name == "__torch_function__":
+            pass  # the one_hot marker (a torch-function mode) sits between torch and the user
+        elif in_pkg:
             if left_package:
                 return ""
         elif f.startswith(torch_dir) or "<frozen" in f or f.endswith(("contextlib.py", "functools.py")):
@@ -180,12 +182,36 @@ def _make_mode(record: dict) -> Any:
             record["by_op"][full] += 1
             record["phase_total"][phase] += 1
             kind = _sync_kind(name, func, args, kwargs)
-            if kind is not None:
+            if kind is not None and not record.get("cpu_only_validation"):
                 record["syncs"].append(Sync(kind, user_source(), phase,
                                             inner if phase == "forward" else ""))
             return func(*args, **kwargs)
 
     return OpCounterMode()
+
+
+def _cpu_only_validation_mode(record: dict) -> Any:
+    """Marks the syncs of ``F.one_hot(x, num_classes)``: on CPU it reads min and max of ``x``
+    to validate it, which CUDA's kernel skips when ``num_classes`` is given (no sync there);
+    they are not reported."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    one_hot = torch.nn.functional.one_hot
+
+    class ValidationMarker(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            classes = kwargs.get("num_classes", args[1] if len(args) > 1 else -1)
+            if func is one_hot and isinstance(classes, int) and classes > 0:
+                record["cpu_only_validation"] = record.get("cpu_only_validation", 0) + 1
+                try:
+                    return func(*args, **kwargs)
+                finally:
+                    record["cpu_only_validation"] -= 1
+            return func(*args, **kwargs)
+
+    return ValidationMarker()
 
 
 def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = None) -> OpCount:
@@ -231,7 +257,7 @@ def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = Non
         for m in names:
             handles.append(m.register_forward_pre_hook(push))
             handles.append(m.register_forward_hook(pop))
-        with _make_mode(record):
+        with _cpu_only_validation_mode(record), _make_mode(record):
             out = run_forward(model, data)
             record["stack"].clear()
             if backward:

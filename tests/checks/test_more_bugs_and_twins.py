@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pytest_modelcheck.checks import (data_sane, dtype_stable, grad_norms_stable, model_overfits,
                                       state_roundtrip)
@@ -143,3 +144,24 @@ def test_constant_feature_over_a_large_batch_is_still_flagged():
     x[:, 4] = 0.0
     r = data_sane(batch=x, model=nn.Linear(5, 1))
     assert r.passed is False and "channel 4" in r.headline
+
+
+class OneHot(nn.Module):
+    def __init__(self, give_classes):
+        super().__init__()
+        self.give_classes = give_classes
+        self.lin = nn.Linear(20, 3)
+
+    def forward(self, tokens):
+        if self.give_classes:
+            return self.lin(F.one_hot(tokens, 20).float())
+        return self.lin(F.one_hot(tokens).float()[..., :20])  # num_classes read from the data
+
+
+def test_one_hot_with_num_classes_is_not_a_host_sync():
+    from pytest_modelcheck.checks import no_host_sync
+
+    tokens = torch.arange(20) % 20
+    assert no_host_sync(model=OneHot(True), batch=tokens).passed is True
+    r = no_host_sync(model=OneHot(False), batch=tokens)
+    assert r.passed is False and "_local_scalar_dense" in r.headline + r.details
