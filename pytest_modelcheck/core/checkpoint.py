@@ -369,6 +369,11 @@ def _torch_load(path: Any, fmt: str, allow_unsafe: bool, verify: bool) -> Any:
             warnings.simplefilter("ignore")
             if allow_unsafe:
                 return torch.load(path, map_location="cpu", weights_only=False)
+            try:
+                os.fspath(path).encode("utf-8")
+            except UnicodeEncodeError:  # a name torch's C++ reader cannot take: read via a handle
+                with open(path, "rb") as fh:
+                    return torch.load(fh, map_location="cpu", weights_only=True)
             return torch.load(path, map_location="cpu", weights_only=True,
                               mmap=fmt == "torch-zip")
     except pickle.UnpicklingError as exc:
