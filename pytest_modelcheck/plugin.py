@@ -169,6 +169,12 @@ def pytest_configure(config: pytest.Config) -> None:
                 state.baseline = Baseline.load(baseline_path)
             except BaselineError as exc:
                 raise pytest.UsageError(f"--modelcheck-baseline: {exc}") from None
+        if state.save_baseline and isinstance(state.save_baseline, str) and (
+                state.save_baseline.endswith(".py") or "::" in state.save_baseline):
+            raise pytest.UsageError(
+                f"--modelcheck-save-baseline took {state.save_baseline!r}, a test path, as the"
+                f" baseline file; write --modelcheck-save-baseline=PATH (with '=') or put the"
+                f" option after the test paths")
         if state.save_baseline and isinstance(state.save_baseline, str):
             try:  # the file is merged into at the end: a corrupt one is refused now
                 Baseline.load(state.save_baseline)
@@ -449,6 +455,17 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     return outcome
 
 
+def _wrap_comparison(c: Any, width: int) -> list:
+    """A comparison for the terminal: the test id on its own line when the whole does not fit,
+    long ids cut from the left (``...``), the metric and its change never lost."""
+    text = c.line()
+    if len(text) <= width:
+        return [text]
+    rest = text[len(c.nodeid) + 1:]
+    node = c.nodeid if len(c.nodeid) <= width else "..." + c.nodeid[-(width - 3):]
+    return [node, *("  " + rest[i:i + width - 2] for i in range(0, len(rest), width - 2))]
+
+
 def _compare_with_baseline(item: pytest.Item, results: list) -> list:
     """Compare this test's metrics with the loaded baseline; returns the regressions."""
     state = item.config.stash[session_key]
@@ -622,12 +639,15 @@ class ResultCollector:
             return None
         from .core.baseline import Comparison
 
-        return [Comparison(**c) for c in self.state.comparisons]
+        # xdist workers report in arrival order: sort, so -n 2 and a serial run agree
+        return sorted((Comparison(**c) for c in self.state.comparisons),
+                      key=lambda c: (c.nodeid, c.metric))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if hasattr(self.config, "workerinput"):
             return
         state = self.state
+        state.comparisons.sort(key=lambda c: (c.get("nodeid", ""), c.get("metric", "")))
         if state.json_path:
             from .report.json_report import write_json
 
@@ -660,11 +680,17 @@ class ResultCollector:
         if comparisons:
             bad = [c for c in comparisons if c.verdict == "regressed"]
             good = [c for c in comparisons if c.verdict == "improved"]
+            compared = [c for c in comparisons if c.verdict in ("same", "regressed", "improved")]
+            other = sum(c.verdict.startswith("skipped") for c in comparisons)
+            new = sum(c.verdict == "new" for c in comparisons)
             terminalreporter.write_line(
-                f"baseline: {len(comparisons)} metrics compared, {len(bad)} regressed,"
-                f" {len(good)} improved")
+                f"baseline: {len(compared)} metrics compared, {len(bad)} regressed,"
+                f" {len(good)} improved" + (f"; {other} timed metrics not compared (recorded on"
+                                             f" another machine)" if other else "")
+                + (f"; {new} new" if new else ""))
             for c in bad + good:
-                terminalreporter.write_line("  " + c.line()[:width - 2])
+                for line in _wrap_comparison(c, width - 2):
+                    terminalreporter.write_line("  " + line)
         for path, what in ((self.state.json_path, "results"),
                            (self.state.save_baseline, "baseline"),
                            (self.state.markdown_path, "markdown summary"),

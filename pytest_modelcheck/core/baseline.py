@@ -76,6 +76,9 @@ METRIC_KINDS: dict = {
 
 #: measured (not estimated) peak memory: compared on the same machine, 5% allowed.
 MEASURED_MEMORY = MetricKind("timed", tolerance=0.05, unit="bytes")
+#: Timed medians closer than this (seconds per run) are never a regression: below it, a tiny
+#: forward's time follows the load of a shared runner from one session to the next.
+TIMED_RESOLUTION_S = 50e-6
 
 
 def metric_kind(check: str, key: str, estimated: bool = True) -> Optional[MetricKind]:
@@ -420,7 +423,9 @@ def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
                     out.append(Comparison(nodeid, name, "timed", None, shown, None, verdict))
                     continue
                 if "samples" in entry and "samples" in old_entry:
-                    v = timed_regression(old_entry["samples"], entry["samples"], threshold=tol)
+                    v = timed_regression(old_entry["samples"], entry["samples"], threshold=tol,
+                                         min_delta=TIMED_RESOLUTION_S if kind.unit == "seconds"
+                                         else 0.0)
                     out.append(Comparison(nodeid, name, "timed", v.old_median, v.new_median,
                                           v.ratio - 1, v.verdict, v.describe()))
                 else:  # one measured value each: a relative tolerance, same machine only

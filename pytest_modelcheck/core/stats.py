@@ -176,11 +176,15 @@ class Verdict:
 
 
 def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float], *,
-                     threshold: float = 0.10, p: float = 0.002) -> Verdict:
+                     threshold: float = 0.10, p: float = 0.002,
+                     min_delta: float = 0.0) -> Verdict:
     """Has ``new_samples`` (times, lower is better) regressed against ``old_samples``?
 
     Regressed when ``median(new) / median(old) > 1 + threshold`` and the Mann-Whitney p-value
     is below ``p``; improved when the ratio is below ``1 / (1 + threshold)`` with the same test.
+    Either also needs the medians to differ by more than ``min_delta`` (the resolution of the
+    clock and the machine: a few microseconds of a tiny forward move with the load of a shared
+    runner from one session to the next, and the test cannot see a between-session shift).
     With few samples the test cannot reach a small ``p`` (3 against 3 gives at best p=0.1), so
     a gate needs enough runs: 10 against 10 reach p=1.1e-5.
 
@@ -188,6 +192,8 @@ def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float],
     >>> timed_regression(old, [t * 1.3 for t in old]).verdict
     'regressed'
     >>> timed_regression(old, [t * 1.05 for t in old]).verdict  # significant but within 10%
+    'same'
+    >>> timed_regression(old, [t * 1.3 for t in old], min_delta=0.5).verdict  # 0.3 s: below it
     'same'
     """
     import statistics
@@ -203,7 +209,7 @@ def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float],
     u, pv = mann_whitney_u(old, new)
     ci = bootstrap_ratio_ci(old, new)
     significant = pv < p
-    return Verdict(regressed=significant and ratio > 1 + threshold,
-                   improved=significant and ratio < 1 / (1 + threshold),
+    return Verdict(regressed=significant and ratio > 1 + threshold and mn - mo > min_delta,
+                   improved=significant and ratio < 1 / (1 + threshold) and mo - mn > min_delta,
                    ratio=ratio, p_value=pv, ci=ci, u=u, old_median=mo, new_median=mn,
                    n_old=len(old), n_new=len(new))

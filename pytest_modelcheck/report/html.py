@@ -23,7 +23,8 @@ body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#2
 h1{font-size:1.5em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 h3{font-size:1.05em;margin-bottom:.3em}
 table{border-collapse:collapse;margin:.5em 0}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+h2,h3{overflow-wrap:anywhere}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.regressed td{background:#fde2e1}tr.improved td{background:#e3f6e5}
 .passed{color:#17692b;font-weight:600}.failed{color:#b3261e;font-weight:600}
@@ -43,7 +44,11 @@ def _e(text: object) -> str:
 
 
 def _anchor(nodeid: str) -> str:
-    return "t-" + "".join(c if c.isalnum() else "-" for c in nodeid)
+    """A unique HTML id for a test: its readable form plus a short hash of the exact id."""
+    import hashlib
+
+    readable = "".join(c if c.isascii() and c.isalnum() else "-" for c in nodeid)[:80]
+    return f"t-{readable}-{hashlib.sha1(nodeid.encode()).hexdigest()[:8]}"
 
 
 def loss_curve_png(losses: list, title: str = "loss") -> Optional[bytes]:

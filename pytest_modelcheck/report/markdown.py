@@ -13,12 +13,16 @@ from .terminal import health_row
 
 
 def _cell(text: object) -> str:
-    """A table cell: pipes escaped, one line.
+    """A table cell: pipes escaped, one line, and no raw HTML (a test id or a model's error
+    message with ``<script>`` stays text in a job summary).
 
     >>> _cell("a|b\\nc")
     'a\\\\|b c'
+    >>> _cell("t[<script>]")
+    't[&lt;script&gt;]'
     """
-    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
 
 
 def _unit(metric: str) -> str:

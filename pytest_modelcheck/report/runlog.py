@@ -253,6 +253,26 @@ def run_dirname(nodeid: str, limit: int = 120) -> str:
     return name
 
 
+def _claim_rundir(logdir: str, nodeid: str) -> str:
+    """``logdir/<run_dirname(nodeid)>``, made and marked with the test id (a ``.nodeid`` file);
+    when another id already owns that name (``a/b`` and ``a_b`` both read ``a_b``), the
+    name gets a hash of the id."""
+    name = run_dirname(nodeid)
+    for candidate in (name, f"{name[:109]}-{hashlib.sha1(nodeid.encode()).hexdigest()[:10]}"):
+        rundir = os.path.join(logdir, candidate)
+        os.makedirs(rundir, exist_ok=True)
+        marker = os.path.join(rundir, ".nodeid")
+        try:
+            with open(marker, "x", encoding="utf-8") as fh:
+                fh.write(nodeid)
+            return rundir
+        except FileExistsError:
+            with open(marker, encoding="utf-8") as fh:
+                if fh.read() == nodeid:
+                    return rundir
+    return rundir
+
+
 def _number(v: Any) -> Optional[float]:
     if isinstance(v, bool):
         return None
@@ -344,8 +364,7 @@ def write_run_logs(logdir: str, nodeid: str, results: list, *, checks: Any = STE
             per_check[key] = series
     if not per_check:
         return []
-    rundir = os.path.join(logdir, run_dirname(nodeid))
-    os.makedirs(rundir, exist_ok=True)
+    rundir = _claim_rundir(logdir, nodeid)
     paths = []
     for check, series in per_check.items():
         path = os.path.join(rundir, re.sub(r"[^A-Za-z0-9._-]", "_", check) + ".csv")

@@ -1,6 +1,7 @@
 """Per-step CSV and TensorBoard event logs, read back by an independent reader."""
 import csv
 import math
+import os
 import struct
 
 import pytest
@@ -114,7 +115,8 @@ def test_real_check_results_round_trip(tmp_path):
     nodeid = "tests/test_m.py::test_train[cpu-1]"
     paths = write_run_logs(str(tmp_path), nodeid, [fit, grads], wall_time=1700000000.5)
     rundir = tmp_path / "tests_test_m.py__test_train_cpu-1_"
-    names = sorted(p.name for p in rundir.iterdir())
+    names = sorted(p.name for p in rundir.iterdir() if p.name != ".nodeid")
+    assert (rundir / ".nodeid").read_text() == nodeid  # which test owns the folder
     assert names[1:] == ["grad_norms_stable.csv", "model_overfits.csv"]
     assert names[0].startswith("events.out.tfevents.1700000000.")   # tensorboard's file pattern
     assert names[0].endswith(".modelcheck") and paths[-1] == str(rundir / names[0])
@@ -155,7 +157,8 @@ def test_terms_lr_and_non_finite_values(tmp_path):
     write_run_logs(str(tmp_path), "t.py::test_x", [comps.to_dict(), lr, diverged, skipped],
                    wall_time=0.0)
     rundir = tmp_path / "t.py__test_x"
-    assert sorted(p.suffix for p in rundir.iterdir()) == [".csv"] * 3 + [".modelcheck"]
+    assert sorted(p.suffix for p in rundir.iterdir() if p.name != ".nodeid") == \
+        [".csv"] * 3 + [".modelcheck"]
     assert _csv(rundir / "loss_components.csv")[0] == ["step", "terms/mse", "terms/l1"]
     rows = _csv(rundir / "lr_schedule.csv")
     assert rows[0] == ["step", "lrs", "expected_lrs", "losses"]
@@ -178,6 +181,15 @@ def test_rewrite_replaces_the_event_file_and_nothing_without_series(tmp_path):
     assert write_run_logs(str(tmp_path), "t.py::test_b", [{"check": "grads_finite",
                                                           "metrics": {"n": 3}}]) == []
     assert not (tmp_path / "t.py__test_b").exists()
+
+
+def test_ids_that_read_alike_get_folders_of_their_own(tmp_path):
+    res = [{"check": "grad_norms_stable", "metrics": {"grad_norms": [1.0, 2.0]}}]
+    first = write_run_logs(str(tmp_path), "t.py::test_odd[a/b]", res, wall_time=1.0)
+    second = write_run_logs(str(tmp_path), "t.py::test_odd[a_b]", res, wall_time=1.0)
+    assert os.path.dirname(first[0]) != os.path.dirname(second[0])
+    again = write_run_logs(str(tmp_path), "t.py::test_odd[a/b]", res, wall_time=2.0)
+    assert os.path.dirname(again[0]) == os.path.dirname(first[0])
 
 
 def test_long_ids_stay_distinct():
