@@ -634,6 +634,14 @@ class ResultCollector:
             if k == COMPARISON_PROPERTY:
                 self.state.comparisons.extend(v)
 
+    def _baseline_tests_not_run(self) -> list:
+        """Test ids the baseline holds (for any machine) that this session did not report."""
+        if self.state.baseline is None:
+            return []
+        ran = {row["nodeid"] for row in self.state.rows}
+        saved = {n for tests in self.state.baseline.entries.values() for n in tests}
+        return sorted(saved - ran)
+
     def _comparisons(self) -> Optional[list]:
         if self.state.baseline is None:
             return None
@@ -691,6 +699,13 @@ class ResultCollector:
             for c in bad + good:
                 for line in _wrap_comparison(c, width - 2):
                     terminalreporter.write_line("  " + line)
+        missing = self._baseline_tests_not_run()
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3
+                                              else "")
+            terminalreporter.write_line(
+                f"baseline: {len(missing)} test(s) in the baseline did not run here (renamed,"
+                f" removed or deselected): {shown}"[:4 * width])
         for path, what in ((self.state.json_path, "results"),
                            (self.state.save_baseline, "baseline"),
                            (self.state.markdown_path, "markdown summary"),

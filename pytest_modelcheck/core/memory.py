@@ -1377,7 +1377,10 @@ def _onednn_depthwise(inp: Any, weight: Any, groups: int, transposed: bool) -> b
 
 def _conv_forward_workspace(args: tuple, out: Any) -> int:
     inp, weight, bias, stride, padding, dilation, transposed, output_padding, groups = args[:9]
-    depthwise = _onednn_depthwise(inp, weight, groups, transposed)
+    depthwise = _onednn_depthwise(inp, weight, groups, transposed) or (
+        # a 1D depthwise convolution runs as a 2D one of height 1 (same buffers)
+        not transposed and inp.dim() == 3 and int(groups) > 1
+        and int(groups) == int(inp.shape[1]) == int(weight.shape[0]))
     if (groups != 1 and not depthwise) or inp.dim() < 3 or not inp.is_floating_point():
         return 0
     backend = _conv_backend(inp, weight, bias, stride, padding, dilation, transposed,
@@ -1403,6 +1406,12 @@ def _conv_forward_workspace(args: tuple, out: Any) -> int:
     if backend == "Mkldnn" and _channels_last(inp):
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
         return weight.numel() * b + pad(cout) * cin * k * b
+    if backend == "Mkldnn" and inp.dim() == 3 and int(inp.shape[1]) == 1 and n > 1 and b == 4 \
+            and (int(padding[-1]) >= k or int(padding[-1]) > 28):
+        # a one-channel 1D convolution padded beyond what the blocked kernels take (a raw
+        # audio front end): oneDNN's gemm convolution, per-thread columns K*OS (one channel),
+        # or a copy of the output when that is larger
+        return max(_threads() * k * s_out * b + _SCRATCHPAD_PAD, out_bytes)
     if backend == "Mkldnn":
         cin, cout = int(inp.shape[1]), int(weight.shape[0])
         # the 1x1 kernels (jit_*_1x1) block the input for any Cin
@@ -1861,6 +1870,27 @@ def _kernel_workspace(func: Any, args: tuple, out: Any) -> int:
         return _attention_workspace(name, args)
     if name in ("mkldnn_rnn_layer", "mkldnn_rnn_layer_backward"):
         return _onednn_lstm_scratch(name, args)
+    if name == "native_batch_norm_backward":
+        return _batch_norm_backward_workspace(args)
+    return 0
+
+
+def _batch_norm_backward_workspace(args: tuple) -> int:
+    """The CPU batch-norm backward makes its input gradient twice when the input and the
+    output gradient are contiguous in one memory format (``empty_like``, then again in its
+    all-contiguous branch): one input-sized buffer more, for a moment. It is the peak in
+    channels-last networks, whose convolutions make no blocked copies."""
+    import torch
+
+    gout, inp, mask = args[0], args[1], args[9]
+    if not mask or not mask[0] or inp.dim() < 2 or inp.device.type not in ("cpu", "meta"):
+        return 0
+    for fmt in (torch.contiguous_format, torch.channels_last, torch.channels_last_3d):
+        try:
+            if inp.is_contiguous(memory_format=fmt) and gout.is_contiguous(memory_format=fmt):
+                return inp.numel() * inp.element_size()
+        except RuntimeError:  # a format for another rank
+            continue
     return 0
 
 

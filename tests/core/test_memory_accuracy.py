@@ -173,6 +173,47 @@ class Recurrent(nn.Module):
         return self.head(self.lstm(x)[0])
 
 
+class _Bottleneck(nn.Module):
+    def __init__(self, cin, mid, cout, stride=1):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.c2, self.b2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False), nn.BatchNorm2d(mid)
+        self.c3, self.b3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.skip = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                  nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = F.relu(self.b1(self.c1(x)))
+        y = F.relu(self.b2(self.c2(y)))
+        return F.relu(self.b3(self.c3(y)) + self.skip(x))
+
+
+class ChannelsLast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32),
+                                  nn.ReLU())
+        self.blocks = nn.Sequential(_Bottleneck(32, 16, 64), _Bottleneck(64, 32, 128, 2))
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x):
+        h = self.blocks(self.stem(x.contiguous(memory_format=torch.channels_last)))
+        return h.mean((2, 3))
+
+
+class AudioFrontEnd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.front = nn.Conv1d(1, 16, 80, stride=4, padding=40)
+        self.norm = nn.BatchNorm1d(16)
+        self.depthwise = nn.Conv1d(16, 16, 7, padding=3, groups=16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.relu(self.norm(self.front(x)))
+        return self.head(F.relu(self.depthwise(h)).mean(-1))
+
+
 def _encoder() -> nn.Module:
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
     return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
@@ -200,6 +241,10 @@ CASES = {
     "strided": (Strided, (4, 3, 32, 32), (4, 3, 32, 32)),
     # oneDNN's LSTM layers (their workspace and scratch), batch first, two layers
     "lstm": (Recurrent, (8, 20, 32), (8, 20, 4)),
+    # channels-last convolutions and batch norms (the batch norm backward's second buffer)
+    "channels_last": (ChannelsLast, (16, 3, 32, 32), (16, 128)),
+    # a raw-audio front end (oneDNN's gemm convolution) and a 1D depthwise convolution
+    "audio": (AudioFrontEnd, (2, 1, 8000), (2, 10)),
 }
 
 

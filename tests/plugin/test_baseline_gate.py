@@ -69,3 +69,31 @@ def test_parallel_run_gives_the_same_gate(pytester, monkeypatch):
     result = pytester.runpytest("--modelcheck", "-n", "2", "--modelcheck-baseline=base.json")
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["baseline: * metrics compared, * regressed, 0 improved"])
+
+
+def test_renamed_test_is_reported_and_a_test_path_is_not_a_baseline(pytester):
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(test_models=TESTS)
+    pytester.runpytest("--modelcheck", "--modelcheck-save-baseline=base.json").assert_outcomes(
+        passed=1)
+    (pytester.path / "test_models.py").write_text(TESTS.replace("test_budget", "test_renamed"))
+    result = pytester.runpytest("--modelcheck", "--modelcheck-baseline=base.json")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["baseline: 1 test(s) in the baseline did not run here*"
+                                 "test_models.py::test_budget*"])
+    swallowed = pytester.runpytest("--modelcheck", "--modelcheck-save-baseline",
+                                   "test_models.py")
+    assert swallowed.ret == pytest.ExitCode.USAGE_ERROR
+    swallowed.stderr.fnmatch_lines(["*took 'test_models.py', a test path, as the baseline file*"])
+    assert "def test_renamed" in (pytester.path / "test_models.py").read_text()
+
+
+def test_comparison_lines_wrap_instead_of_losing_the_change(pytester, monkeypatch):
+    from pytest_modelcheck.core.baseline import Comparison
+    from pytest_modelcheck.plugin import _wrap_comparison
+
+    c = Comparison("tests/" + "deep/" * 30 + "test_m.py::test_x[" + "p" * 80 + "]",
+                   "flops_under.flops", "deterministic", 100, 110, 0.1, "regressed")
+    lines = _wrap_comparison(c, 98)
+    assert all(len(line) <= 98 for line in lines)
+    assert "(+10.0%) regressed" in "".join(lines)
