@@ -835,9 +835,8 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             tracker.phase_peaks.clear()
             upper: dict = {}
             fused = dev.type in ("cpu", "cuda") and not _nested_encoder(work)
-            with _eager_linear_bias(), _tracking(tracker), \
-                    _device_workspaces(tracker, dev, upper), _mha_fastpath(fused), \
-                    _quiet_fake_tensor_log():
+            with _tracking(tracker), _device_workspaces(tracker, dev, upper), \
+                    _mha_fastpath(fused), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp)
     except UsageError:
@@ -880,36 +879,6 @@ def _quiet_fake_tensor_log() -> Iterator[None]:
         yield
     finally:
         logger.removeFilter(drop)
-
-
-@contextlib.contextmanager
-def _eager_linear_bias() -> Iterator[None]:
-    """``F.linear`` on a non-contiguous input of 3 or more dimensions computes ``matmul`` and
-    then adds the bias in place on real tensors, but out of place (one output more) under any
-    dispatch mode, fake tensors included (ATen's ``isTensorSubclassLike``). In the estimate's
-    no-grad (inference) steps a Python-level call is made as the real one runs (a transposed
-    input: 1.46x the measured peak before, 1.00 after); with grad the estimate already matched.
-    Calls from C++ (a GRU's input projection) do not pass through here."""
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    linear = torch.nn.functional.linear
-
-    class EagerLinear(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            kwargs = kwargs or {}
-            if func is linear:
-                full = list(args) + [None] * (3 - len(args))
-                inp, weight = full[0], full[1] if full[1] is not None else kwargs.get("weight")
-                bias = kwargs.get("bias", full[2])
-                if isinstance(inp, torch.Tensor) and isinstance(bias, torch.Tensor) \
-                        and inp.dim() >= 3 and not inp.is_contiguous() \
-                        and not torch.is_grad_enabled():  # measured so in inference only
-                    return torch.matmul(inp, weight.t()).add_(bias)
-            return func(*args, **kwargs)
-
-    with EagerLinear():
-        yield
 
 
 @contextlib.contextmanager
