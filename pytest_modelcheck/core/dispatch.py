@@ -31,11 +31,12 @@ This module imports neither pytest nor, until called, torch.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKWARD = "<backward>"
@@ -146,8 +147,8 @@ def user_source() -> str:
     while frame is not None:
         f = os.path.abspath(frame.f_code.co_filename)
         in_pkg = f.startswith(_PKG_DIR)
-        if in_pkg and frame.f_code.co_name == "__torch_function__":
-            pass  # the one_hot marker (a torch-function mode) sits between torch and the user
+        if in_pkg and frame.f_code.co_name == "_one_hot_marked":
+            pass  # the one_hot wrapper sits between torch and the user
         elif in_pkg:
             if left_package:
                 return ""
@@ -190,28 +191,30 @@ def _make_mode(record: dict) -> Any:
     return OpCounterMode()
 
 
-def _cpu_only_validation_mode(record: dict) -> Any:
+@contextlib.contextmanager
+def _cpu_only_validation(record: dict) -> Iterator[None]:
     """Marks the syncs of ``F.one_hot(x, num_classes)``: on CPU it reads min and max of ``x``
     to validate it, which CUDA's kernel skips when ``num_classes`` is given (no sync there);
-    they are not reported."""
-    import torch
-    from torch.overrides import TorchFunctionMode
+    they are not reported. ``torch.nn.functional.one_hot`` is wrapped for the duration and put
+    back (a torch-function mode would also switch off torch's fused attention paths)."""
+    import torch.nn.functional as F
 
-    one_hot = torch.nn.functional.one_hot
+    original = F.one_hot
 
-    class ValidationMarker(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            kwargs = kwargs or {}
-            classes = kwargs.get("num_classes", args[1] if len(args) > 1 else -1)
-            if func is one_hot and isinstance(classes, int) and classes > 0:
-                record["cpu_only_validation"] = record.get("cpu_only_validation", 0) + 1
-                try:
-                    return func(*args, **kwargs)
-                finally:
-                    record["cpu_only_validation"] -= 1
-            return func(*args, **kwargs)
+    def _one_hot_marked(tensor: Any, num_classes: int = -1) -> Any:
+        if isinstance(num_classes, int) and num_classes > 0:
+            record["cpu_only_validation"] = record.get("cpu_only_validation", 0) + 1
+            try:
+                return original(tensor, num_classes)
+            finally:
+                record["cpu_only_validation"] -= 1
+        return original(tensor, num_classes)
 
-    return ValidationMarker()
+    F.one_hot = _one_hot_marked
+    try:
+        yield
+    finally:
+        F.one_hot = original
 
 
 def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = None) -> OpCount:
@@ -257,7 +260,7 @@ def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = Non
         for m in names:
             handles.append(m.register_forward_pre_hook(push))
             handles.append(m.register_forward_hook(pop))
-        with _cpu_only_validation_mode(record), _make_mode(record):
+        with _cpu_only_validation(record), _make_mode(record):
             out = run_forward(model, data)
             record["stack"].clear()
             if backward:
