@@ -81,11 +81,15 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     m = measure_throughput(step, n, warmup=warmup, min_runs=min_runs,
                            max_runs=max(min_runs, 200), max_time=max_time, timer=TIMER,
                            device=str(device))
+    from ..core.timing import calibration_times
+
+    calibration = calibration_times(runs=20)  # this session's speed, for the baseline gate
     lo, hi = m.samples_per_s_range
     spread = f"IQR {m.spread:.0%} of the median over {m.runs} runs"
     metrics = {"samples_per_s": m.samples_per_s, "rate": rate, "batch_size": n, "phase": phase,
                "spread": m.spread, "runs": m.runs, "noisy": m.noisy, "extended": m.extended,
-               "median_s": m.stats.median, "method": m.method, "times_s": m.stats.times[:200]}
+               "median_s": m.stats.median, "method": m.method, "times_s": m.stats.times[:200],
+               "calibration_s": calibration}
     details = (f"batch size {n}, {phase}, {m.method}: median {m.stats.median * 1e3:.3f} ms per batch,"
                f" samples/s range (q3..q1 times) {format_rate(lo)} .. {format_rate(hi)};"
                f" {spread}" + ("; still noisy after extension" if m.noisy else ""))

@@ -496,3 +496,40 @@ def measure_throughput(
         spread=spread,
         noise=noise,
     )
+
+
+def calibration_times(runs: int = 20, timer: Callable[[], float] | None = None) -> list:
+    """Seconds per run of a fixed CPU reference workload (small matrix products and a small
+    convolution, about half a millisecond): how fast this session's machine is right now.
+
+    A shared runner's speed moves from one session to the next (other jobs, frequency, the
+    scheduler) by far more than the 10% a gate must see; the same shift shows in this
+    workload, so the gate compares a test's times divided by the median of the calibration
+    run in the same session (:func:`pytest_modelcheck.core.baseline.compare`).
+
+    >>> times = calibration_times(runs=3)
+    >>> len(times), all(t > 0 for t in times)
+    (3, True)
+    """
+    import torch
+
+    clock = timer or time.perf_counter
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(96, 96, generator=gen)
+    weight = torch.randn(16, 8, 3, 3, generator=gen)
+    image = torch.randn(2, 8, 24, 24, generator=gen)
+
+    def work() -> None:
+        for _ in range(6):
+            (a @ a).relu_()
+            torch.nn.functional.conv2d(image, weight, padding=1)
+
+    with torch.no_grad():
+        for _ in range(3):
+            work()
+        times = []
+        for _ in range(runs):
+            start = clock()
+            work()
+            times.append(clock() - start)
+    return times
