@@ -128,6 +128,13 @@ class CheckSpec:
             except Exception as exc:  # noqa: BLE001 - never a traceback from inside a check
                 if is_out_of_memory(exc):
                     result = _oom_result(self.name, exc, release_memory())
+                elif _on_meta(model):
+                    result = CheckResult(
+                        self.name, False, "expected a model with real weights, observed"
+                        " parameters on the meta device (no values): this check runs the model;"
+                        " the FLOP, parameter and memory checks work on meta models",
+                        details=_cause(ModelError("", original=exc)),
+                        metrics={"error": type(exc).__name__})
                 else:
                     result = CheckResult(
                         self.name, False, f"expected the check to run on this model, observed"
@@ -192,6 +199,13 @@ def _user_batch(batch: Any) -> Any:
                          f" {type(exc).__name__}: {_first_line(exc)}") from None
 
 
+def _on_meta(model: Any) -> bool:
+    try:
+        return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    except Exception:  # noqa: BLE001 - a model that cannot list its tensors: not meta
+        return False
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -227,9 +241,9 @@ def validate_device(device: Any) -> Any:
 
 
 def validate_model(model: Any, absent_ok: bool = False) -> None:
-    """The model given to a check must be an eager ``torch.nn.Module`` with real parameters
-    (meta parameters only where the check estimates, ``absent_ok``); anything else is a
-    UsageError naming what was given."""
+    """The model given to a check must be an eager ``torch.nn.Module``; anything else is a
+    UsageError naming what was given. (A model on the ``meta`` device is accepted: the checks
+    that count or estimate run on it, and the others fail saying they need real weights.)"""
     import torch
 
     if not isinstance(model, torch.nn.Module):
@@ -238,11 +252,6 @@ def validate_model(model: Any, absent_ok: bool = False) -> None:
         raise UsageError(f"model: got a TorchScript module ({type(model).__name__}); the checks"
                          " run the eager torch.nn.Module (hooks, copies, autograd): pass the"
                          " module before torch.jit.script/trace")
-    if not absent_ok and any(t.is_meta for t in
-                             [*model.parameters(), *model.buffers()]):
-        raise UsageError("model: has parameters or buffers on the meta device (no values);"
-                         " build it on a real device for this check (the memory estimate and"
-                         " FLOP counter take meta models)")
 
 
 def _resolve_device(device: Any, model: Any, absent_ok: bool) -> Any:

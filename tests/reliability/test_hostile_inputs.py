@@ -260,3 +260,14 @@ def test_overlapping_safetensors_offsets_are_refused(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
     with pytest.raises(CheckpointError, match="overlaps the tensor before it"):
         inspect_checkpoint(path)
+
+
+def test_a_meta_model_is_counted_and_a_check_that_runs_it_says_why_it_cannot():
+    from pytest_modelcheck.checks import params_under
+
+    with torch.device("meta"):
+        model = nn.Linear(4, 2)
+    batch = (torch.empty(2, 4, device="meta"), torch.empty(2, 2, device="meta"))
+    assert params_under("1M", model=model, batch=batch).passed is True
+    r = grads_finite(model=model, batch=batch)
+    assert r.passed is False and "meta device" in r.headline
