@@ -19,7 +19,7 @@ import os
 import sys
 from typing import Any, Callable, Optional
 
-from .core.errors import UsageError
+from .core.errors import UsageError, first_line
 
 
 class CliError(UsageError):
@@ -79,7 +79,7 @@ def load_config(path: Optional[str]) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise CliError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
                        f" ({first})") from None
     if data is None:
@@ -184,8 +184,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
+    return (first_line(exc) or type(exc).__name__)[:200]
 
 
 def _call_make_batch(make_batch: Any, size: int) -> Any:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from ..core.errors import ModelError, UsageError
+from ..core.errors import ModelError, UsageError, first_line
 from ..core.result import CheckResult
 
 CONTEXT = ("model", "batch", "loss", "device")
@@ -158,7 +158,7 @@ def _oom_result(name: str, exc: BaseException, peak: Optional[int]) -> CheckResu
     from ..core.units import format_bytes
 
     seen = f", peak {format_bytes(peak)} allocated" if peak is not None else ""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first = _first_line(exc)
     return CheckResult(name, False, f"expected the check to fit in device memory, observed out of"
                        f" memory{seen} ({first[:160]})", metrics={"oom": True, "peak_bytes": peak},
                        details="memory was released (gc, torch.cuda.empty_cache); use a smaller"
@@ -207,8 +207,7 @@ def _on_meta(model: Any) -> bool:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return first_line(exc) or type(exc).__name__
 
 
 _DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "mtia", "privateuseone")

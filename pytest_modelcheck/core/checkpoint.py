@@ -448,18 +448,14 @@ def _shape(t: Any) -> list:
 def _stored_bytes(t: Any) -> int:
     """Bytes a tensor holds in the file: its storage (an expanded, stride-0 tensor stores one
     row), or its values and indices when sparse."""
+    import torch
+
     try:
-        if t.layout != _strided_layout():
+        if t.layout != torch.strided:
             return sum(_stored_bytes(x) for x in _sparse_parts(t))
         return min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError, TypeError):
         return 0
-
-
-def _strided_layout() -> Any:
-    import torch
-
-    return torch.strided
 
 
 def _sparse_parts(t: Any) -> list:

@@ -19,3 +19,14 @@ class ModelError(RuntimeError):
         super().__init__(message)
         self.module = module
         self.original = original
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (``""`` when it has none), for one-line
+    reports of an error raised by the user's code.
+
+    >>> first_line(RuntimeError("shape mismatch\\nat frame 3"))
+    'shape mismatch'
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

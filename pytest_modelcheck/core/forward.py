@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from .batch import Batch
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 from .state import module_where_raised
 
 
@@ -26,7 +26,7 @@ def run_forward(model: Any, batch: Batch) -> Any:
     except Exception as exc:  # noqa: BLE001 - re-raised with the module path
         where = module_where_raised(model, exc)
         place = f" in module '{where}' ({type(_module(model, where)).__name__})" if where else ""
-        raise ModelError(f"forward raised {type(exc).__name__}{place}: {_one_line(exc)}",
+        raise ModelError(f"forward raised {type(exc).__name__}{place}: {first_line(exc)}",
                          where, exc) from exc
     if not _holds_tensor(out):
         raise ModelError(f"forward returned {type(out).__name__} with no tensor in it; expected"
@@ -59,11 +59,6 @@ def _module(model: Any, path: str) -> Any:
         return model.get_submodule(path) if path and path != type(model).__name__ else model
     except AttributeError:
         return model
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else ""
 
 
 def model_device(model: Any) -> Any:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from .batch import Batch, iter_tensors
-from .errors import ModelError, UsageError
+from .errors import ModelError, UsageError, first_line
 
 LOSS_NAMES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce", "bce_with_logits", "nll")
 
@@ -77,8 +77,8 @@ class Loss:
         except (UsageError, ModelError):
             raise
         except Exception as exc:  # noqa: BLE001 - the user's loss: a failed check, named
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ModelError(f"the loss {self.name} raised {type(exc).__name__}: {first[:200]}",
+            raise ModelError(f"the loss {self.name} raised {type(exc).__name__}:"
+                             f" {first_line(exc)[:200]}",
                              module="loss", original=exc) from None
         if isinstance(value, dict):
             if not value:

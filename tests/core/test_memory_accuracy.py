@@ -297,9 +297,11 @@ def test_im2col_column_buffer_of_a_one_sample_3d_convolution() -> None:
     assert est.peak_bytes == measure_step_memory(model, x, phase="inference").peak_bytes
 
 
-def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -> tuple:
-    """Run one convolution_backward (weight and bias gradients) on ``threads`` threads under the
-    profiler: (its allocation sizes, its peak above what is alive when it returns, the CPU
+def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int,
+                               mask: tuple = (False, True, None)) -> tuple:
+    """Run one convolution_backward (by default the weight and bias gradients; ``mask`` picks
+    input, weight, bias, None meaning "when the layer has a bias") on ``threads`` threads under
+    the profiler: (its allocation sizes, its peak above what is alive when it returns, the CPU
     workspace rule's value)."""
     from pytest_modelcheck.core.memory import allocation_profiler
 
@@ -315,7 +317,7 @@ def _conv_backward_allocations(conv: nn.Module, x: torch.Tensor, threads: int) -
         output_padding = list(conv.output_padding) if transposed else [0] * dims
         args = (gout, x, conv.weight, [conv.out_channels], list(conv.stride),
                 list(conv.padding), list(conv.dilation), transposed, output_padding,
-                conv.groups, [False, True, conv.bias is not None])
+                conv.groups, [conv.bias is not None if m is None else m for m in mask])
         with allocation_profiler() as prof:
             outs = torch.ops.aten.convolution_backward(*args)
         events = list(prof.profiler.kineto_results.events())
@@ -356,25 +358,13 @@ def test_strided_input_gradient_takes_two_unblocked_copies(cin: int, cout: int, 
     # channel count): two input-sized buffers besides the plain gradient it returns, so
     # 2 * N*Cin*S*4 bytes above what the op leaves alive (24 channels, 32x32, batch 4:
     # 2 * 393216 = 786432).
-    from pytest_modelcheck.core.memory import _conv_backward_workspace, allocation_profiler
-
     torch.manual_seed(0)
     conv = getattr(nn, f"Conv{dims}d")(cin, cout, k, stride=2, padding=k // 2)
     size = 32 if dims == 2 else 16
     x = torch.randn(4 if dims == 2 else 2, cin, *[size] * dims)
-    with torch.no_grad():
-        gout = torch.randn_like(conv(x))
-    args = (gout, x, conv.weight, [cout], [2] * dims, [k // 2] * dims, [1] * dims, False,
-            [0] * dims, 1, [True, False, False])
-    with allocation_profiler() as prof:
-        outs = torch.ops.aten.convolution_backward(*args)
-    running = peak = 0
-    for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
-        if e.name() == "[memory]":
-            running += e.nbytes()
-            peak = max(peak, running)
-    gin = x.numel() * 4
-    assert peak - running == 2 * gin == _conv_backward_workspace(args, outs)
+    _, measured, rule = _conv_backward_allocations(conv, x, torch.get_num_threads(),
+                                                   mask=(True, False, False))
+    assert measured == 2 * x.numel() * 4 == rule
 
 
 @onednn_modelled
