@@ -86,6 +86,8 @@ import contextlib
 import copy
 import gc
 import inspect
+import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -93,6 +95,7 @@ from typing import Any, Callable, Iterator, Optional
 from .batch import Batch, copy_model, iter_tensors
 from .errors import ModelError, UsageError
 from .forward import model_device, run_forward
+from .cuda_probe import layout_alternatives, op_signature, probe_workspaces
 from .cuda_workspace import CUDA_BLOCK_BYTES, cudnn_workspace_bound
 from .native_stderr import filtered_stderr
 from .losses import resolve_loss
@@ -161,6 +164,7 @@ class MemoryReport:
     phase_peaks: dict = field(default_factory=dict)
     optimizer_state_bytes: int = 0
     peak_upper_bytes: Optional[int] = None
+    kernel_workspaces: str = ""
 
     def to_dict(self) -> dict:
         """The report as builtin types (JSON-ready)."""
@@ -178,6 +182,7 @@ class MemoryReport:
             "optimizer_state_bytes": int(self.optimizer_state_bytes),
             "peak_upper_bytes": (None if self.peak_upper_bytes is None
                                  else int(self.peak_upper_bytes)),
+            "kernel_workspaces": str(self.kernel_workspaces),
         }
 
     def render(self) -> str:
@@ -191,6 +196,8 @@ class MemoryReport:
             lines.append(f"  up to {format_bytes(self.peak_upper_bytes)} with cuDNN's largest"
                          " convolution workspaces (the estimate leaves them out: cuDNN's"
                          " heuristics pick them per shape)")
+        if self.kernel_workspaces:
+            lines.append(f"  {self.kernel_workspaces}")
         if self.breakdown:
             width = max(len(k) for k in self.breakdown) + 2
             lines.append(f"  {'at the peak':<{width}}{'bytes':>12}")
@@ -574,16 +581,19 @@ class _CudaApi:
     def warm_up_libraries(self, device: Any) -> None:
         """Create the process-wide cuBLAS and cuBLASLt handles and workspaces now.
 
-        The first matrix product on a stream allocates a workspace (8 MiB on an H200 with
-        torch 2.11) that stays for the life of the process; without this, the step measured
-        first in a process would count it and the same step measured later would not.
+        The first matrix product of a thread allocates a workspace that stays for the life of
+        the process (on an H200 with torch 2.11: 33 MiB for the main thread, 33 MiB more for
+        the autograd engine's device thread at the first backward); without this, the step
+        measured first in a process would count it and the same step measured later would
+        not.
         """
         import torch
 
-        a = torch.ones(8, 8, device=device)
-        torch.nn.functional.linear(a, a, a[0])   # cuBLASLt (matmul with bias)
-        torch.mm(a, a)                           # cuBLAS
-        del a
+        a = torch.ones(8, 8, device=device, requires_grad=True)
+        y = torch.nn.functional.linear(a, a, a[0])   # cuBLASLt (matmul with bias)
+        y.sum().backward()                           # the autograd thread's own handle
+        torch.mm(a.detach(), a.detach())             # cuBLAS
+        del a, y
 
     def reset_peak_memory_stats(self, device: Any) -> None:
         import torch
@@ -610,11 +620,11 @@ PhaseContext = Callable[[str], Any]
 
 
 def _run_step(work: Any, data: Batch, loss: Any, phase: str, opt: Any,
-              phase_context: PhaseContext, amp: Any = None) -> list:
+              phase_context: PhaseContext, amp: Any = None, amp_device: str = "cpu") -> list:
     """One step; returns the tensors that must outlive it (output, loss) to the caller.
 
     ``amp`` (a torch dtype or None) runs the forward and the loss under
-    ``torch.autocast("cpu", dtype=amp)``; backward and the optimizer step run outside it, as
+    ``torch.autocast(amp_device, dtype=amp)``; backward and the optimizer step run outside it, as
     in an ordinary mixed-precision training loop.
     """
     import torch
@@ -622,7 +632,7 @@ def _run_step(work: Any, data: Batch, loss: Any, phase: str, opt: Any,
     def autocast() -> Any:
         if amp is None:
             return contextlib.nullcontext()
-        return torch.autocast("cpu", dtype=amp)
+        return torch.autocast(amp_device, dtype=amp)
 
     if phase == "inference":
         with torch.no_grad(), phase_context(FORWARD), autocast():
@@ -813,15 +823,18 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     cuda_like = dev.type == "cuda" or dev.type not in ("cpu", "meta")
-    label = f"{dev} (estimated on CPU)" if cuda_like else "cpu"
+    on_gpu = _probe_kernels(dev)
+    place = _fake_device(dev) if on_gpu else torch.device("cpu")
+    label = (f"{dev} (estimated with the GPU's kernels)" if on_gpu else
+             f"{dev} (estimated on CPU)" if cuda_like else "cpu")
     block = CUDA_BLOCK_BYTES if dev.type == "cuda" else 1
     try:
-        tracker = _new_tracker(target=torch.device("cpu"), block=block)
+        tracker = _new_tracker(target=place, block=block)
     except ImportError as exc:
         raise EstimateError(f"estimating memory needs torch.distributed ({exc})") from None
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    work = _fake_model_copy(model, fake_mode)
-    data = batch.map(lambda t: _fake_like(t, fake_mode))
+    work = _fake_model_copy(model, fake_mode, place)
+    data = batch.map(lambda t: _fake_like(t, fake_mode, place))
     try:
         with fake_mode:
             opt = _prepare(work, phase, optimizer, lr)
@@ -834,11 +847,13 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             baseline = _tracker_total(tracker.get_tracker_snapshot("current"), tracker.target)
             tracker.phase_peaks.clear()
             upper: dict = {}
+            kernels: Optional[list] = [] if on_gpu else None
             fused = dev.type in ("cpu", "cuda") and not _nested_encoder(work)
-            with _tracking(tracker), _device_workspaces(tracker, dev, upper), \
+            with _tracking(tracker), _device_workspaces(tracker, dev, upper, kernels), \
                     _mha_fastpath(fused), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
-                                 _tracker_phases(tracker, _no_phase), amp=amp)
+                                 _tracker_phases(tracker, _no_phase), amp=amp,
+                                 amp_device=place.type)
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - re-raised unless fake tensors are the cause
@@ -849,6 +864,9 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             raise EstimateError(f"the step calls the whole model more than once, which the"
                                 f" memory tracker does not support ({_first_line(cause)})") from exc
         raise
+    note, all_convs = "", False
+    if kernels is not None:
+        note, all_convs = _add_kernel_workspaces(tracker, kernels, dev)
     phase_peaks = {p: max(v, baseline) for p, v in tracker.phase_peaks.items()}
     order = [p for p in STEP_PHASES if p in phase_peaks]
     peak_phase = max(order, key=lambda p: (phase_peaks[p], -order.index(p)))
@@ -857,10 +875,29 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
     if keep_tracker is not None:
         keep_tracker.extend([tracker, work, opt])
     report = _report(phase_peaks, peak_phase, phase, label, METHOD_FAKE, True, baseline,
-                     tracked, opt, target=torch.device("cpu"), block=block)
+                     tracked, opt, target=place, block=block)
     if dev.type == "cuda":
-        report.peak_upper_bytes = max([report.peak_bytes, *upper.values()])
+        report.peak_upper_bytes = max([report.peak_bytes, *(() if all_convs else upper.values())])
+        report.kernel_workspaces = note
     return report
+
+
+def _fake_device(dev: Any) -> Any:
+    """Where a CUDA estimate's fake tensors live when the GPU is here: on it (fake CUDA tensors
+    take CUDA's kernels, memory layouts and autocast lists; they allocate nothing)."""
+    import torch
+
+    return torch.device(dev.type, dev.index if dev.index is not None
+                        else torch.cuda.current_device())
+
+
+def _probe_kernels(dev: Any) -> bool:
+    """Whether a CUDA estimate asks the GPU for its kernels' workspaces: the target is a CUDA
+    device present here, and ``MODELCHECK_CUDA_PROBE`` is not ``0``."""
+    import torch
+
+    return (dev.type == "cuda" and os.environ.get("MODELCHECK_CUDA_PROBE", "1") != "0"
+            and torch.cuda.is_available())
 
 
 @contextlib.contextmanager
@@ -912,20 +949,22 @@ def _nested_encoder(model: Any) -> bool:
     return any(getattr(m, "use_nested_tensor", False) for m in model.modules())
 
 
-def _fake_like(t: Any, fake_mode: Any) -> Any:
-    """A fake CPU tensor with ``t``'s shape, strides, dtype and requires_grad; no storage."""
+def _fake_like(t: Any, fake_mode: Any, device: Any = "cpu") -> Any:
+    """A fake tensor on ``device`` with ``t``'s shape, strides, dtype and requires_grad; no
+    storage."""
     import torch
 
     with fake_mode:
         fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype,
-                                   device="cpu")
+                                   device=device)
     if t.requires_grad and (fake.is_floating_point() or fake.is_complex()):
         fake.requires_grad_(True)
     return fake
 
 
-def _fake_model_copy(model: Any, fake_mode: Any) -> Any:
-    """A deep copy whose parameters and buffers are fake CPU tensors (tied weights stay tied).
+def _fake_model_copy(model: Any, fake_mode: Any, device: Any = "cpu") -> Any:
+    """A deep copy whose parameters and buffers are fake tensors on ``device`` (tied weights
+    stay tied).
 
     The copy is made with a ``deepcopy`` memo that already maps every parameter and buffer to
     its fake twin, so no real or meta storage of the model is copied.
@@ -935,11 +974,11 @@ def _fake_model_copy(model: Any, fake_mode: Any) -> Any:
     memo: dict = {}
     for p in model.parameters():
         if id(p) not in memo:
-            memo[id(p)] = torch.nn.Parameter(_fake_like(p.detach(), fake_mode),
+            memo[id(p)] = torch.nn.Parameter(_fake_like(p.detach(), fake_mode, device),
                                              requires_grad=p.requires_grad)
     for b in model.buffers():
         if id(b) not in memo:
-            memo[id(b)] = _fake_like(b, fake_mode)
+            memo[id(b)] = _fake_like(b, fake_mode, device)
     try:
         return copy.deepcopy(model, memo)
     except Exception as exc:  # noqa: BLE001 - any failure to copy is a usage problem
@@ -2005,19 +2044,86 @@ def _held_workspaces() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _device_workspaces(tracker: Any, dev: Any, upper: dict) -> Iterator[None]:
+def _device_workspaces(tracker: Any, dev: Any, upper: dict,
+                       kernels: Optional[list] = None) -> Iterator[None]:
     """The workspace rules of the estimate's target device, entered inside the tracker (each
     rule reads what the tracker holds after the op): CPU kernel rules and the workspaces CPU
-    kernels return (``_held_workspaces``); on CUDA the attention rules, and cuDNN's convolution
-    workspaces as an upper bound into ``upper``."""
+    kernels return (``_held_workspaces``); on CUDA the attention rules, or with ``kernels`` (a
+    list) a record of every op whose workspace the GPU is then asked for, and cuDNN's
+    convolution workspaces as an upper bound into ``upper``."""
     with contextlib.ExitStack() as stack:
         if dev.type in ("cpu", "meta"):
             stack.enter_context(_held_workspaces())
             stack.enter_context(_workspaces(tracker, _kernel_workspace))
         elif dev.type == "cuda":
-            stack.enter_context(_workspaces(tracker, _cuda_attention_workspace))
+            if kernels is None:
+                stack.enter_context(_workspaces(tracker, _cuda_attention_workspace))
+            else:
+                stack.enter_context(_kernel_records(tracker, kernels))
             stack.enter_context(_workspaces(tracker, cudnn_workspace_bound, upper))
         yield
+
+
+@contextlib.contextmanager
+def _kernel_records(tracker: Any, records: list) -> Iterator[None]:
+    """Record each probe-able op of a CUDA estimate, to add its measured workspace afterwards
+    (``core/cuda_probe.py``): ``(phase, total alive after the op, signature, fixed-rule
+    workspace, is a convolution)``; the signatures are the op's own and the layouts it may
+    really have had (``layout_alternatives``), the largest workspace of which counts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Records(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                               kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            sig = op_signature(func, args, kwargs)
+            if sig is not None:
+                try:
+                    rule = _cuda_attention_workspace(func, _all_args(func, args, kwargs), out)
+                except Exception:  # noqa: BLE001 - an unexpected signature: no rule
+                    rule = 0
+                records.append((tracker.phase,
+                                _tracker_total(tracker._curr_mem_snap, tracker.target),
+                                (sig, *layout_alternatives(sig)), rule,
+                                "convolution" in func.overloadpacket.__name__))
+            return out
+
+    with _Records():
+        yield
+
+
+def _add_kernel_workspaces(tracker: Any, records: list, dev: Any) -> tuple:
+    """Fold the probed workspaces of ``records`` into the tracker's phase peaks.
+
+    Returns (note for the report, whether every convolution was probed). Ops the probe could
+    not run keep their fixed rule; with no probe at all every op does.
+    """
+    found = probe_workspaces([s for r in records for s in r[2]], dev)
+    probed = with_ws = 0
+    unprobed_conv = found is None
+    largest = (0, "")
+    for phase, total, sigs, rule, conv in records:
+        sig = sigs[0]
+        known = [] if found is None else [found[s] for s in sigs if found.get(s) is not None]
+        ws = max(known) if known else None
+        if ws is None:
+            unprobed_conv = unprobed_conv or conv
+            ws = rule
+        else:
+            probed += 1
+            with_ws += ws > 0
+            if ws > largest[0]:
+                name = json.loads(sig)[0]
+                largest = (ws, name.split(".")[1] if name.count(".") == 2 else name)
+        if total + ws > tracker.phase_peaks.get(phase, 0):
+            tracker.phase_peaks[phase] = total + ws
+    if found is None:
+        return "kernel workspaces not probed (the probe process failed)", False
+    note = (f"kernel workspaces probed on the GPU: {probed} of {len(records)} op calls,"
+            f" {with_ws} with a workspace")
+    if largest[0]:
+        note += f" (largest {format_bytes(largest[0])}, {largest[1]})"
+    return note, not unprobed_conv
 
 
 @contextlib.contextmanager
