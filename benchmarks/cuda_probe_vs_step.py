@@ -1,7 +1,7 @@
 """The probed workspaces of a CUDA estimate next to the workspaces the real step's kernels
 took, convolution by convolution (a diagnostic for ``core/cuda_probe.py``; needs a GPU).
 
-    python benchmarks/cuda_probe_vs_step.py swinir:1 [CASE ...]
+    python benchmarks/cuda_probe_vs_step.py swinir:1 unet:1:inference [MODEL:BATCH[:PHASE] ...]
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from pytest_modelcheck.core import memory as M  # noqa: E402
 
 def main() -> None:
     for spec in sys.argv[1:] or ["swinir:1"]:
-        name, size = spec.split(":")
+        name, size, phase = (spec + ":train").split(":")[:3]
         model, batch, loss = T._case(name, int(size))
-        real = M.measure_step_memory(model, batch, loss, phase="train")
+        real = M.measure_step_memory(model, batch, loss, phase=phase)
         grabbed: list = []
         original = M._add_kernel_workspaces
 
@@ -30,7 +30,7 @@ def main() -> None:
             return original(tracker, records, dev)
 
         M._add_kernel_workspaces = grab
-        est = M.estimate_step_memory(model, batch, loss, phase="train", device="cuda")
+        est = M.estimate_step_memory(model, batch, loss, phase=phase, device="cuda")
         M._add_kernel_workspaces = original
         found = M.probe_workspaces([s for r in grabbed for s in r[2]], "cuda")
 
@@ -39,7 +39,7 @@ def main() -> None:
             return max(known) if known else None
 
         print(f"{spec}: measured {real.phase_peaks} estimated {est.phase_peaks}")
-        rows = T._trace(model, batch, loss, "train")
+        rows = T._trace(model, batch, loss, phase)
         base = rows[0]["before"] - est.baseline_bytes
         real_convs = [r for r in rows if "convolution" in r["op"]]
         est_convs = [r for r in grabbed if "convolution" in r[2][0][:40]]

@@ -11,7 +11,9 @@ operands in another layout (input + weight, input + output, or input + output + 
 backward either nothing or 1.0-1.4x input + grad_output + weight, 2.3x at most. Which of those a
 shape gets is the heuristic's choice and follows no shape rule.
 
-So the estimate itself leaves cuDNN workspaces out, and :func:`cudnn_workspace_bound` gives
+Where the GPU is present, the estimate measures each kernel's workspace instead
+(:mod:`.cuda_probe`). Elsewhere the estimate itself leaves cuDNN workspaces out, and
+:func:`cudnn_workspace_bound` gives
 what each convolution could add at most: input + output + weight in the forward, 2.5x input +
 grad_output + weight in the backward. ``MemoryReport.peak_upper_bytes`` is the estimate with
 that bound added at every convolution, so a CUDA step's real peak lies between

@@ -38,16 +38,20 @@ Methods (``MemoryReport.method``)
         The same step on ``FakeTensorMode`` tensors, which carry shapes, dtypes and strides but
         no storage, so nothing is allocated: a model on the ``meta`` device with 4 GiB of
         weights is estimated without those 4 GiB ever existing. Every storage created is
-        tracked by ``MemTracker`` at the dispatcher. Fake tensors are always CPU tensors. For
-        ``device="cuda"`` on a machine without CUDA, the step runs on CPU kernels, every
-        allocation is rounded up to the CUDA caching allocator's 512-byte block size (what
-        ``max_memory_allocated`` counts), named optimizers use ``foreach=True`` as they
-        default to on CUDA, and the device reads ``"cuda (estimated on CPU)"``. CUDA-only
-        kernels with other temporaries (cuDNN workspaces, fused attention) are not modelled.
+        tracked by ``MemTracker`` at the dispatcher. For ``device="cuda"`` every allocation
+        is rounded up to the CUDA caching allocator's 512-byte block size (what
+        ``max_memory_allocated`` counts) and named optimizers use ``foreach=True`` as they
+        default to on CUDA. Where that GPU is present, the fake tensors are CUDA tensors (so
+        the step takes CUDA's kernels, memory layouts and autocast lists, still allocating
+        nothing) and every kernel's workspace is measured by running each distinct op once
+        on the GPU in a probe process (``core/cuda_probe.py``); the device reads ``"cuda
+        (estimated with the GPU's kernels)"``. Without the GPU, fake tensors are CPU tensors,
+        the step runs CPU kernels, the device reads ``"cuda (estimated on CPU)"``, and
+        CUDA-only workspaces are left out (cuDNN's are bounded in ``peak_upper_bytes``).
         The fused ``TransformerEncoderLayer``/``MultiheadAttention`` inference fast path runs
         in CPU estimates as in the real step, with its internal buffers modelled (see
-        ``_attention_workspace``), and is switched off for CUDA estimates and for models with
-        a nested-tensor ``TransformerEncoder`` (see ``_mha_fastpath``).
+        ``_attention_workspace``), and is switched off for models with a nested-tensor
+        ``TransformerEncoder`` (see ``_mha_fastpath``).
 
 Breakdown
     ``MemTracker`` (``torch.distributed._tools.mem_tracker``) runs an identical step on its
@@ -74,9 +78,10 @@ Limitations
     channels (its size depends on the thread count; a small 3D UNet ending in a 12 -> 1
     channel convolution was estimated at 91%), depthwise convolutions, copies a kernel
     makes of other non-contiguous inputs (``mm`` of an expanded gradient), and kernels that
-    keep a larger storage than their result (CPU ``mse_loss``). CUDA estimates add no
-    workspace (cuDNN and cuFFT have their own). Transformers, MLPs and DiT/ViT-style models
-    matched to within 3%.
+    keep a larger storage than their result (CPU ``mse_loss``). CUDA estimates made where
+    the GPU is take every kernel's workspace from the probe; made elsewhere they add none
+    but the fused attention rules. Transformers, MLPs and DiT/ViT-style models matched to
+    within 3%.
     The peak is that of the first step; from the second step on the optimizer state is alive
     during forward and backward as well (``optimizer_state_bytes`` says how much).
 """
