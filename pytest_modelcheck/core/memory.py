@@ -855,7 +855,7 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             kernels: Optional[list] = [] if on_gpu else None
             fused = dev.type in ("cpu", "cuda") and not _nested_encoder(work)
             with _tracking(tracker), _device_workspaces(tracker, dev, upper, kernels), \
-                    _mha_fastpath(fused), _quiet_fake_tensor_log():
+                    _linear_bias_in_place(), _mha_fastpath(fused), _quiet_fake_tensor_log():
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp,
                                  amp_device=place.type)
@@ -903,6 +903,90 @@ def _probe_kernels(dev: Any) -> bool:
 
     return (dev.type == "cuda" and os.environ.get("MODELCHECK_CUDA_PROBE", "1") != "0"
             and torch.cuda.is_available())
+
+
+@contextlib.contextmanager
+def _linear_bias_in_place() -> Iterator[None]:
+    """Add a linear layer's bias in place, as the real kernel does, when the input is not
+    contiguous.
+
+    ``at::linear`` on a 3-D input that is not contiguous (a transposed sequence, a GRU with
+    ``batch_first``) computes ``matmul(input, weight.t())`` and then ``output.add_(bias)``,
+    unless a tensor subclass or any dispatch mode is involved, when it adds out of place for
+    composite compliance. Fake tensors and the tracker are both, so the estimate would hold
+    one more output while the bias is added (seen: a GRU's inference 1.15-1.19, a transposed
+    Linear 1.29 of the measured peak). This mode, entered inside the tracker, turns the
+    ``add`` that follows ``mm``/``bmm`` and the ``_unsafe_view`` of their result into the real
+    in-place add (the result an alias of the product, as in the kernel). An ``add`` written
+    as ``+`` in Python is left alone: there the out-of-place add is real.
+    """
+    import weakref
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    products = (aten.mm.default, aten.bmm.default)
+
+    class _InPlaceBias(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.previous: Any = None
+            self.product: Any = None
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                               kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            if getattr(func, "namespace", "") == "prim":
+                return func(*args, **kwargs)
+            product = self.product() if self.product is not None else None
+            self.product = None
+            if func is aten.add.Tensor and product is not None and len(args) == 2 \
+                    and args[0] is product and kwargs.get("alpha", 1) == 1 \
+                    and _is_bias_of(args[1], product) and not _called_as_operator():
+                self.previous = func
+                aten.add_.Tensor(product, args[1])
+                return aten.alias.default(product)
+            out = func(*args, **kwargs)
+            if func is aten._unsafe_view.default and self.previous in products:
+                self.product = weakref.ref(out)
+            self.previous = func
+            return out
+
+    with _InPlaceBias():
+        yield
+
+
+def _is_bias_of(bias: Any, product: Any) -> bool:
+    return (_is_tensor(bias) and bias.dim() == 1 and product.dim() >= 2
+            and bias.shape[0] == product.shape[-1] and bias.dtype == product.dtype)
+
+
+# Files of torch's own wrappers between an op's Python caller and a dispatch mode.
+_DISPATCH_WRAPPERS = ("torch/_compile.py", "torch/_tensor.py", "torch/overrides.py",
+                      "torch/utils/_python_dispatch.py", "torch/_dynamo/eval_frame.py")
+
+
+def _called_as_operator() -> bool:
+    """Whether the op being dispatched was called by a Python operator (``a + b``) rather than
+    by a function (``F.linear``, ``_VF.gru``): the caller's current instruction."""
+    import dis
+    import os
+    import sys
+
+    try:
+        frame = sys._getframe(2)  # above this function and __torch_dispatch__
+    except ValueError:
+        return False
+    while frame is not None and frame.f_code.co_filename.replace(os.sep, "/").endswith(
+            _DISPATCH_WRAPPERS):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    code = frame.f_code.co_code
+    if not 0 <= frame.f_lasti < len(code):
+        return False
+    return dis.opname[code[frame.f_lasti]].startswith(("BINARY_", "INPLACE_"))
 
 
 @contextlib.contextmanager
@@ -1916,7 +2000,25 @@ def _kernel_workspace(func: Any, args: tuple, out: Any) -> int:
         return _onednn_lstm_scratch(name, args)
     if name == "native_batch_norm_backward":
         return _batch_norm_backward_workspace(args)
+    if name in ("mse_loss", "smooth_l1_loss", "huber_loss"):
+        return _loss_temporary(args)
+    if name == "binary_cross_entropy_with_logits":
+        return 2 * _loss_temporary(args[:2] + args[4:5])
     return 0
+
+
+def _loss_temporary(args: tuple) -> int:
+    """CPU ``mse_loss``/``smooth_l1_loss``: one more elementwise loss while reducing, above
+    the full-size storage the result keeps (``_held_loss``); ``huber_loss`` the same, keeping
+    nothing; ``(input, target, reduction)``.
+    ``binary_cross_entropy_with_logits`` holds two (its ``log_sigmoid`` and ``1 - target``)
+    before reducing. Measured, torch 2.13."""
+    import torch
+
+    if len(args) > 2 and args[2] == 0:
+        return 0
+    shape = torch.broadcast_shapes(tuple(args[0].shape), tuple(args[1].shape))
+    return _numel(shape) * args[0].element_size()
 
 
 def _batch_norm_backward_workspace(args: tuple) -> int:
@@ -1988,7 +2090,7 @@ def _cuda_attention_workspace(func: Any, args: tuple, out: Any) -> int:
     name = func.overloadpacket.__name__
     if name in ("_native_multi_head_attention", "_transformer_encoder_layer_fwd"):
         return _attention_workspace(name, args)
-    return 0
+    return _mse_loss_temporary(func, args)
 
 
 def _onednn_lstm_workspace(args: tuple) -> Optional[int]:
@@ -2021,8 +2123,9 @@ def _onednn_lstm_workspace(args: tuple) -> Optional[int]:
 @contextlib.contextmanager
 def _held_workspaces() -> Iterator[None]:
     """Give the kernel outputs that fake kernels leave empty their real size: the workspace
-    ``aten.mkldnn_rnn_layer`` (CPU LSTM) returns for its backward. Entered inside the tracker,
-    so the sized tensor is tracked, and below autograd, so it is what autograd keeps."""
+    ``aten.mkldnn_rnn_layer`` (CPU LSTM) returns for its backward, and the full-size storage
+    behind the scalar of the CPU losses in ``_HELD_LOSSES``. Entered inside the tracker, so
+    the sized tensor is tracked, and below autograd, so it is what autograd keeps."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -2032,6 +2135,8 @@ def _held_workspaces() -> Iterator[None]:
         def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
                                kwargs: Any = None) -> Any:
             out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ in _HELD_LOSSES:
+                return _held_loss(func, args, kwargs, out)
             if rnn_layer is None or func.overloadpacket is not rnn_layer:
                 return out
             try:
@@ -2046,6 +2151,44 @@ def _held_workspaces() -> Iterator[None]:
 
     with _Held():
         yield
+
+
+# CPU losses whose reduced (0-dim) result keeps the storage of the unreduced elementwise loss
+# (measured, torch 2.13: ``F.mse_loss(a, b).untyped_storage().nbytes() == a.nbytes``); it is
+# held as long as the loss is, through backward. ``huber_loss`` and ``l1_loss`` do not.
+_HELD_LOSSES = ("mse_loss", "smooth_l1_loss", "binary_cross_entropy", "soft_margin_loss")
+_REDUCTION_AT = {"mse_loss": 2, "smooth_l1_loss": 2, "binary_cross_entropy": 3,
+                 "soft_margin_loss": 2}
+
+
+def _held_loss(func: Any, args: tuple, kwargs: Any, out: Any) -> Any:
+    """``out`` as a 0-dim view of a storage of the elementwise loss's size, as the CPU kernel
+    returns it (``out`` itself when the loss is not reduced or the shapes are unexpected)."""
+    import torch
+
+    full = _all_args(func, args, kwargs)
+    name = func.overloadpacket.__name__
+    at = _REDUCTION_AT[name]
+    reduction = full[at] if len(full) > at else 1
+    if not _is_tensor(out) or out.dim() != 0 or reduction == 0:
+        return out
+    try:
+        shape = torch.broadcast_shapes(tuple(full[0].shape), tuple(full[1].shape))
+    except (RuntimeError, AttributeError, IndexError):
+        return out
+    storage = torch.empty(_numel(shape), dtype=out.dtype, device=out.device)
+    return storage.as_strided((), ())
+
+
+def _mse_loss_temporary(func: Any, args: tuple) -> int:
+    """CUDA's ``mse_loss``: the elementwise loss, freed once reduced (seen on an H200)."""
+    if func.overloadpacket.__name__ != "mse_loss" or (len(args) > 2 and args[2] == 0):
+        return 0
+    import torch
+
+    shape = torch.broadcast_shapes(tuple(args[0].shape), tuple(args[1].shape))
+    size = _numel(shape) * args[0].element_size()
+    return -(-size // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
 @contextlib.contextmanager
