@@ -296,6 +296,9 @@ class FakeCuda:
     def warm_up_libraries(self, device):
         self.calls.append("warm up")
 
+    def release_cached_blocks(self, device):
+        self.calls.append("release cache")
+
     def reset_peak_memory_stats(self, device):
         self.calls.append("reset")
 
@@ -324,9 +327,9 @@ def test_cuda_branch_uses_the_caching_allocator_statistics(monkeypatch):
                                   "optimizer step": 12 * MiB}
     assert (report.peak_bytes, report.peak_phase) == (13 * MiB, "backward")
     assert report.breakdown["parameters"] == 4 * MiB  # MemTracker ran alongside
-    # library workspaces first, synchronize before and after placing the copy, then per
-    # phase: synchronize, reset, (run), synchronize, read the maximum
-    assert fake.calls == (["warm up"] + ["synchronize"] * 2
+    # library workspaces first, an empty cache, synchronize before and after placing the
+    # copy, then per phase: synchronize, reset, (run), synchronize, read the maximum
+    assert fake.calls == (["warm up", "synchronize", "release cache", "synchronize"]
                           + ["synchronize", "reset", "synchronize", "max"] * 3)
     assert fingerprints_equal(before, model_fingerprint(model)) == []
     fake.allocated_calls, fake.phase_max = 0, [1, 2, 3]
