@@ -413,6 +413,8 @@ class MemoryEstimate:
     phase_peaks: dict = field(default_factory=dict)
     module_activations: list = field(default_factory=list)
     per_batch_size: list = field(default_factory=list)
+    peak_upper_bytes: Optional[int] = None
+    kernel_workspaces: str = ""
 
     _SUMMARY = ("batch_size", "peak_bytes", "peak_phase", "parameters_bytes", "gradients_bytes",
                 "optimizer_state_bytes", "activations_bytes", "temporaries_bytes")
@@ -437,6 +439,9 @@ class MemoryEstimate:
             "phase_peaks": {str(k): int(v) for k, v in self.phase_peaks.items()},
             "module_activations": [[str(n), int(b)] for n, b in self.module_activations],
             "per_batch_size": [dict(row) for row in self.per_batch_size],
+            "peak_upper_bytes": (None if self.peak_upper_bytes is None
+                                 else int(self.peak_upper_bytes)),
+            "kernel_workspaces": str(self.kernel_workspaces),
         }
 
     def render(self, top: int = 10) -> str:
@@ -451,6 +456,11 @@ class MemoryEstimate:
                  ("temporaries at peak", self.temporaries_bytes)]
         for name, value in parts:
             lines.append(f"  {name:<22}{format_bytes(value):>12}")
+        if self.peak_upper_bytes is not None and self.peak_upper_bytes > self.peak_bytes:
+            lines.append(f"  up to {format_bytes(self.peak_upper_bytes)} with cuDNN's largest"
+                         " convolution workspaces (not probed: no GPU here)")
+        if self.kernel_workspaces:
+            lines.append(f"  {self.kernel_workspaces}")
         if self.breakdown:
             lines.append("  at the peak: " + ", ".join(
                 f"{k} {format_bytes(v)}" for k, v in self.breakdown.items() if v))
@@ -563,7 +573,8 @@ def _to_estimate(report: MemoryReport, held: list, n: Optional[int], phase: str,
         temporaries_bytes=int(report.breakdown.get("temporaries", 0)),
         parameter_count=sum(p.numel() for p in model.parameters()),
         breakdown=dict(report.breakdown), phase_peaks=dict(report.phase_peaks),
-        module_activations=_top_modules(tracker, work, limit=None))
+        module_activations=_top_modules(tracker, work, limit=None),
+        peak_upper_bytes=report.peak_upper_bytes, kernel_workspaces=report.kernel_workspaces)
 
 
 # --- the CUDA seam (replaced by a fake in tests) ------------------------------------------------

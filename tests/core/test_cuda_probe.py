@@ -325,3 +325,23 @@ def test_a_batch_of_one_convolution_takes_the_larger_workspace_of_both_layouts(
     est = M.estimate_step_memory(One(), x, phase="inference", device="cuda")
     assert len(asked) == 2
     assert "largest 5.00 MiB, convolution" in est.kernel_workspaces
+
+
+def test_estimate_memory_carries_the_bound_and_the_probe_note(monkeypatch) -> None:
+    def build():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3))
+
+    batch = torch.empty(2, 3, 16, 16, device="meta")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bounded = M.estimate_memory(build, batch, phase="inference", device="cuda")
+    assert bounded.peak_upper_bytes > bounded.peak_bytes and not bounded.kernel_workspaces
+    assert "up to" in bounded.render() and bounded.to_dict()["peak_upper_bytes"]
+    monkeypatch.setattr(M, "_probe_kernels", lambda dev: True)
+    monkeypatch.setattr(M, "_fake_device", lambda dev: torch.device("cpu"))
+    monkeypatch.setattr(M, "probe_workspaces", lambda sigs, dev: {s: 4096 for s in sigs})
+    probed = M.estimate_memory(build, batch, phase="inference", device="cuda")
+    assert probed.peak_upper_bytes == probed.peak_bytes
+    assert "largest 4.00 KiB" in probed.kernel_workspaces
+    assert probed.kernel_workspaces in probed.render()
+    cpu = M.estimate_memory(build, batch, phase="inference", device="cpu")
+    assert cpu.peak_upper_bytes is None and cpu.kernel_workspaces == ""
