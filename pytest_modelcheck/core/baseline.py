@@ -10,9 +10,11 @@ reported. Metrics are of two kinds (see :data:`METRIC_KINDS`):
   from machine to machine, so they are compared statistically (:func:`~.stats.timed_regression`)
   and only against a baseline saved on a machine with the same fingerprint.
 
-Saving merges into an existing file under an exclusive lock (``fcntl.flock`` on
-``path + ".lock"``) and replaces the file atomically: concurrent writers (pytest-xdist, several
-CI jobs on one runner) lose nothing, and a writer killed mid-write leaves the old file intact.
+Saving merges into an existing file under an exclusive lock (``fcntl.flock`` on a lock file
+in the temporary directory named after the baseline's real path, so that none is left beside
+the committed file) and replaces the file atomically: concurrent writers (pytest-xdist,
+several CI jobs on one runner) lose nothing, and a writer killed mid-write leaves the old file
+intact.
 Nothing here imports pytest; torch is imported only by :func:`machine_fingerprint`.
 """
 from __future__ import annotations
@@ -34,6 +36,24 @@ __all__ = ["MetricKind", "METRIC_KINDS", "metric_kind", "machine_fingerprint", "
 FORMAT = "pytest-modelcheck-baseline/1"
 MODEL = "model"  # pseudo check name for the per-test model facts (row["model"])
 
+
+
+def lock_path(path: str) -> str:
+    """The lock file that serialises writers of the baseline at ``path``: in the temporary
+    directory, named after the baseline's real path (every writer on this machine agrees on
+    it; nothing is left beside the baseline).
+
+    >>> import os, tempfile
+    >>> lock_path("a/baseline.json") == lock_path(os.path.abspath("a/baseline.json"))
+    True
+    >>> os.path.dirname(lock_path("a/baseline.json")) == tempfile.gettempdir()
+    True
+    """
+    import tempfile
+
+    real = os.path.realpath(os.fspath(path))
+    digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+    return os.path.join(tempfile.gettempdir(), f"modelcheck-baseline-{digest}.lock")
 
 class BaselineError(UsageError):
     """A baseline file that cannot be read; the message is one line naming the file."""
@@ -219,7 +239,7 @@ class Baseline:
 
     def save(self, path: str) -> None:
         """Merge into the file at ``path`` (kept: other machines, other tests) atomically,
-        under an exclusive lock on ``path + ".lock"``.
+        under an exclusive lock (:func:`lock_path`).
 
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "baseline.json")
@@ -234,7 +254,7 @@ class Baseline:
 
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path + ".lock", "a") as lock:
+        with open(lock_path(path), "a") as lock:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             try:
                 merged = self.merged_into(Baseline.load(path))

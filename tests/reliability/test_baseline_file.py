@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pytest_modelcheck.core.baseline import (METRIC_KINDS, Baseline, BaselineError, compare,
-                                             machine_fingerprint, metric_kind, regressions)
+                                             lock_path, machine_fingerprint, metric_kind,
+                                             regressions)
 from pytest_modelcheck.core.result import CheckResult
 
 HERE = {"key": "machine-a", "cpu": "test cpu"}
@@ -155,7 +156,9 @@ def test_save_merges_other_tests_and_machines(tmp_path):
     assert b.entries["machine-a"]["t.py::b"]["flops_under.flops"]["value"] == 7
     assert b.entries["machine-a"]["t.py::a"]["flops_under.flops"]["value"] == 2000
     assert b.entries["machine-b"]["t.py::a"]["flops_under.flops"]["value"] == 1
-    assert os.path.exists(path + ".lock")
+    # the lock lives in the temporary directory, not beside the committed baseline
+    assert sorted(os.listdir(tmp_path / "sub")) == ["baseline.json"]
+    assert os.path.exists(lock_path(path))
 
 
 def test_load_missing_and_corrupt(tmp_path):
@@ -200,7 +203,7 @@ def _killed_writer(path, ready):
     import fcntl
     import tempfile
 
-    lock = open(path + ".lock", "a")
+    lock = open(lock_path(path), "a")
     fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
     fd, tmp = tempfile.mkstemp(prefix=".modelcheck-", suffix=".tmp",
                                dir=os.path.dirname(path))
