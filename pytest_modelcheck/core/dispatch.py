@@ -183,12 +183,39 @@ def _make_mode(record: dict) -> Any:
             record["by_op"][full] += 1
             record["phase_total"][phase] += 1
             kind = _sync_kind(name, func, args, kwargs)
+            if kind is not None and _reads_host_data(args, record):
+                kind = None
             if kind is not None and not record.get("cpu_only_validation"):
                 record["syncs"].append(Sync(kind, user_source(), phase,
                                             inner if phase == "forward" else ""))
             return func(*args, **kwargs)
 
     return OpCounterMode()
+
+
+def _reads_host_data(args: tuple, record: dict) -> bool:
+    """Whether the op reads a tensor that lives on the host by design whatever the model's
+    device: the ``batch_sizes`` of a ``PackedSequence`` (recursive layers read its first entry
+    with ``int()``; on a GPU it is a CPU tensor, so that is no device sync)."""
+    import torch
+
+    host = record.get("host_storages")
+    if not host or not args or not isinstance(args[0], torch.Tensor):
+        return False
+    try:
+        return args[0].untyped_storage().data_ptr() in host
+    except RuntimeError:
+        return False
+
+
+def _note_host_tensors(args: Any, record: dict) -> None:
+    """Remember the storages of ``PackedSequence.batch_sizes`` among a module's inputs."""
+    from torch.nn.utils.rnn import PackedSequence
+
+    for a in args if isinstance(args, tuple) else (args,):
+        if isinstance(a, PackedSequence) and a.batch_sizes is not None:
+            record.setdefault("host_storages", set()).add(
+                a.batch_sizes.untyped_storage().data_ptr())
 
 
 @contextlib.contextmanager
@@ -250,6 +277,7 @@ def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = Non
 
     def push(mod: Any, args: Any) -> None:
         record["stack"].append(names.get(mod, ROOT))
+        _note_host_tensors(args, record)
 
     def pop(mod: Any, args: Any, out: Any) -> None:
         if record["stack"]:

@@ -158,6 +158,37 @@ class OneHot(nn.Module):
         return self.lin(F.one_hot(tokens).float()[..., :20])  # num_classes read from the data
 
 
+class Packed(nn.Module):
+    """An LSTM over a packed batch; ``peek`` also reads the data's maximum with ``.item()``."""
+
+    def __init__(self, peek: bool) -> None:
+        super().__init__()
+        self.peek = peek
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 1)
+
+    def forward(self, x, lengths):
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        if self.peek:
+            x = x / x.abs().max().item()
+        packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        y, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True,
+                                   total_length=x.shape[1])
+        return self.head(y).squeeze(-1)
+
+
+def test_a_packed_sequence_read_of_its_host_side_batch_sizes_is_not_a_host_sync():
+    # recurrent layers read PackedSequence.batch_sizes[0] with int(); batch_sizes is a CPU
+    # tensor on every device, so that read is no device sync
+    from pytest_modelcheck.checks import no_host_sync
+
+    batch = ((torch.randn(4, 10, 8), torch.tensor([10, 7, 3, 5])), torch.randn(4, 10))
+    assert no_host_sync(model=Packed(False), batch=batch).passed is True
+    r = no_host_sync(model=Packed(True), batch=batch)
+    assert r.passed is False and r.metrics["count"] == 1, (r.headline, r.metrics)
+
+
 def test_one_hot_with_num_classes_is_not_a_host_sync():
     from pytest_modelcheck.checks import no_host_sync
 
