@@ -1,6 +1,6 @@
 """Where a CUDA step's memory goes, op by op: the diagnostic behind the CUDA memory estimate.
 
-    python benchmarks/cuda_op_trace.py OUT_DIR [CASE ...]
+    python benchmarks/cuda_op_trace.py OUT_DIR [--summary-only] [MODEL:BATCH ...]
 
 For each case (a model, a batch size, a phase) it writes ``OUT_DIR/<case>.jsonl``: one line per
 aten op of the real CUDA step with the bytes allocated before and after it, the peak inside it
@@ -8,7 +8,8 @@ aten op of the real CUDA step with the bytes allocated before and after it, the 
 arguments. An op whose inside peak is above both ends holds a workspace; an op whose growth is
 above its outputs keeps something hidden. Every convolution is then run again on its own, on
 empty tensors of the same layout, to see whether its workspace depends on the shape alone.
-``OUT_DIR/summary.txt`` has the caching allocator's peak per phase next to the estimate's.
+``OUT_DIR/summary.txt`` has the caching allocator's peak per phase next to the estimate's
+(and, with ``--summary-only``, nothing else is run).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA checks, run on a machine with a GPU (and an image that already holds torch, pytest,
 # pytest-benchmark, hypothesis, xdist and matplotlib): the CUDA test suite (tests/gpu), the
-# memory estimate against the caching allocator's peak for every example model, the main job
+# memory estimate against the caching allocator's peak for every example model and for four
+# more nets at batch 1 and 16 (benchmarks/cuda_op_trace.py --summary-only), the main job
 # on the GPU, a profiler sweep and the whole test suite. Each part writes its log to $OUT
 # (default ./gpu-out).
 #
@@ -34,6 +35,7 @@ if [ "${PROBE:-0}" = 1 ]; then  # the cuDNN workspace probe (results/cuda_worksp
 fi
 part gpu_tests 150 python3 -m pytest -p no:cacheprovider -q -s -rfEs tests/gpu
 part gpu_memory 150 python3 benchmarks/memory_estimate_vs_measured.py 1 4 8 --device cuda
+part gpu_memory_more 120 python3 benchmarks/cuda_op_trace.py "$OUT/trace" --summary-only
 part main_job_cuda 90 python3 -m pytest -p no:cacheprovider --modelcheck --modelcheck-device=cuda example_models/
 part profile_cuda 60 python3 -m pytest_modelcheck.cli profile --model example_models.vit3d:build_model \
   --batch example_models.vit3d:make_batch --batch-sizes 1,16,64,256 --device cuda --json "$OUT/profile_vit3d.json"
