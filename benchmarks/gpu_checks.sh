@@ -2,7 +2,7 @@
 # The CUDA checks, run on a machine with a GPU (and an image that already holds torch, pytest,
 # pytest-benchmark, hypothesis, xdist and matplotlib): the CUDA test suite (tests/gpu), the
 # memory estimate against the caching allocator's peak for every example model and for four
-# more nets at batch 1 and 16 (benchmarks/cuda_op_trace.py --summary-only), the main job
+# more nets at batch 16 (benchmarks/cuda_op_trace.py --summary-only), the main job
 # on the GPU, a profiler sweep and the whole test suite. Each part writes its log to $OUT
 # (default ./gpu-out).
 #
