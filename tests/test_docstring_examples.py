@@ -4,6 +4,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import pkgutil
+import tempfile
 
 import pytest
 
@@ -14,7 +15,9 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(pytest_modelcheck.__path_
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name: str) -> None:
+def test_docstring_examples(name: str, tmp_path, monkeypatch) -> None:
+    # the examples' tempfile.mkdtemp() directories go under pytest's own temporary tree
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE,
                              report=True)
