@@ -428,6 +428,9 @@ def test_compare_safetensors_with_torch_file(tmp_path):
     assert report.tensors[0].relative_change == pytest.approx(2.0)  # ||2*1|| / ||1||
 
 
-def test_doctests():
+def test_doctests(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp()
     result = doctest.testmod(checkpoint_mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 10

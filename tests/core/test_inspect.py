@@ -202,6 +202,9 @@ def test_model_left_untouched():
     assert model.training and not model.norm.weight.requires_grad and model.embed.weight.grad is None
 
 
-def test_doctests():
+def test_doctests(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp()
     result = doctest.testmod(inspect_mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 10

@@ -484,7 +484,10 @@ def test_event_timer_and_sync_cannot_be_combined():
 # --------------------------------------------------------------------------- module hygiene
 
 
-def test_doctests():
+def test_doctests(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp()
     result = doctest.testmod(timing, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0

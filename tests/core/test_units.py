@@ -519,7 +519,10 @@ def test_arbitrary_values_parse_or_raise_unit_error(parse, value):
 # --------------------------------------------------------------------------- module hygiene
 
 
-def test_doctests():
+def test_doctests(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp()
     result = doctest.testmod(units, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
