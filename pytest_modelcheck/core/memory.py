@@ -924,12 +924,14 @@ def _fake_device(dev: Any) -> Any:
 
 
 def _probe_kernels(dev: Any) -> bool:
-    """Whether a CUDA estimate asks the GPU for its kernels' workspaces: the target is a CUDA
-    device present here, and ``MODELCHECK_CUDA_PROBE`` is not ``0``."""
+    """Whether a CUDA estimate runs on fake CUDA tensors and asks the GPU for its kernels'
+    workspaces: the target is a CUDA device present here (an index this machine has), and
+    ``MODELCHECK_CUDA_PROBE`` is not ``0``."""
     import torch
 
     return (dev.type == "cuda" and os.environ.get("MODELCHECK_CUDA_PROBE", "1") != "0"
-            and torch.cuda.is_available())
+            and torch.cuda.is_available()
+            and (dev.index is None or dev.index < torch.cuda.device_count()))
 
 
 @contextlib.contextmanager

@@ -280,7 +280,9 @@ def test_without_a_gpu_a_cuda_estimate_does_not_probe(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert not M._probe_kernels(torch.device("cuda"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert M._probe_kernels(torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert M._probe_kernels(torch.device("cuda")) and M._probe_kernels(torch.device("cuda:0"))
+    assert not M._probe_kernels(torch.device("cuda:1"))     # not on this machine
     assert not M._probe_kernels(torch.device("cpu"))
     monkeypatch.setenv("MODELCHECK_CUDA_PROBE", "0")
     assert not M._probe_kernels(torch.device("cuda"))
