@@ -1689,6 +1689,14 @@ def _conv_backward_workspace(args: tuple, outs: Any) -> int:
             flat = cin == 3
             stage2 = gin + (n * _pad8(cout) * s_out + (0 if flat else n * _pad8(cin) * s_in)
                             + _pad8(cout) * (cin if flat else _pad8(cin)) * k) * b
+        if kernel in ("avx512", "avx2") and k == 1 and n > 1 and cin <= 8 \
+                and _onednn_isa() == "avx512" and all(int(st) == 1 for st in stride) \
+                and not any(int(p) for p in padding):
+            # a pointwise convolution from few channels where oneDNN runs AVX-512: the input
+            # is copied once more, Cin padded to 16 (Cin <= 3) or 8, for a batch of more than
+            # one sample (measured at 1, 2 and 4 threads, not read off oneDNN's source; absent
+            # with oneDNN capped at AVX2)
+            stage2 += n * (_CONV_BLOCK if kernel == "avx512" else 8) * s_in * b
         if kernel:
             scratch = _weight_grad_scratchpad(kernel, inp, weight, gout, stride, padding,
                                               bool(mask[2]))
