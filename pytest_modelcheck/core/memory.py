@@ -947,7 +947,8 @@ def _linear_bias_in_place() -> Iterator[None]:
     Linear 1.29 of the measured peak). This mode, entered inside the tracker, turns the
     ``add`` that follows ``mm``/``bmm`` and the ``_unsafe_view`` of their result into the real
     in-place add (the result an alias of the product, as in the kernel). An ``add`` written
-    as ``+`` in Python is left alone: there the out-of-place add is real.
+    as ``+`` in Python is left alone: there the out-of-place add is real. Not told apart:
+    ``torch.add(a @ w.t(), b)`` on a non-contiguous ``a``, a function call like the kernel's.
     """
     import weakref
 
