@@ -461,9 +461,17 @@ def main() -> None:
 _WARM: set = set()
 
 
+# Test seam: with this set to "1" the child runs every op on the CPU and reports a workspace
+# of 0, so the protocol, the rebuilding of arguments and the ops themselves are tested on
+# machines without a GPU.
+CPU_SEAM_ENV = "MODELCHECK_TEST_PROBE_ON_CPU"
+
+
 def _serve(request: dict) -> dict:
     import torch
 
+    if os.environ.get(CPU_SEAM_ENV) == "1":
+        return _serve_on_cpu(request)
     device = torch.device("cuda", int(request["device"]))
     torch.cuda.set_device(device)
     _apply(request["settings"])
@@ -488,6 +496,33 @@ def _serve(request: dict) -> dict:
             break
     return {"device": torch.cuda.get_device_name(device), "results": results,
             "context_lost": lost}
+
+
+class _NoMeter:
+    """The CPU seam's meter: no allocator statistics, a workspace of 0."""
+
+    def __init__(self, device: Any) -> None:
+        self.workspace = 0
+
+    def __enter__(self) -> "_NoMeter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+
+def _serve_on_cpu(request: dict) -> dict:
+    import torch
+
+    global _Meter
+    _Meter = _NoMeter  # type: ignore[misc,assignment]
+    results: dict = {}
+    for sig in request["ops"]:
+        try:
+            results[sig] = _probe_one(sig, torch.device("cpu"), 1 << 40)
+        except Exception:  # noqa: BLE001 - reported as not probed, as on the GPU
+            results[sig] = None
+    return {"device": "cpu (test seam)", "results": results, "context_lost": False}
 
 
 if __name__ == "__main__":

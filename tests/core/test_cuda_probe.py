@@ -347,3 +347,27 @@ def test_estimate_memory_carries_the_bound_and_the_probe_note(monkeypatch) -> No
     assert probed.kernel_workspaces in probed.render()
     cpu = M.estimate_memory(build, batch, phase="inference", device="cpu")
     assert cpu.peak_upper_bytes is None and cpu.kernel_workspaces == ""
+
+
+def test_a_real_probe_process_rebuilds_and_runs_every_op_of_a_step(monkeypatch) -> None:
+    # the child process for real, on the CPU (test seam): every op signature of a training
+    # step of a conv net and of a transformer encoder is rebuilt there and runs
+    monkeypatch.setenv(P.CPU_SEAM_ENV, "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "Fake GPU")
+    monkeypatch.setattr(P, "_CACHE", {})
+    P._stop_child()
+    _, conv_sigs = _estimate_with(monkeypatch, lambda sigs: {s: 0 for s in sigs})
+    monkeypatch.setattr(M, "probe_workspaces", P.probe_workspaces)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    est = M.estimate_step_memory(nn.TransformerEncoder(layer, 1, enable_nested_tensor=False),
+                                 (torch.randn(2, 5, 16), torch.randn(2, 5, 16)),
+                                 lambda o, t: F.mse_loss(o, t), device="cuda")
+    assert "probed on the GPU" in est.kernel_workspaces
+    found = P.probe_workspaces(list(conv_sigs), "cuda")
+    assert found and all(v == 0 for v in found.values()), {
+        json.loads(k)[0]: v for k, v in found.items() if v != 0}
+    sdpa = [s for s in P._CACHE if json.loads(s[1])[0] == P.SDPA]
+    assert sdpa and all(P._CACHE[s] == 0 for s in sdpa)
+    assert not [s for s, v in P._CACHE.items() if v is None], "ops the child could not run"
