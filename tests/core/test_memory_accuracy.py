@@ -923,3 +923,78 @@ def test_pointwise_convolution_from_few_channels(cin: int, cout: int, n: int, hw
         tolerance = 0.02 if ISA == "avx512" else TOLERANCE
         assert abs(est.peak_bytes / real.peak_bytes - 1) <= tolerance, (
             threads, real.phase_peaks, est.phase_peaks)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM from a default nn.TransformerEncoder (nested tensors enabled) and
+    torch's causal-mask helper, whose causality torch checks by value."""
+
+    def __init__(self, causal: bool = True) -> None:
+        super().__init__()
+        self.causal = causal
+        self.embed = nn.Embedding(300, 64)
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.body = nn.TransformerEncoder(layer, 2)
+        self.head = nn.Linear(64, 300)
+
+    def forward(self, tokens):
+        mask = (nn.Transformer.generate_square_subsequent_mask(tokens.shape[1])
+                if self.causal else None)
+        return self.head(self.body(self.embed(tokens), mask=mask))
+
+
+class Seq2Seq(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(300, 64)
+        self.t = nn.Transformer(64, 4, 2, 2, 128, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(64, 300)
+
+    def forward(self, src, tgt):
+        mask = self.t.generate_square_subsequent_mask(tgt.shape[1])
+        return self.head(self.t(self.embed(src), self.embed(tgt), tgt_mask=mask))
+
+
+def _lm_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out.reshape(-1, out.shape[-1]), target.reshape(-1))
+
+
+@pytest.mark.parametrize("phase", ["train", "inference"])
+@pytest.mark.parametrize("name", ["causal_lm", "no_mask_lm", "seq2seq"])
+def test_torch_transformer_modules_with_their_defaults(name: str, phase: str) -> None:
+    # nn.Transformer* as most code builds them: nested tensors enabled (the inference fast
+    # path runs fused, as in the real step) and a causal mask from torch's helper (checked by
+    # value in forward, which fake tensors cannot; the estimate raised EstimateError)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 300, (8, 48))
+    if name == "seq2seq":
+        model, batch = Seq2Seq(), ((tokens, tokens[:, :32]), tokens[:, :32])
+    else:
+        model, batch = CausalLM(name == "causal_lm"), (tokens, tokens)
+    real = measure_step_memory(model, batch, _lm_loss, phase=phase)
+    est = estimate_step_memory(model, batch, _lm_loss, phase=phase)
+    ratio = est.peak_bytes / real.peak_bytes
+    assert abs(ratio - 1) <= TOLERANCE, (name, phase, real.peak_bytes, est.peak_bytes, ratio)
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_a_padding_mask_on_the_nested_fast_path_is_estimated_on_the_padded_batch() -> None:
+    # the real step packs the real tokens into a nested tensor (values fake tensors lack); the
+    # estimate runs the fused layers on the padded batch: high by the padding, never low
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2)
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x, pad):
+            return self.encoder(x, src_key_padding_mask=pad)
+
+    x = torch.randn(4, 40, 64)
+    pad = torch.zeros(4, 40, dtype=torch.bool)
+    pad[:, 30:] = True
+    real = measure_step_memory(Padded(), ((x, pad), x), _mse, phase="inference")
+    est = estimate_step_memory(Padded(), ((x, pad), x), _mse, phase="inference")
+    assert 1.0 <= est.peak_bytes / real.peak_bytes <= 1.6, (real.peak_bytes, est.peak_bytes)
