@@ -6,8 +6,9 @@ For each case (a model, a batch size, a phase) it writes ``OUT_DIR/<case>.jsonl`
 aten op of the real CUDA step with the bytes allocated before and after it, the peak inside it
 (``max_memory_allocated`` after a reset), the bytes of its outputs and, for convolutions, their
 arguments. An op whose inside peak is above both ends holds a workspace; an op whose growth is
-above its outputs keeps something hidden. Every convolution is then run again on its own, on
-empty tensors of the same layout, to see whether its workspace depends on the shape alone.
+above its outputs keeps something hidden. Every convolution is then run again on its own, as
+the estimate's probe runs it (``core/cuda_probe.py``), to see whether its workspace depends on
+the shape alone.
 ``OUT_DIR/summary.txt`` has the caching allocator's peak per phase next to the estimate's
 (and, with ``--summary-only``, nothing else is run).
 """
@@ -27,28 +28,21 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
+from pytest_modelcheck.core import cuda_probe as P  # noqa: E402
 from pytest_modelcheck.core import memory as M  # noqa: E402
+from pytest_modelcheck.core.cuda_workspace import CUDA_BLOCK_BYTES  # noqa: E402
 from pytest_modelcheck.core.batch import Batch  # noqa: E402
 from pytest_modelcheck.core.losses import resolve_loss  # noqa: E402
 
-BLOCK = 512
 DEV = os.environ.get("TRACE_DEVICE", "cuda")  # "cpu" only to try the script out
 
 
-def _rounded(n: int) -> int:
-    return -(-n // BLOCK) * BLOCK
-
-
 def _meta(x):
-    if isinstance(x, torch.Tensor):
-        return {"t": list(x.shape), "s": list(x.stride()), "d": str(x.dtype).replace("torch.", "")}
-    if isinstance(x, (list, tuple)):
-        return [_meta(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _meta(v) for k, v in x.items()}
-    if isinstance(x, (int, float, bool, str)) or x is None:
-        return x
-    return str(x)
+    """An op argument as the probe encodes it (its string where the probe has no encoding)."""
+    try:
+        return P._encode(x)
+    except P.Unprobeable:
+        return str(x)
 
 
 def _out_bytes(out) -> int:
@@ -58,7 +52,7 @@ def _out_bytes(out) -> int:
             st = t.untyped_storage()
             if st.data_ptr() not in seen:
                 seen.add(st.data_ptr())
-                total += _rounded(st.nbytes())
+                total += -(-st.nbytes() // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
     return total
 
 
@@ -69,78 +63,23 @@ class OpLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = func(*args, **kwargs)
-        torch.cuda.synchronize()
-        after = torch.cuda.memory_allocated()
-        peak = torch.cuda.max_memory_allocated()
+        with P._Meter(None) as meter:
+            out = func(*args, **kwargs)
         name = str(func)
-        row = {"i": len(self.rows), "op": name, "phase": self.phase[0], "before": before,
-               "after": after, "ws": peak - max(before, after), "out": _out_bytes(out)}
+        row = {"i": len(self.rows), "op": name, "phase": self.phase[0], "before": meter.before,
+               "after": meter.after, "ws": meter.workspace, "out": _out_bytes(out)}
         if "conv" in name or "attention" in name or "batch_norm" in name:
-            row["args"] = _meta(list(args))
-            row["kwargs"] = _meta(kwargs)
-            row["outs"] = _meta(list(out) if isinstance(out, (tuple, list)) else [out])
+            row["args"] = [_meta(a) for a in args]
+            row["kwargs"] = {k: _meta(v) for k, v in kwargs.items()}
+            row["outs"] = [_meta(o) for o in (out if isinstance(out, (tuple, list)) else [out])]
         self.rows.append(row)
         return out
 
 
 def _probe(row) -> int:
-    """Run one logged op again on empty tensors of the same layout; its workspace."""
-    ns, op, overload = row["op"].split(".")
-    func = getattr(getattr(getattr(torch.ops, ns), op), overload)
-
-    def build(m):
-        if isinstance(m, dict) and "t" in m:
-            return torch.empty_strided(m["t"], m["s"], dtype=getattr(torch, m["d"]), device=DEV)
-        if isinstance(m, list):
-            return [build(v) for v in m]
-        return m
-
-    args = build(row["args"])
-    kwargs = {k: build(v) for k, v in row["kwargs"].items()}
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = func(*args, **kwargs)
-    torch.cuda.synchronize()
-    after = torch.cuda.memory_allocated()
-    ws = torch.cuda.max_memory_allocated() - max(before, after)
-    del out, args, kwargs
-    return ws
-
-
-class _Conv(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.Conv2d(32, 64, 3, padding=1, stride=2), nn.ReLU(),
-                                  nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-class _UNet(nn.Module):
-    def __init__(self, c: int = 32) -> None:
-        super().__init__()
-        self.enc = nn.Sequential(nn.Conv2d(1, c, 3, padding=1), nn.ReLU())
-        self.down = nn.Conv2d(c, 2 * c, 3, padding=1, stride=2)
-        self.up = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
-        self.dec = nn.Conv2d(2 * c, 1, 3, padding=1)
-
-    def forward(self, x):
-        a = self.enc(x)
-        return self.dec(torch.cat([a, self.up(F.relu(self.down(a)))], dim=1))
-
-
-def _transformer():
-    layer = nn.TransformerEncoderLayer(256, 8, 1024, dropout=0.0, batch_first=True)
-    return nn.Sequential(nn.TransformerEncoder(layer, 4, enable_nested_tensor=False),
-                         nn.Linear(256, 256))
+    """Run one logged op again on its own, as the estimate's probe does; its workspace."""
+    sig = json.dumps([row["op"], row["args"], row["kwargs"]])
+    return P._probe_one(sig, torch.device(DEV), 1 << 40)
 
 
 def _resnetish():
@@ -156,16 +95,11 @@ def _resnetish():
 
 def _case(name: str, size: int):
     """(model, batch, loss) on the GPU."""
-    mse = lambda out, t: F.mse_loss(out, t)  # noqa: E731
-    ce = lambda out, t: F.cross_entropy(out, t)  # noqa: E731
-    local = {
-        "convnet": (_Conv, lambda b: (torch.randn(b, 3, 64, 64), torch.randint(0, 10, (b,))), ce),
-        "unet": (_UNet, lambda b: (torch.randn(b, 1, 96, 96), torch.randn(b, 1, 96, 96)), mse),
-        "transformer": (_transformer, lambda b: (torch.randn(b, 128, 256),
-                                                 torch.randn(b, 128, 256)), mse),
-        "resnetish": (_resnetish, lambda b: (torch.randn(b, 3, 128, 128),
-                                             torch.randint(0, 10, (b,))), ce),
-    }
+    from tests.gpu.test_cuda import CASES  # the CUDA tests' nets: convnet, unet, mlp, ...
+
+    local = dict(CASES, resnetish=(_resnetish, lambda b: (torch.randn(b, 3, 128, 128),
+                                                          torch.randint(0, 10, (b,))),
+                                   lambda out, t: F.cross_entropy(out, t)))
     torch.manual_seed(0)
     if name in local:
         factory, make, loss = local[name]

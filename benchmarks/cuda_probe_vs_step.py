@@ -46,7 +46,7 @@ def main() -> None:
         for a, b in zip(real_convs, est_convs):
             sig = json.loads(b[2][0])
             fs = [x["S"] for x in sig[1][:3] if isinstance(x, dict)]
-            rs = [x["s"] for x in a["args"][:3] if isinstance(x, dict)]
+            rs = [x["S"] for x in a["args"][:3] if isinstance(x, dict)]
             print(f"  {a['op'][5:25]:20} {a['phase'][:4]} real ws {a['ws']:>8} after"
                   f" {a['after'] - base:>9} | est ws {ws(b[2])!s:>8} after {b[1]:>9}"
                   f" same strides {fs == rs} {'' if fs == rs else (rs, fs)}")

@@ -396,9 +396,9 @@ class _Meter:
         import torch
 
         torch.cuda.synchronize(self.device)
-        after = torch.cuda.memory_allocated(self.device)
+        self.after = torch.cuda.memory_allocated(self.device)
         self.workspace = max(0, torch.cuda.max_memory_allocated(self.device)
-                             - max(self.before, after))
+                             - max(self.before, self.after))
 
 
 def _probe_one(sig: str, device: Any, budget: int) -> Optional[int]:

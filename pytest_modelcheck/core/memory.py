@@ -2257,9 +2257,9 @@ def _held_workspaces() -> Iterator[None]:
 # CPU losses whose reduced (0-dim) result keeps the storage of the unreduced elementwise loss
 # (measured, torch 2.13: ``F.mse_loss(a, b).untyped_storage().nbytes() == a.nbytes``); it is
 # held as long as the loss is, through backward. ``huber_loss`` and ``l1_loss`` do not.
-_HELD_LOSSES = ("mse_loss", "smooth_l1_loss", "binary_cross_entropy", "soft_margin_loss")
-_REDUCTION_AT = {"mse_loss": 2, "smooth_l1_loss": 2, "binary_cross_entropy": 3,
-                 "soft_margin_loss": 2}
+# Name -> position of the ``reduction`` argument.
+_HELD_LOSSES = {"mse_loss": 2, "smooth_l1_loss": 2, "binary_cross_entropy": 3,
+                "soft_margin_loss": 2}
 
 
 def _held_loss(func: Any, args: tuple, kwargs: Any, out: Any) -> Any:
@@ -2269,7 +2269,7 @@ def _held_loss(func: Any, args: tuple, kwargs: Any, out: Any) -> Any:
 
     full = _all_args(func, args, kwargs)
     name = func.overloadpacket.__name__
-    at = _REDUCTION_AT[name]
+    at = _HELD_LOSSES[name]
     reduction = full[at] if len(full) > at else 1
     if not _is_tensor(out) or out.dim() != 0 or reduction == 0:
         return out
@@ -2283,12 +2283,9 @@ def _held_loss(func: Any, args: tuple, kwargs: Any, out: Any) -> Any:
 
 def _mse_loss_temporary(func: Any, args: tuple) -> int:
     """CUDA's ``mse_loss``: the elementwise loss, freed once reduced (seen on an H200)."""
-    if func.overloadpacket.__name__ != "mse_loss" or (len(args) > 2 and args[2] == 0):
+    if func.overloadpacket.__name__ != "mse_loss":
         return 0
-    import torch
-
-    shape = torch.broadcast_shapes(tuple(args[0].shape), tuple(args[1].shape))
-    size = _numel(shape) * args[0].element_size()
+    size = _loss_temporary(args)
     return -(-size // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
 
