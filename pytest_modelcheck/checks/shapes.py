@@ -119,6 +119,7 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
 
     from ..core.batch import Batch, copy_model, iter_tensors
     from ..core.forward import run_forward
+    from ..core.outputs import model_loss
     from ..core.shapes import match_structure
     from ..core.trace import trace_batch
 
@@ -159,7 +160,10 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
                 errs = match_structure(output, out, env_out)
             else:
                 errs = []
+                own_loss = model_loss(output)  # the loss a model computed itself is a scalar
                 for path, t in iter_tensors(output, "output"):
+                    if t is own_loss:
+                        continue
                     if t.dim() == 0 or t.shape[0] != bsz:
                         errs.append(f"{path} {tuple(t.shape)}: first dim is "
                                     f"{t.shape[0] if t.dim() else 'absent'}, expected B={bsz}")

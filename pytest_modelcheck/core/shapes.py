@@ -84,6 +84,14 @@ def match_structure(obj: Any, spec: Any, env: dict, path: str = "output") -> lis
     import torch
 
     if is_tensor_spec(spec):
+        if not isinstance(obj, torch.Tensor) and _structured(obj):
+            from .outputs import primary_output
+
+            # a dataclass output (a Hugging Face ModelOutput): a tensor spec is its prediction
+            pred = primary_output(obj)
+            if pred is not None:
+                path = f"{path}.logits" if getattr(obj, "logits", None) is pred else path
+                obj = pred
         if not isinstance(obj, torch.Tensor):
             return [f"{path} is a {type(obj).__name__}, expected a tensor of shape {tuple(spec)}"]
         msg = match_shape(tuple(obj.shape), spec, env)
@@ -103,6 +111,12 @@ def match_structure(obj: Any, spec: Any, env: dict, path: str = "output") -> lis
     for i, (o, s) in enumerate(zip(obj, spec)):
         errs += match_structure(o, s, env, f"{path}[{i}]")
     return errs
+
+
+def _structured(obj: Any) -> bool:
+    import dataclasses
+
+    return dataclasses.is_dataclass(obj) and not isinstance(obj, type)
 
 
 def resize_to(t: Any, shape: tuple) -> Any:

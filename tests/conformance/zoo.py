@@ -69,6 +69,17 @@ def import_torchvision():
 _TV_LIB = None
 
 
+def import_transformers():
+    """Import transformers; it imports torchvision when that is installed, so the same care."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()
+    import transformers
+
+    return transformers
+
+
 def _images(size: int = 64, n: int = B, channels: int = 3, classes: int = C) -> tuple:
     import torch
 
@@ -183,7 +194,7 @@ def _hf_small(**kw) -> dict:
 def hf_bert():
     """BERT sequence classification: labels in the batch, the model computes ``.loss``."""
     import torch
-    import transformers as tr
+    tr = import_transformers()
 
     torch.manual_seed(0)
     cfg = tr.BertConfig(**_hf_small(max_position_embeddings=64), num_labels=3)
@@ -197,7 +208,7 @@ def hf_bert():
 def hf_gpt2():
     """GPT-2 language model: (B, T, V) logits, labels = input_ids (the model shifts them)."""
     import torch
-    import transformers as tr
+    tr = import_transformers()
 
     torch.manual_seed(0)
     cfg = tr.GPT2Config(vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=4,
@@ -211,7 +222,7 @@ def hf_gpt2():
 @case("transformers")
 def hf_llama():
     import torch
-    import transformers as tr
+    tr = import_transformers()
 
     torch.manual_seed(0)
     cfg = tr.LlamaConfig(**_hf_small(max_position_embeddings=64, num_key_value_heads=2))
@@ -225,7 +236,7 @@ def hf_llama():
 def hf_t5():
     """T5 encoder-decoder: labels give the decoder inputs (shifted right inside the model)."""
     import torch
-    import transformers as tr
+    tr = import_transformers()
 
     torch.manual_seed(0)
     cfg = tr.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
@@ -240,7 +251,7 @@ def hf_t5():
 @case("transformers")
 def hf_vit():
     import torch
-    import transformers as tr
+    tr = import_transformers()
 
     torch.manual_seed(0)
     cfg = tr.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

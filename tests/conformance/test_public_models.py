@@ -1,0 +1,48 @@
+"""Conformance: healthy public architectures pass the whole default set.
+
+Each case (see ``zoo.py``) is a torchvision, timm or Hugging Face model with random weights and
+only honest declarations. A failing check here is a false alarm of the check, to be fixed in the
+check. By default the fast subset ``zoo.FAST`` runs; ``MODELCHECK_CONFORMANCE=full`` runs every
+case. A case whose package is not installed is skipped (``pip install -e ".[conformance]"``).
+"""
+import os
+
+import pytest
+import torch
+
+from tests.conformance import zoo
+
+FULL = os.environ.get("MODELCHECK_CONFORMANCE", "").lower() == "full"
+NAMES = list(zoo.CASES) if FULL else zoo.FAST
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_default_set_passes_on_public_architecture(name):
+    pytest.importorskip(zoo.CASES[name].package)
+    report = zoo.run_case(name)
+    failed = [f"{r.check}: {r.headline}" for r in report.results if r.passed is False]
+    assert not failed, f"{name}: false alarms on a healthy public model:\n" + "\n".join(failed)
+    ran = [r.check for r in report.results if r.passed is True]
+    # the core checks really ran (a skip everywhere would make this suite vacuous)
+    assert {"grads_finite", "model_overfits", "params_learn"} <= set(ran), ran
+
+
+def test_zoo_covers_the_declared_breadth():
+    by_package = {}
+    for case in zoo.CASES.values():
+        by_package.setdefault(case.package, []).append(case.name)
+    classification = [n for n in by_package["torchvision"]
+                      if n not in ("tv_lraspp_mobilenet_v3_large", "tv_r3d_18")]
+    assert len(classification) >= 20
+    assert "tv_lraspp_mobilenet_v3_large" in zoo.CASES and "tv_r3d_18" in zoo.CASES
+    assert len(by_package["timm"]) >= 8
+    assert {"hf_bert", "hf_gpt2", "hf_llama", "hf_t5", "hf_vit"} <= set(by_package["transformers"])
+    assert set(zoo.FAST) <= set(zoo.CASES)
