@@ -20,6 +20,7 @@ input tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
@@ -69,6 +70,9 @@ def iter_tensors(obj: Any, prefix: str = "") -> Iterator[tuple]:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from iter_tensors(v, f"{prefix}[{i}]")
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):  # structured outputs
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name, None), f"{prefix}.{f.name}")
 
 
 @dataclass
