@@ -246,3 +246,18 @@ def test_loss_components_usage_errors(kwargs, message):
         loss_components(**kwargs, model=_linear(), batch=_batch())
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_large_first_gradient_that_then_falls_is_not_exploding():
+    """ConvNeXt-style: the batch is fitted in the first step, and the gradient norm falls from
+    ~1e2 to ~1e-5: a falling norm, not an explosion (the reference median sits at the low end)."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    x, y = torch.tensor([[1.0, 2.0, 3.0, 4.0]]), torch.tensor([[10.0]])
+    # MSE gradient 2(w.x - y)x, norm 2*10*sqrt(30) = 109.5; SGD with lr 1/(2*|x|^2) = 1/60
+    # lands on w = x/3, w.x = 10: the batch is fitted exactly in one step
+    plain_sgd = lambda params, lr: torch.optim.SGD(params, lr=lr)  # noqa: E731 - no momentum
+    r = grad_norms_stable(steps=6, optimizer=plain_sgd, lr=1 / 60, model=model, batch=(x, y))
+    norms = r.metrics["grad_norms"]
+    assert abs(norms[0] - 109.54) < 0.01 and max(norms[1:]) < 1e-3, norms
+    assert r.passed, r.headline
