@@ -21,11 +21,34 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _validate_sync(allow: Any = 0) -> dict:
-    if not _is_int(allow) or allow < 0:
-        raise UsageError(f"allow={allow!r}: expected an int >= 0, the number of host-device"
-                         " syncs tolerated")
-    return {"allow": allow}
+def _validate_sync(allow: Any = 0, strict: Any = False) -> dict:
+    from ..core.dispatch import parse_sync_pattern
+
+    expected = ("expected an int >= 0 (the number of host-device syncs tolerated), a pattern"
+                " naming known syncs such as 'transformers/masking_utils.py' or 'my_pkg.mod:func',"
+                " or a list of patterns with at most one int")
+    items = list(allow) if isinstance(allow, (list, tuple)) else [allow]
+    counts = [a for a in items if _is_int(a)]
+    patterns = tuple(a for a in items if isinstance(a, str))
+    if (len(counts) + len(patterns) != len(items) or len(counts) > 1
+            or any(c < 0 for c in counts) or not items):
+        raise UsageError(f"allow={allow!r}: {expected}")
+    for p in patterns:
+        try:
+            parse_sync_pattern(p)
+        except ValueError as exc:
+            raise UsageError(f"allow={allow!r}: pattern {exc}; {expected}") from None
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict={strict!r}: expected True (syncs inside installed packages such"
+                         " as transformers count too) or False (they are reported, not counted)")
+    return {"allow": allow, "strict": strict}
+
+
+def _split_allow(allow: Any) -> tuple:
+    """``(count, patterns)`` of a validated ``allow``."""
+    items = list(allow) if isinstance(allow, (list, tuple)) else [allow]
+    counts = [a for a in items if _is_int(a)]
+    return (counts[0] if counts else 0), tuple(a for a in items if isinstance(a, str))
 
 
 def _validate_vectorized(batch_sizes: Any = (4, 8), tolerance: Any = 0) -> dict:
@@ -66,13 +89,18 @@ def _short(source: str) -> str:
 
 
 @check(default=True, validate=_validate_sync)
-def no_host_sync(allow: Any = 0, *, model: Any, batch: Any, loss: Any = None,
+def no_host_sync(allow: Any = 0, strict: Any = False, *, model: Any, batch: Any, loss: Any = None,
                  device: Any = None) -> CheckResult:
     """Forward and backward cause no host-device synchronization (.item(), bool(tensor), nonzero, boolean masks).
 
     Runs forward, the loss and backward on a copy in train mode under a dispatch mode that sees
     every aten op; works on a CPU-only runner (the same ops are dispatched as on CUDA).
-    ``allow`` is the number of syncs tolerated.
+    Each sync is attributed to the nearest frame outside torch and the standard library: the
+    user's code counts; a sync inside an installed third-party package (site-packages, such as
+    transformers' mask helpers) is reported with its package, file and line but not counted,
+    because the user cannot change it, unless ``strict=True``. ``allow`` is the number of syncs
+    tolerated, or patterns naming known syncs (``'transformers/masking_utils.py'``,
+    ``'models/net.py:42'``, ``'my_pkg.mod:func'``), or a list of patterns with one int.
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 3))
@@ -82,9 +110,11 @@ def no_host_sync(allow: Any = 0, *, model: Any, batch: Any, loss: Any = None,
     import torch
 
     from ..core.batch import copy_model
+    from ..core.dispatch import sync_matches
     from ..core.forward import run_forward
     from ..core.losses import resolve_loss
 
+    limit, patterns = _split_allow(allow)
     work = copy_model(model).to(device).train()
     data = batch.clone().to(device)
 
@@ -97,43 +127,88 @@ def no_host_sync(allow: Any = 0, *, model: Any, batch: Any, loss: Any = None,
             total.backward()
 
     counts = _counted(work, data, replay, backward=True, loss=loss)
-    groups = counts.sync_groups()
-    n = len(counts.syncs)
+    accepted = [s for s in counts.syncs if any(sync_matches(p, s) for p in patterns)]
+    rest = [s for s in counts.syncs if not any(s is a for a in accepted)]
+    packaged = [s for s in rest if s.origin == "package"]
+    counted = rest if strict else [s for s in rest if s.origin != "package"]
+    informed = [] if strict else packaged
+    groups = _groups(counted)
+    n = len(counted)
     by_op: dict = {}
     by_source: dict = {}
-    for s in counts.syncs:
+    for s in counted:
         by_op[s.op] = by_op.get(s.op, 0) + 1
         key = s.source or f"<{s.phase}>"
         by_source[key] = by_source.get(key, 0) + 1
-    metrics = {"count": n, "by_op": by_op, "by_source": by_source, "ops": counts.total}
+    packages: dict = {}
+    for s in packaged:
+        packages[s.package] = packages.get(s.package, 0) + 1
+    metrics = {"count": n, "by_op": by_op, "by_source": by_source, "ops": counts.total,
+               "all_syncs": len(counts.syncs), "package_syncs": packages,
+               "accepted": len(accepted), "strict": strict}
 
     details = []
     if groups:
         details.append("host-device syncs (op, user line, phase):")
-        details += [f"  {op:45} x{cnt:<5} {src or '(no user line: inside autograd)'}  [{phase}]"
-                    for op, src, phase, cnt in groups[:20]]
+        details += [f"  {op:45} x{cnt:<5} {_place(s)}  [{s.phase}]" for s, op, cnt in groups[:20]]
         if len(groups) > 20:
             details.append(f"  ... and {len(groups) - 20} more places")
+    if informed:
+        details.append(f"information: {len(informed)} syncs inside installed packages, not counted"
+                       " (the model's code cannot change them; strict=True counts them, allow="
+                       "['<file or module>'] accepts them):")
+        details += [f"  {op:45} x{cnt:<5} {_place(s)}  [{s.phase}]"
+                    for s, op, cnt in _groups(informed)[:10]]
+    if accepted:
+        details.append(f"accepted by allow={list(patterns)!r}: {len(accepted)} syncs")
+        details += [f"  {op:45} x{cnt:<5} {_place(s)}  [{s.phase}]"
+                    for s, op, cnt in _groups(accepted)[:10]]
 
     cuda = getattr(data, "input_tensors", lambda: [])()
     if torch.cuda.is_available() and any(t.device.type == "cuda" for _, t in cuda):
         warned = _cuda_sync_warnings(replay)
         metrics["cuda_sync_warnings"] = warned
         details.append(f"torch.cuda.set_sync_debug_mode('warn') reported {warned} syncs"
-                       f" (the dispatch mode found {n})")
+                       f" (the dispatch mode found {len(counts.syncs)})")
 
-    expected = f"expected at most {allow} host-device syncs in forward+backward"
-    if n > allow:
-        op, src, _, cnt = groups[0]
+    expected = f"expected at most {limit} host-device syncs in forward+backward"
+    if strict:
+        expected += " (strict: installed packages' too)"
+    aside = ""
+    if informed:
+        names = ", ".join(sorted({s.package.split(' ')[0] for s in informed}))
+        aside = f"; {len(informed)} more inside installed packages ({names}), not counted"
+    if n > limit:
+        first, op, cnt = groups[0]
+        src = first.source if first.origin != "package" else f"{first.source} ({first.package})"
         where = f"{op} x{cnt} from {_short(src)}"
         if len(groups) > 1:
             where += f", and {n - cnt} more at {len(groups) - 1} other places"
         details.append(SYNC_REMEDY)
-        return CheckResult("no_host_sync", False, f"{expected}, observed {n} ({where})",
+        return CheckResult("no_host_sync", False, f"{expected}, observed {n} ({where}){aside}",
                            "\n".join(details), metrics)
     return CheckResult("no_host_sync", True,
-                       f"{expected}, observed {n} in {counts.total} dispatched ops",
+                       f"{expected}, observed {n} in {counts.total} dispatched ops{aside}",
                        "\n".join(details), metrics)
+
+
+def _groups(syncs: list) -> list:
+    """``[(first sync, op, count), ...]`` per distinct (op, source, phase), most frequent first."""
+    firsts: dict = {}
+    n: dict = {}
+    for s in syncs:
+        key = (s.op, s.source, s.phase)
+        firsts.setdefault(key, s)
+        n[key] = n.get(key, 0) + 1
+    return [(firsts[k], k[0], c) for k, c in sorted(n.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
+def _place(s: Any) -> str:
+    """Where a sync happened, for the details: the user's line, or package, file, line, caller."""
+    if s.origin == "package":
+        via = f", called from {s.caller}" if s.caller else ""
+        return f"{s.package}: {s.source}{via}"
+    return s.source or "(no user line: inside autograd)"
 
 
 def _cuda_sync_warnings(replay: Any) -> int:

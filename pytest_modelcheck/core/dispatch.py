@@ -32,6 +32,7 @@ This module imports neither pytest nor, until called, torch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections import Counter
@@ -51,16 +52,26 @@ SYNC_OPS = frozenset({
     "allclose",
 })
 _MASK_INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_"})
+_SITE_NAMES = ("site-packages", "dist-packages")
 
 
 @dataclass
 class Sync:
-    """One host-device synchronization: the aten op, the user's source line, the phase."""
+    """One host-device synchronization: the aten op, the line that dispatched it, the phase.
+
+    ``origin`` says whose code that line is (:func:`sync_site`): ``"user"``, ``"package"`` (an
+    installed third-party package such as transformers; ``package`` names it and ``caller`` is
+    the user's line that called into it) or ``""`` (inside autograd's backward).
+    """
 
     op: str
     source: str = ""
     phase: str = "forward"  # "forward", "loss" or "backward"
     module: str = ""
+    origin: str = "user"  # "user", "package" (installed third-party code) or "" (autograd)
+    package: str = ""  # for origin "package": the distribution, "transformers 5.0.0"
+    caller: str = ""  # for origin "package": the user's line that called into the package
+    frames: list = field(default_factory=list)  # [[path, line, function, module], ...]
 
     def describe(self) -> str:
         src = f" from {self.source}" if self.source else ""
@@ -161,6 +172,232 @@ def user_source() -> str:
     return ""
 
 
+# ------------------------------------------------------------------ whose code is a frame in
+@functools.lru_cache(maxsize=1)
+def _install_dirs() -> tuple:
+    """Real paths of the directories packages are installed into (site-packages, dist-packages)."""
+    import site
+    import sysconfig
+
+    dirs = set()
+    paths = sysconfig.get_paths()
+    for key in ("purelib", "platlib"):
+        if paths.get(key):
+            dirs.add(paths[key])
+    try:
+        dirs.update(site.getsitepackages())
+    except AttributeError:  # some virtualenvs' site module lacks it
+        pass
+    with contextlib.suppress(Exception):
+        dirs.add(site.getusersitepackages())
+    dirs.update(p for p in sys.path if os.path.basename(p.rstrip(os.sep)) in _SITE_NAMES)
+    return tuple(sorted({os.path.realpath(d) for d in dirs if d}, key=len, reverse=True))
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_dirs() -> tuple:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    return tuple({os.path.realpath(paths[k]) for k in ("stdlib", "platstdlib") if paths.get(k)})
+
+
+@functools.lru_cache(maxsize=1)
+def _distributions() -> dict:
+    """Top-level module name -> ``"dist version"`` of the installed distribution providing it."""
+    from importlib import metadata
+
+    out = {}
+    with contextlib.suppress(Exception):
+        for top, dists in metadata.packages_distributions().items():
+            name = dists[0]
+            try:
+                out[top] = f"{name} {metadata.version(name)}"
+            except Exception:  # noqa: BLE001 - a broken distribution's metadata
+                out[top] = name
+    return out
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+@functools.lru_cache(maxsize=4096)
+def code_owner(filename: str, project_root: str = "") -> tuple:
+    """``(kind, package, relative path)`` of the code in ``filename``.
+
+    ``kind`` is ``"torch"`` (torch itself, this package, the standard library, frozen or
+    generated code: frames a diagnosis looks past), ``"package"`` (an installed third-party
+    package: a file under a site-packages/dist-packages directory) or ``"user"`` (everything
+    else: the user's scripts, tests and project, including the project installed in editable
+    mode, whose files stay in the project). A package installed into site-packages whose
+    top-level name is also a package or module at ``project_root`` (default: the working
+    directory) or ``project_root/src`` is the user's own project installed non-editable, hence
+    ``"user"``. ``package`` is the
+    distribution and version providing it (``"transformers 5.0.0"``, or the top-level module
+    name when no distribution claims it); ``relative path`` is the path below the install
+    directory (``"transformers/masking_utils.py"``).
+
+    >>> import os, torch
+    >>> code_owner(torch.__file__)[0], code_owner(os.__file__)[0]
+    ('torch', 'torch')
+    >>> code_owner(os.path.join("tmp", "site-packages", "fakepkg", "mod.py"))
+    ('package', 'fakepkg', 'fakepkg/mod.py')
+    >>> code_owner(os.path.abspath("my_model.py"))[0]
+    'user'
+    """
+    import torch
+
+    if not filename or "<frozen" in filename:
+        return "torch", "", ""
+    if filename.startswith("<"):  # a notebook cell, a doctest, <stdin>, generated model code
+        return "user", "", ""
+    path = os.path.realpath(os.path.abspath(filename))
+    torch_dir = os.path.realpath(os.path.dirname(os.path.abspath(torch.__file__)))
+    if _under(path, os.path.realpath(_PKG_DIR)) or _under(path, torch_dir):
+        return "torch", "", ""
+    rel = None
+    for d in _install_dirs():
+        if _under(path, d):
+            rel = os.path.relpath(path, d)
+            break
+    if rel is None:
+        parts = path.split(os.sep)
+        hits = [i for i, p in enumerate(parts) if p in _SITE_NAMES]
+        if hits:
+            rel = os.sep.join(parts[hits[-1] + 1:])
+    if rel is not None:
+        top = rel.split(os.sep)[0]
+        top = top[:-3] if top.endswith(".py") else top
+        if top in ("torch", "torchgen", "functorch"):
+            return "torch", "", ""
+        root = project_root or os.getcwd()
+        if top and any(os.path.isfile(os.path.join(root, *sub, name)) for sub in ((), ("src",))
+                       for name in (os.path.join(top, "__init__.py"), top + ".py")):
+            return "user", "", ""
+        return "package", _distributions().get(top, top), rel.replace(os.sep, "/")
+    if any(_under(path, d) for d in _stdlib_dirs()):
+        return "torch", "", ""
+    return "user", "", ""
+
+
+def sync_site(project_root: str = "") -> dict:
+    """Who dispatched the current op: the frames between the op and the user's code.
+
+    Walks outward past this package's, torch's and the standard library's frames. The first
+    other frame is the one responsible: ``origin`` is ``"user"`` when it is the user's code,
+    ``"package"`` when it lies in an installed third-party package (see :func:`code_owner`), and
+    ``""`` when the walk comes back into this package first (an op of autograd's backward).
+    Returns ``{"origin", "source", "package", "caller", "frames"}``: ``source`` is
+    ``file:line in function`` of that frame, ``caller`` (for ``"package"``) the user's line that
+    called into the package (``""`` when the package was entered from this package, e.g. the
+    model call itself), ``frames`` ``[[path, line, function, module], ...]`` from that frame out
+    to the first user frame, which allow patterns are matched against.
+
+    >>> import torch
+    >>> class Peek(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         return x * x.sum().item()
+    >>> s = count_ops(Peek(), torch.randn(2, 4)).syncs[0]  # count_ops calls sync_site per sync
+    >>> s.origin, s.frames[0][2], s.caller
+    ('user', 'Peek.forward', '')
+    """
+    frame = sys._getframe(1)
+    left_package = False
+    out = {"origin": "", "source": "", "package": "", "caller": "", "frames": []}
+    while frame is not None:
+        code = frame.f_code
+        f = os.path.abspath(code.co_filename)
+        in_pkg = f.startswith(_PKG_DIR)
+        if in_pkg and code.co_name == "_one_hot_marked":
+            pass
+        elif in_pkg:
+            if left_package:
+                return out
+        else:
+            kind, package, rel = code_owner(code.co_filename, project_root)
+            if kind == "torch":
+                left_package = True
+            else:
+                left_package = True
+                out["frames"].append([f, frame.f_lineno, getattr(code, "co_qualname", code.co_name),
+                                      frame.f_globals.get("__name__", "")])
+                where = f"{frame.f_lineno} in {code.co_name}"
+                if kind == "user":
+                    line = f"{_display(f)}:{where}"
+                    if out["origin"]:
+                        out["caller"] = line
+                    else:
+                        out.update(origin="user", source=line)
+                    return out
+                if not out["origin"]:
+                    out.update(origin="package", package=package, source=f"{rel}:{where}")
+        frame = frame.f_back
+    return out
+
+
+def parse_sync_pattern(pattern: Any) -> tuple:
+    """``(kind, where, what)`` of an allow pattern for host-device syncs; ValueError if malformed.
+
+    Two forms: a path (it has a ``/`` or ends in ``.py``), matched against the end of a frame's
+    file path, optionally ``:LINE`` or ``:FUNCTION``: ``"transformers/masking_utils.py"``,
+    ``"models/net.py:42"``; or a dotted module, optionally ``:FUNCTION``, matching that module
+    and its submodules: ``"transformers"``, ``"my_pkg.mod:func"``. ``*`` globs are allowed.
+
+    >>> parse_sync_pattern("transformers/masking_utils.py")
+    ('path', 'transformers/masking_utils.py', '')
+    >>> parse_sync_pattern("my_pkg.mod:func")
+    ('module', 'my_pkg.mod', 'func')
+    """
+    if not isinstance(pattern, str) or not pattern.strip():
+        raise ValueError(f"{pattern!r} is not a non-empty string")
+    where, _, what = pattern.strip().partition(":")
+    if not where or (_ and not what):
+        raise ValueError(f"{pattern!r} has an empty part around ':'")
+    if "/" in where or "\\" in where or where.endswith(".py"):
+        return "path", where.replace("\\", "/"), what
+    if not all(part.replace("*", "x").isidentifier() for part in where.split(".")):
+        raise ValueError(f"{pattern!r} is neither a path (with '/' or ending in .py) nor a dotted"
+                         " module name")
+    if what and not what.isdigit() and not all(
+            p.replace("*", "x").isidentifier() for p in what.split(".")):
+        raise ValueError(f"{pattern!r}: {what!r} after ':' is neither a line number nor a function")
+    return "module", where, what
+
+
+def sync_matches(pattern: str, sync: "Sync") -> bool:
+    """Whether ``pattern`` (see :func:`parse_sync_pattern`) names one of ``sync.frames``: the
+    frame that dispatched it or, for a sync inside a package, a frame on the way from the
+    user's code to it.
+
+    >>> s = Sync("aten._local_scalar_dense", frames=[
+    ...     ["/venv/site-packages/transformers/masking_utils.py", 354, "_ignore_mask",
+    ...      "transformers.masking_utils"]])
+    >>> [sync_matches(p, s) for p in ("transformers", "transformers/masking_utils.py:354",
+    ...                               "masking_utils.py:_ignore_*", "torch", "other.py")]
+    [True, True, True, False, False]
+    """
+    from fnmatch import fnmatchcase
+
+    kind, where, what = parse_sync_pattern(pattern)
+    for path, line, function, module in sync.frames:
+        if kind == "path":
+            path = path.replace("\\", "/")
+            if not (fnmatchcase(path, where) or fnmatchcase(path, "*/" + where.lstrip("/"))):
+                continue
+        elif not (fnmatchcase(module, where) or fnmatchcase(module, where + ".*")):
+            continue
+        if not what or (what.isdigit() and int(what) == line) or fnmatchcase(function, what) \
+                or fnmatchcase(function.rsplit(".", 1)[-1], what):
+            return True
+    return False
+
+
+def _display(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
 def _make_mode(record: dict) -> Any:
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -186,8 +423,10 @@ def _make_mode(record: dict) -> Any:
             if kind is not None and _reads_host_data(args, record):
                 kind = None
             if kind is not None and not record.get("cpu_only_validation"):
-                record["syncs"].append(Sync(kind, user_source(), phase,
-                                            inner if phase == "forward" else ""))
+                site = sync_site()
+                record["syncs"].append(Sync(kind, site["source"], phase,
+                                            inner if phase == "forward" else "", site["origin"],
+                                            site["package"], site["caller"], site["frames"]))
             return func(*args, **kwargs)
 
     return OpCounterMode()
