@@ -87,7 +87,7 @@ def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "defa
     from .core.state import preserved_globals
 
     with preserved_globals():  # calling a batch factory must not move the caller's RNG
-        data = Batch.from_user(batch)
+        data = Batch.from_user(batch, model=model)
     report = HealthReport(model_name=type(model).__name__, parameters=count_parameters(model))
     for spec, values in plans:
         report.results.append(spec.run(values, model=model, batch=data, loss=loss, device=device))

@@ -543,7 +543,7 @@ class ModelCheck:
         from .core.batch import Batch
 
         model, batch, _ = self._subject(model, batch, False)
-        return model, Batch.from_user(batch)
+        return model, Batch.from_user(batch, model=model)
 
     def inspect(self, model: Any = None) -> Any:
         """``inspect_model`` on the test's model: parameter counts, module types, tensor stats."""

@@ -24,7 +24,10 @@ def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
     sample is exempt: batches padded to a fixed length have them). ``spec`` maps an input
     index, an input key or ``'target'`` to its shape, dtype, range, mean/std, per-feature ranges
     and label distribution (see ``pytest_modelcheck.core.datacheck``). The model runs once, in
-    eval mode on a copy, to confirm it accepts the batch.
+    eval mode on a copy, to confirm it accepts the batch. A ``(B, T)`` integer target equal to a
+    token input, or lagging it by one, fails (a language model trained without the label shift;
+    ``spec={'label_shift': False}`` allows it), unless the model computes its own loss
+    (``output.loss``, as Hugging Face models given ``labels`` do, shifting inside).
     For a real DataLoader, call ``pytest_modelcheck.core.datacheck.check_data(loader, spec)``.
 
     >>> import torch
@@ -35,13 +38,16 @@ def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
     import torch
 
     from ..core.batch import copy_model
-    from ..core.datacheck import batch_problems
+    from ..core.datacheck import batch_problems, label_shift_problems
     from ..core.forward import run_forward
+    from ..core.outputs import model_loss
 
     data = batch.clone()
     problems = batch_problems(data, spec)
     with torch.no_grad():  # the model accepts the data (a ModelError names the module otherwise)
-        run_forward(copy_model(model).to(device).eval(), data.clone().to(device))
+        out = run_forward(copy_model(model).to(device).eval(), data.clone().to(device))
+    if (spec or {}).get("label_shift", True) and model_loss(out) is None:
+        problems += label_shift_problems(data)
     metrics = {"problems": len(problems), "batch_size": data.batch_size,
                "tensors": len(data.input_tensors()), "declared": sorted(str(k) for k in (spec or {}))}
     details = "\n".join(f"expected {e}, observed {o}" for e, o in problems[:20])

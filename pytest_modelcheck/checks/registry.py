@@ -105,7 +105,7 @@ class CheckSpec:
         with preserved_globals():  # a batch factory's random draws are undone too
             try:
                 with time_budget(timeout):
-                    batch = _user_batch(batch)
+                    batch = _user_batch(batch, model)
                 device = _resolve_device(context["device"], model, self.absent_device_ok)
                 with time_budget(timeout):
                     result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
@@ -185,13 +185,14 @@ def _describe(value: Any) -> Any:
     return getattr(value, "__name__", None) or repr(value)
 
 
-def _user_batch(batch: Any) -> Any:
-    """``Batch.from_user``; a batch factory that raises is the user's error, named."""
+def _user_batch(batch: Any, model: Any = None) -> Any:
+    """``Batch.from_user`` (a dict batch is passed as keywords when ``model`` takes it so); a
+    batch factory that raises is the user's error, named."""
     from ..core.batch import Batch
     from ..core.guard import CheckTimeout
 
     try:
-        return Batch.from_user(batch)
+        return Batch.from_user(batch, model=model)
     except (UsageError, CheckTimeout):
         raise
     except Exception as exc:  # noqa: BLE001 - the user's make_batch raised

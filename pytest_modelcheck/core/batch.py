@@ -9,7 +9,16 @@ Accepted forms (``Batch.from_user``):
 * a dict ``{...}``                  -> ``model(batch_dict)`` (the whole dict is one argument, as a
   collate function builds it); the target is ``batch_dict["targets"]`` (or ``"target"``, ``"y"``,
   ``"labels"``, ``"label"``), the first of those keys present
-* ``Batch(args=..., kwargs=..., target=...)`` for anything else (keyword inputs, no target)
+* a dict for a model called ``model(**batch_dict)`` (the Hugging Face convention) -> the dict's
+  entries are keyword arguments. This is detected when the model is known (``from_user(...,
+  model=model)``, as every check does): the model is a ``transformers.PreTrainedModel`` (found
+  in its class hierarchy, transformers is not imported), or every key of the dict names a
+  parameter of ``model.forward``, or ``forward`` takes only ``**kwargs``. ``labels`` then stays
+  among the keyword inputs (the model computes its own ``.loss``) and is also the target.
+* ``Batch(args=..., kwargs=..., target=...)`` for anything else, and to decide explicitly how a
+  dict is passed: ``Batch(kwargs=batch_dict, target_key="labels")`` calls
+  ``model(**batch_dict)`` with ``batch_dict["labels"]`` as the target, ``Batch(args=(batch_dict,),
+  target_key="labels")`` calls ``model(batch_dict)``
 * a callable ``make_batch(batch_size)`` returning any of the above: checks that need other
   batch sizes call it; otherwise tensors whose first dimension equals the batch size are tiled or
   sliced (ragged/packed batches, such as pulses packed across events, need the factory).
@@ -95,21 +104,81 @@ class Batch:
     target_key: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.args, list):
+            self.args = tuple(self.args)
+        if not isinstance(self.args, tuple):
+            raise UsageError(f"Batch(args={type(self.args).__name__}): expected a tuple of"
+                             " positional model inputs")
+        if not isinstance(self.kwargs, dict):
+            raise UsageError(f"Batch(kwargs={type(self.kwargs).__name__}): expected a dict of"
+                             " keyword model inputs")
+        inputs = self._input_dict()
+        if self.target_key is not None and self.target is None:
+            if inputs is None or self.target_key not in inputs:
+                held = sorted(map(str, inputs)) if inputs is not None else []
+                raise UsageError(f"Batch(target_key={self.target_key!r}): no input named"
+                                 f" {self.target_key!r}; expected one of the keyword (or dict)"
+                                 f" inputs {held}")
+            self.target = inputs[self.target_key]
+        elif self.target_key is None and self.target is not None and inputs is not None:
+            # a target given as the very tensor of one of the inputs (labels=y, target=y) stays
+            # that tensor through clone/to/resized
+            self.target_key = next((k for k, v in inputs.items() if v is self.target), None)
         if not self.has_target and self.target is not None:
             self.has_target = True
 
+    def _input_dict(self) -> Optional[dict]:
+        """The dict that holds named inputs: the keyword inputs, else a dict positional input."""
+        if self.kwargs:
+            return self.kwargs
+        if self.args and isinstance(self.args[0], dict):
+            return self.args[0]
+        return None
+
+    @property
+    def target_path(self) -> Optional[str]:
+        """Path (as in ``input_tensors``) of the input that is also the target, if one is.
+
+        >>> import torch
+        >>> Batch(kwargs={"input_ids": torch.ones(2, 3), "labels": torch.ones(2, 3)},
+        ...       target_key="labels").target_path
+        "input['labels']"
+        """
+        if self.target_key is None:
+            return None
+        if self.target_key in self.kwargs:
+            return f"input[{self.target_key!r}]"
+        return f"input[0][{self.target_key!r}]"
+
     # construction -------------------------------------------------------------------------
     @classmethod
-    def from_user(cls, batch: Any, *, name: str = "batch") -> "Batch":
-        """Normalize whatever the user's ``batch`` fixture returned (see the module doc)."""
+    def from_user(cls, batch: Any, *, name: str = "batch", model: Any = None,
+                  keywords: Optional[bool] = None) -> "Batch":
+        """Normalize whatever the user's ``batch`` fixture returned (see the module doc).
+
+        ``model`` decides how a dict is passed: as keywords, ``model(**batch)``, when
+        ``keywords_call(model, batch)`` says so, else as one argument. ``keywords=True/False``
+        forces one way (``resized`` uses it to rebuild a factory's batch the same way).
+
+        >>> import torch
+        >>> class LM(torch.nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None, labels=None):
+        ...         return input_ids.float()
+        >>> ids = torch.ones(2, 5, dtype=torch.long)
+        >>> b = Batch.from_user({"input_ids": ids, "labels": ids}, model=LM())
+        >>> sorted(b.kwargs), b.target_key, b.batch_size
+        (['input_ids', 'labels'], 'labels', 2)
+        """
         if isinstance(batch, Batch):
             return batch
         if _is_tensor(batch):
             return cls(args=(batch,))
         if isinstance(batch, dict):
             key = next((k for k in TARGET_KEYS if k in batch), None)
-            return cls(args=(batch,), target=batch[key] if key else None,
-                       has_target=key is not None, target_key=key)
+            spread = keywords if keywords is not None else keywords_call(model, batch)
+            return cls(args=() if spread else (batch,), kwargs=dict(batch) if spread else {},
+                       target=batch[key] if key else None, has_target=key is not None,
+                       target_key=key)
         if isinstance(batch, (tuple, list)):
             if len(batch) != 2:
                 raise UsageError(
@@ -117,6 +186,9 @@ class Batch:
                     f" of length {len(batch)}; wrap several inputs as ((a, b, c), target) or use"
                     " pytest_modelcheck.Batch(args=..., kwargs=..., target=...)")
             inputs, target = batch
+            if isinstance(inputs, dict) and (
+                    keywords if keywords is not None else keywords_call(model, inputs)):
+                return cls(kwargs=dict(inputs), target=target, has_target=target is not None)
             if isinstance(inputs, (tuple, list)):
                 args = tuple(inputs)
             else:
@@ -126,7 +198,7 @@ class Batch:
             example = batch(FACTORY_EXAMPLE_SIZE)
             if callable(example) and not _is_tensor(example):
                 raise UsageError(f"{name}: the batch factory returned a callable; it must return a batch")
-            made = cls.from_user(example, name=name)
+            made = cls.from_user(example, name=name, model=model, keywords=keywords)
             made.factory = batch
             return made
         raise UsageError(
@@ -158,9 +230,12 @@ class Batch:
     def map(self, fn: Callable) -> "Batch":
         """A new Batch with ``fn`` applied to every tensor (inputs and target)."""
         args, kwargs = map_structure(fn, (self.args, self.kwargs))
-        target = map_structure(fn, self.target)
-        if self.target_key is not None and args and isinstance(args[0], dict):
-            target = args[0][self.target_key]   # the mapped one, the same object as the input
+        if self.target_key is not None and self.target_key in kwargs:
+            target = kwargs[self.target_key]    # the mapped one, the same object as the input
+        elif self.target_key is not None and args and isinstance(args[0], dict):
+            target = args[0][self.target_key]
+        else:
+            target = map_structure(fn, self.target)
         return Batch(args=args, kwargs=kwargs, target=target, has_target=self.has_target,
                      factory=self.factory, target_key=self.target_key)
 
@@ -180,7 +255,8 @@ class Batch:
         if n < 1:
             raise UsageError(f"batch size must be >= 1, got {n}")
         if self.factory is not None:
-            made = Batch.from_user(self.factory(n))
+            # a dict the model takes as keywords is taken so again
+            made = Batch.from_user(self.factory(n), keywords=bool(self.kwargs and not self.args))
             made.factory = self.factory
             here = next((t.device for _, t in iter_tensors((self.args, self.kwargs, self.target))),
                         None)
@@ -229,6 +305,54 @@ class Batch:
             parts += [f"{p}: {tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
                       for p, t in iter_tensors(self.target, "target")]
         return ", ".join(parts)
+
+
+def keywords_call(model: Any, inputs: dict) -> bool:
+    """Whether ``model`` takes the dict ``inputs`` as keyword arguments, ``model(**inputs)``.
+
+    True for a Hugging Face ``PreTrainedModel`` (found by the module names of its class
+    hierarchy; transformers is not imported), for a ``forward`` whose named parameters include
+    every key of ``inputs``, and for a ``forward`` that takes only ``**kwargs``; False for a
+    ``forward(batch)`` that takes the dict as one argument, and when the model is unknown.
+
+    >>> import torch
+    >>> class Net(torch.nn.Module):
+    ...     def forward(self, input_ids, attention_mask=None):
+    ...         return input_ids.float()
+    >>> class Collated(torch.nn.Module):
+    ...     def forward(self, batch):
+    ...         return batch["x"]
+    >>> keywords_call(Net(), {"input_ids": 0, "attention_mask": 1}), keywords_call(Collated(), {"x": 0})
+    (True, False)
+    """
+    import inspect
+
+    if model is None or not isinstance(inputs, dict) or not inputs:
+        return False
+    if is_hf_pretrained(model):
+        return True
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (AttributeError, TypeError, ValueError):
+        return False
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                                  p.VAR_POSITIONAL)]
+    if not positional and any(p.kind is p.VAR_KEYWORD for p in params):
+        return True  # forward(**kwargs): a positional dict cannot be passed
+    return all(isinstance(k, str) and k in named for k in inputs)
+
+
+def is_hf_pretrained(model: Any) -> bool:
+    """Whether ``model`` is a Hugging Face ``transformers.PreTrainedModel`` (without importing
+    transformers: the class hierarchy's module names say it).
+
+    >>> import torch
+    >>> is_hf_pretrained(torch.nn.Linear(2, 2))
+    False
+    """
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.split(".")[0] == "transformers"
+               for c in type(model).__mro__)
 
 
 def check_allocation(nbytes: int, what: str) -> None:

@@ -11,7 +11,9 @@ A spec is a dict mapping a selector to what must hold for that tensor. Selectors
      "classes": [0, 1, 2], "min_classes": 2, "max_class_fraction": 0.8,  # integer labels
      "finite": True}
 
-The top-level key ``"constant_channels": False`` turns the spec-free constant-channel check off.
+The top-level key ``"constant_channels": False`` turns the spec-free constant-channel check off,
+``"label_shift": False`` the check that a language model's target is not its token input
+unshifted (``label_shift_problems``, run by ``data_sane``).
 Nothing here imports pytest.
 """
 from __future__ import annotations
@@ -27,12 +29,15 @@ from .shapes import match_shape, validate_spec
 
 FIELD_KEYS = ("shape", "dtype", "range", "mean", "std", "tol", "features", "feature_names",
               "feature_dim", "classes", "min_classes", "max_class_fraction", "finite")
-TOP_KEYS = ("constant_channels",)
+TOP_KEYS = ("constant_channels", "label_shift")
 #: The constant-channel check needs at least this many samples (fewer agree by chance too often).
 MIN_SAMPLES_FOR_CONSTANT = 4
 #: ... and, for a (B, N) input (features or a mask, one value per sample), this many: a rare
 #: binary feature or an all-ones mask is constant over a small batch by chance.
 MIN_SAMPLES_FOR_CONSTANT_FEATURE = 32
+#: The label-shift check compares at least this many (non-ignored) tokens: fewer agree by chance.
+MIN_TOKENS_FOR_SHIFT = 8
+IGNORE_INDEX = -100
 
 
 def _pair(name: str, value: Any) -> tuple:
@@ -278,7 +283,7 @@ def _constant_channels(batch: Batch) -> list:
     if size < MIN_SAMPLES_FOR_CONSTANT:
         return problems
     masks = _padding_masks(batch)
-    skip = f"input[0][{batch.target_key!r}]" if batch.target_key else None
+    skip = batch.target_path
     for path, t in batch.input_tensors():
         if not t.is_floating_point() or t.dim() < 2 or t.shape[0] != size or path == skip or any(
                 t is m for m, _, _ in masks):
@@ -297,6 +302,63 @@ def _constant_channels(batch: Batch) -> list:
                              f"the constant {_fmt(float(flat[c, 0]))} (a dead sensor, a fill value"
                              " or a broken normalization; if intended, pass"
                              " spec={'constant_channels': False})"))
+    return problems
+
+
+def _token_tensor(t: Any) -> bool:
+    import torch
+
+    return isinstance(t, torch.Tensor) and not t.is_floating_point() and not t.is_complex() \
+        and t.dtype != torch.bool
+
+
+def label_shift_problems(batch: Batch) -> list:
+    """A ``(B, T)`` integer target that equals a token input of the same shape, or lags it by one
+    (``target[:, t] == input[:, t]`` or ``input[:, t-1]`` at every compared position): a language
+    model trained without the label shift learns to copy, not to predict the next token. The
+    correct shift (``target[:, t] == input[:, t+1]``) passes; ``-100`` targets are ignored; float
+    inputs (an autoencoder reconstructing its input) are not compared. ``data_sane`` skips this
+    when the model computes its own loss from ``labels`` (Hugging Face causal LMs shift inside).
+
+    >>> import torch
+    >>> ids = torch.arange(24).reshape(2, 12) % 7
+    >>> len(label_shift_problems(Batch.from_user((ids, ids.clone()))))
+    1
+    >>> label_shift_problems(Batch.from_user((ids[:, :-1], ids[:, 1:])))
+    []
+    """
+    import torch
+
+    target = batch.target
+    if not _token_tensor(target) or target.dim() != 2 or target.shape[1] < 2:
+        return []
+    tgt = target.detach()
+    keep = tgt != IGNORE_INDEX
+
+    def agree(a: Any, b: Any, m: Any) -> Optional[int]:
+        n = int(m.sum())
+        return n if n >= MIN_TOKENS_FOR_SHIFT and bool((a == b)[m].all()) else None
+
+    problems = []
+    for path, x in batch.input_tensors():
+        if path == batch.target_path or not _token_tensor(x) \
+                or x.shape != tgt.shape:
+            continue
+        x = x.detach().to(tgt.device)
+        if agree(tgt[:, :-1], x[:, 1:], keep[:, :-1]) is not None:
+            continue  # shifted correctly (or a constant sequence: nothing to tell)
+        same = agree(tgt, x, keep)
+        lag = None if same is not None else agree(tgt[:, 1:], x[:, :-1], keep[:, 1:])
+        if same is None and lag is None:
+            continue
+        how = (f"target[:, t] == {path}[:, t] at all {same} positions (the model is taught to"
+               " copy the token it is given)" if same is not None else
+               f"target[:, t] == {path}[:, t-1] at all {lag} positions (shifted the wrong way:"
+               " the model is taught the previous token)")
+        problems.append((f"a target that is the next token of {path} (target[:, t] =="
+                         f" {path}[:, t+1]: labels shifted left by one)",
+                         how + "; if the model should copy its input, pass"
+                         " spec={'label_shift': False}"))
     return problems
 
 
@@ -338,7 +400,7 @@ def sample_hashes(batch: Batch) -> list:
     True
     """
     size = batch.batch_size
-    skip = f"input[0][{batch.target_key!r}]" if batch.target_key else None
+    skip = batch.target_path
     parts = [t.detach().cpu().contiguous() for p, t in batch.input_tensors()
              if size and t.dim() > 0 and t.shape[0] == size and p != skip]
     if not parts:

@@ -202,3 +202,68 @@ def test_example_models_pass_by_default(name):
     batch = mod.make_batch if name == "icecube_deepsets" else mod.make_batch(4)
     r = data_sane(model=mod.build_model(), batch=batch)
     assert r.passed is True, r.headline
+
+
+# -- the label shift of language models ----------------------------------------------------------
+class _TokenLM(torch.nn.Module):
+    """(B, T) token ids -> (B, T, V) logits; with ``labels`` it computes its own loss, shifting
+    inside as Hugging Face causal LMs do (so labels == input_ids is right for it)."""
+
+    def __init__(self, vocab=11, own_loss=False):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+        self.own_loss = own_loss
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.emb(input_ids))
+        if labels is None or not self.own_loss:
+            return logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return {"loss": loss, "logits": logits}
+
+
+def _ids():
+    return torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_language_model_batch_without_the_label_shift_fails():
+    ids = _ids()
+    r = data_sane(model=_TokenLM(), batch=(ids, ids.clone()))
+    assert r.passed is False
+    assert r.headline.startswith("expected a target that is the next token of input[0]")
+    assert "target[:, t] == input[0][:, t] at all 36 positions" in r.headline  # 4 x 9 tokens
+
+
+def test_a_target_lagging_its_input_fails():
+    ids = _ids()
+    r = data_sane(model=_TokenLM(), batch=(ids[:, 1:], ids[:, :-1]))  # shifted the wrong way
+    assert r.passed is False and "input[0][:, t-1] at all 28 positions" in r.headline  # 4 x 7
+
+
+def test_the_shifted_language_model_batch_passes():
+    ids = _ids()
+    r = data_sane(model=_TokenLM(), batch=(ids[:, :-1], ids[:, 1:]))
+    assert r.passed is True, r.headline
+
+
+def test_ignored_positions_and_the_opt_out():
+    ids = _ids()
+    target = ids.clone()
+    target[:, :2] = -100  # padding ignored: the rest still copies the input
+    assert data_sane(model=_TokenLM(), batch=(ids, target)).passed is False
+    assert data_sane({"label_shift": False}, model=_TokenLM(), batch=(ids, target)).passed is True
+
+
+def test_labels_equal_to_input_ids_pass_when_the_model_computes_its_own_loss():
+    ids = _ids()
+    batch = {"input_ids": ids, "labels": ids.clone()}
+    assert data_sane(model=_TokenLM(own_loss=True), batch=batch).passed is True
+    # the same batch for a model that does not shift (no loss of its own) is the bug
+    r = data_sane(model=_TokenLM(own_loss=False), batch=batch)
+    assert r.passed is False and "input['input_ids'][:, t]" in r.headline
+
+
+def test_float_inputs_reconstructed_by_an_autoencoder_pass():
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    assert data_sane(model=torch.nn.Linear(6, 6), batch=(x, x.clone())).passed is True
