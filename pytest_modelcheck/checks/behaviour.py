@@ -271,6 +271,79 @@ def _unchanged_mask(before: Any, after: Any) -> Any:
     return (a == b).flatten()
 
 
+# extra steps given, on the copy, to parameters still unchanged: each zero-initialised part in
+# series (a zero head, a zero-init residual BatchNorm, a LoRA B matrix, a diffusion zero-conv)
+# holds everything upstream at exactly zero gradient for one step
+_GATE_STEPS = 3
+# aten ops that read rows of a tensor picked by the input (lookups): rows the batch never picks
+# keep a zero gradient; they are unused at this input size, not broken
+_LOOKUP_OPS = frozenset({"embedding", "embedding_bag", "_embedding_bag",
+                         "_embedding_bag_forward_only", "index", "_unsafe_index", "index_select",
+                         "gather", "take"})
+
+
+def _torch_layer(mod: Any) -> bool:
+    """Whether a module runs torch's own ``forward`` (``nn.Conv3d``, and subclasses that keep it
+    such as torchvision's ``Conv3DSimple``): conv taps on padding and dead ReLU rows may stay."""
+    import torch
+
+    fwd = getattr(type(mod), "forward", None)
+    return (fwd is not None and fwd is not torch.nn.Module.forward
+            and str(getattr(fwd, "__module__", "")).startswith("torch."))
+
+
+def _lookup_reads(work: Any, data: Any, names: set) -> dict:
+    """``{parameter name: how one forward reads it}`` for the parameters in ``names`` that are read
+    through a lookup (``aten.embedding``/``index``/``index_select``/``gather`` on the parameter) or
+    sliced from 0 to the length of an input dimension (a positional table cut to the sequence);
+    a slice to any other length (Fourier modes) or a matmul is not a lookup."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ..core.batch import iter_tensors
+    from ..core.forward import run_forward
+
+    storages: dict = {}
+    for n, p in work.named_parameters(remove_duplicate=False):
+        if n in names and p.numel():
+            storages.setdefault(p.untyped_storage().data_ptr(), []).append(n)
+    lengths = {int(s) for _, t in iter_tensors((data.args, data.kwargs)) for s in t.shape[1:]
+               if int(s) > 1}
+    found: dict = {}
+
+    def owner(t: Any) -> list:
+        try:
+            return storages.get(t.untyped_storage().data_ptr(), [])
+        except (RuntimeError, NotImplementedError, AttributeError):
+            return []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (),
+                               kwargs: Any = None) -> Any:
+            out = func(*args, **(kwargs or {}))
+            op = func.overloadpacket.__name__
+            src = args[0] if args else None
+            if isinstance(src, torch.Tensor) and (op in _LOOKUP_OPS or op == "slice"):
+                for n in owner(src):
+                    if op in _LOOKUP_OPS:
+                        found[n] = f"read by aten.{op}"
+                        continue
+                    a = {**dict(zip(("dim", "start", "end", "step"), args[1:])), **(kwargs or {})}
+                    dim, start, step = a.get("dim", 0), a.get("start"), a.get("step", 1)
+                    d = dim % max(src.dim(), 1)
+                    if (start in (None, 0) and step == 1 and isinstance(out, torch.Tensor)
+                            and out.shape[d] < src.shape[d] and int(out.shape[d]) in lengths):
+                        found.setdefault(n, f"sliced to the input's length {int(out.shape[d])}")
+            return out
+
+    try:
+        with torch.no_grad(), Reads():
+            run_forward(work, data)
+    except Exception:  # noqa: BLE001 - no lookup seen: the elements are judged as before
+        return {}
+    return found
+
+
 @check(default=True, validate=_validate_learn)
 def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: Any = "adam",
                  min_fraction: Any = 0.1, *, model: Any, batch: Any, loss: Any = None,
@@ -278,12 +351,18 @@ def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: An
     """One optimizer step moves every trainable parameter and leaves frozen ones alone.
 
     On a copy in train mode, ``steps`` steps of ``optimizer`` at ``lr``. Every parameter that
-    requires grad and is not listed in ``frozen`` (names or glob patterns) must change; in a
-    parameter of a user-defined module (not a ``torch.nn`` layer, whose conv taps on padding or
-    dead ReLU rows may legitimately stay still) less than ``min_fraction`` of the elements may
-    stay bitwise unchanged (weights a slicing bug never reaches, such as Fourier modes).
-    Parameters with ``requires_grad=False`` or listed in ``frozen`` must not change, nor the
-    buffers (BatchNorm running statistics) whose names match ``frozen``.
+    requires grad and is not listed in ``frozen`` (names or glob patterns) must change, and must
+    have had a nonzero gradient. Zero-initialised parts (a ViT head, zero-init residual
+    BatchNorms, ReZero, LoRA's B matrix) hold what is upstream of them at exactly zero gradient
+    for a step: parameters still unchanged get up to 3 more steps on the copy, and only those
+    that never move fail. In a parameter of a module whose ``forward`` is not torch's own (conv
+    taps on padding and dead ReLU rows of ``torch.nn`` layers may legitimately stay still) less
+    than ``min_fraction`` of the elements may stay bitwise unchanged (weights a slicing bug never
+    reaches, such as Fourier modes); rows read through a lookup (embedding, index, gather: a
+    relative-position table, a positional table longer than the sequence) are reported as
+    unused at this input size instead. Parameters with ``requires_grad=False`` or listed in
+    ``frozen`` must not change, nor the buffers (BatchNorm running statistics) whose names match
+    ``frozen``.
 
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -308,15 +387,20 @@ def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: An
     b_before = {n: b.detach().clone() for n, b in buffers.items() if _matches(n, frozen)}
     # elements of torch.nn layers may legitimately stay still (conv taps that only see padding,
     # rows of ReLU units dead on this batch, embedding rows not in the batch, biases cancelled by
-    # a following normalization): only parameters of user-defined modules get the element test
+    # a following normalization): only parameters of modules with their own forward get the
+    # element test (a subclass such as torchvision's Conv3DSimple keeps nn.Conv3d's forward)
     custom = {f"{name}.{pn}" if name else pn for name, mod in work.named_modules()
-              if not type(mod).__module__.startswith("torch.")
-              for pn, _ in mod.named_parameters(recurse=False)}
+              if not _torch_layer(mod) for pn, _ in mod.named_parameters(recurse=False)}
+    trained = [n for n, p in params.items() if p.requires_grad and not _matches(n, frozen)]
+    order = {n: i for i, n in enumerate(params)}
     opt = make_optimizer(optimizer, work.parameters(), lr)
     lossfn = None
     grad_state: dict = {}
+    first_grad: dict = {}
     torch.manual_seed(0)
-    for _ in range(steps):
+
+    def step(k: int) -> None:
+        nonlocal lossfn
         opt.zero_grad(set_to_none=True)
         out = run_forward(work, data)
         if lossfn is None:
@@ -330,38 +414,76 @@ def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: An
                     "zero" if not bool(p.grad.detach().ne(0).any()) else "nonzero")
                 if grad_state.get(n) != "nonzero":
                     grad_state[n] = seen
+                    if seen == "nonzero":
+                        first_grad[n] = k
         opt.step()
 
-    moved_frozen, dead, partial = [], [], []
+    def judge() -> tuple:
+        """(dead, partial): trainable tensors unchanged or never given a nonzero gradient, and
+        parameters of user modules with >= min_fraction of their elements unchanged."""
+        dead, partial = [], []
+        for n in trained:
+            unchanged = _unchanged_mask(p_before[n], params[n])
+            still, size = int(unchanged.sum()), max(int(unchanged.numel()), 1)
+            if still == unchanged.numel() or grad_state.get(n, "none") != "nonzero":
+                dead.append((n, grad_state.get(n, "none")))
+            elif n in custom and still / size >= min_fraction and n not in unused:
+                partial.append((n, still, size))
+        return sorted(dead, key=lambda d: order[d[0]]), sorted(partial, key=lambda d: order[d[0]])
+
+    for k in range(steps):
+        step(k + 1)
+    changed_buffers = [n for n, b in b_before.items()
+                       if not bool(_unchanged_mask(b, buffers[n]).all())]
+    unused: dict = {}
+    dead, partial = judge()
+    if partial:
+        # rows the batch never looks up are unused at this input size; slices and matmuls are not
+        unused = _lookup_reads(work, data, {n for n, _, _ in partial})
+        info = {n: (st, sz) for n, st, sz in partial if n in unused}
+        dead, partial = judge()
+    else:
+        info = {}
+    extra = 0
+    first_dead = {n for n, _ in dead} | {n for n, _, _ in partial}
+    while (dead or partial) and extra < _GATE_STEPS:
+        extra += 1
+        step(steps + extra)
+        dead, partial = judge()
+    left = {n for n, _ in dead} | {n for n, _, _ in partial}
+    late = sorted(first_dead - left, key=order.__getitem__)
+
+    moved_frozen = []
     for n, p in params.items():
-        unchanged = _unchanged_mask(p_before[n], p)
-        still = int(unchanged.sum())
-        size = max(int(unchanged.numel()), 1)
-        declared = (not p.requires_grad) or _matches(n, frozen)
-        if declared:
+        if (not p.requires_grad) or _matches(n, frozen):
+            unchanged = _unchanged_mask(p_before[n], p)
+            still, size = int(unchanged.sum()), max(int(unchanged.numel()), 1)
             if still < unchanged.numel():
                 moved_frozen.append((n, p.requires_grad, unchanged.numel() - still, size))
-        elif still == unchanged.numel():
-            dead.append((n, grad_state.get(n, "none")))
-        elif n in custom and still / size >= min_fraction:
-            partial.append((n, still, size))
-    changed_buffers = [n for n, b in b_before.items() if not bool(_unchanged_mask(b, buffers[n]).all())]
 
     s = "step" if steps == 1 else "steps"
-    trainable = sum(1 for n, p in params.items() if p.requires_grad and not _matches(n, frozen))
+    ran = f"{steps} {s}" + (f" (and {extra} more for zero-initialised parts to open)"
+                            if extra else "")
+    span = f"within {steps + extra} steps" if extra else f"after {steps} {s}"
+    trainable = len(trained)
     metrics = {"steps": steps, "optimizer": getattr(optimizer, "__name__", optimizer), "lr": lr,
                "trainable": trainable, "frozen": len(params) - trainable, "unchanged": len(dead),
                "partially_unchanged": len(partial), "frozen_moved": len(moved_frozen),
-               "frozen_buffers_changed": len(changed_buffers),
+               "frozen_buffers_changed": len(changed_buffers), "gate_steps": extra,
+               "reached_late": len(late), "unused_at_input_size": len(info),
                "loss_fn": lossfn.name if lossfn else None}
     details = []
     if dead:
-        details.append("trainable parameters that did not change:")
+        details.append(f"trainable parameters that did not change in {steps} {s} nor in {extra}"
+                       " more given for zero-initialised parts to open:" if extra else
+                       "trainable parameters that did not change:")
         why = {"none": "no gradient (not reached by the loss)",
-               "zero": "gradient exactly zero (dead branch, detach, masked out)"}
+               "zero": "gradient exactly zero (dead branch, detach, masked out)",
+               "nonzero": "gradient too small to change it at this lr"}
         details += [f"  {n:40} {why.get(g, g)}  ({_owner(work, n)})" for n, g in dead[:20]]
     if partial:
-        details.append(f"trainable parameters with >= {min_fraction:.0%} of elements unchanged:")
+        details.append(f"trainable parameters with >= {min_fraction:.0%} of elements unchanged"
+                       f" after {ran} (not read through a lookup):")
         details += [f"  {n:40} {st}/{sz} elements ({st / sz:.0%}) unchanged  ({_owner(work, n)})"
                     for n, st, sz in partial[:20]]
     if moved_frozen:
@@ -372,14 +494,32 @@ def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: An
         details.append("buffers of frozen modules that changed (train mode updates BatchNorm"
                        " running statistics: keep frozen modules in eval, e.g. override train()):")
         details += [f"  {n}  ({_owner(work, n)})" for n in changed_buffers[:20]]
+    if late:
+        # the gates: zero-initialised tensors that moved in the first step
+        zero_init = [n for n in trained if first_grad.get(n) == 1 and p_before[n].numel()
+                     and not bool(p_before[n].ne(0).any())]
+        gates = (f" (zero-initialised: {', '.join(zero_init[:3])}{_more(zero_init[2:])})"
+                 if zero_init else "")
+        details.append(f"information: {len(late)} tensors stayed unchanged after {steps} {s}"
+                       f" and moved once zero-initialised parts had a step to open{gates};"
+                       " healthy:")
+        details += [f"  {n:40} first nonzero gradient in step {first_grad.get(n, '?')}"
+                    f"  ({_owner(work, n)})" for n in late[:10]]
+        if len(late) > 10:
+            details.append(f"  ... and {len(late) - 10} more")
+    if info:
+        details.append("information: rows never looked up by this batch, unused at this input"
+                       " size (not a bug):")
+        details += [f"  {n:40} {st}/{sz} elements ({st / sz:.0%}) unchanged, {unused[n]}"
+                    f"  ({_owner(work, n)})" for n, (st, sz) in list(info.items())[:20]]
 
     if moved_frozen:
         n, rg, c, sz = moved_frozen[0]
         reason = (" (it requires grad: call requires_grad_(False) on it)" if rg else
                   " (requires_grad is False, yet the step changed it)")
         return CheckResult("params_learn", False,
-                           f"expected frozen parameter '{n}' ({_owner(work, n)}) unchanged after"
-                           f" {steps} {s}, observed {c}/{sz} elements changed{reason}"
+                           f"expected frozen parameter '{n}' ({_owner(work, n)}) unchanged"
+                           f" {span}, observed {c}/{sz} elements changed{reason}"
                            f"{_more(moved_frozen)}", "\n".join(details), metrics)
     if changed_buffers:
         n = changed_buffers[0]
@@ -389,21 +529,21 @@ def params_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer: An
                            "\n".join(details), metrics)
     if dead:
         n, g = dead[0]
-        how = {"none": "no gradient", "zero": "zero gradient"}.get(g, g)
+        how = {"none": "no gradient", "zero": "zero gradient", "nonzero": "tiny gradient"}.get(g, g)
         return CheckResult("params_learn", False,
-                           f"expected every trainable parameter to change after {steps} {s},"
+                           f"expected every trainable parameter to change {span},"
                            f" observed '{n}' ({_owner(work, n)}) unchanged ({how})"
                            f"{_more(dead)}", "\n".join(details), metrics)
     if partial:
         n, st, sz = partial[0]
         return CheckResult("params_learn", False,
-                           f"expected every element of every trainable parameter to change after"
-                           f" {steps} {s}, observed {st / sz:.0%} of '{n}' ({_owner(work, n)})"
+                           f"expected every element of every trainable parameter to change"
+                           f" {span}, observed {st / sz:.0%} of '{n}' ({_owner(work, n)})"
                            f" unchanged ({st}/{sz} elements){_more(partial)}",
                            "\n".join(details), metrics)
     return CheckResult("params_learn", True,
                        f"expected all {trainable} trainable tensors to change and frozen ones to"
-                       f" stay, observed that after {steps} {s}", "\n".join(details), metrics)
+                       f" stay, observed that after {ran}", "\n".join(details), metrics)
 
 
 # --------------------------------------------------------------------------------------------
