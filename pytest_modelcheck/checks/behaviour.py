@@ -155,6 +155,136 @@ def _first_mixing_module(work: Any, data: Any, inputs_of: Any, i: int, atol: flo
     return ""
 
 
+def _batched_values(out: Any, n: int) -> list:
+    """Floating output tensors with a leading batch dimension of ``n`` (no grad needed)."""
+    from ..core.batch import iter_tensors
+
+    return [(p, t.detach()) for p, t in iter_tensors(out, "output")
+            if t.dim() > 0 and t.shape[0] == n and (t.is_floating_point() or t.is_complex())]
+
+
+def _perturb_samples(data: Any, rows: list, tokens: list, seed: int, floats: bool = True) -> Any:
+    """``data`` with the inputs of the samples in ``rows`` changed: floating inputs with a batch
+    dimension get noise of their own spread, token ids other ids of the vocabulary, attention
+    masks another number of attended tokens (at least one); targets are left alone."""
+    import torch
+
+    from ..core.tokens import is_target_path, perturb_rows
+    from .stability import _replace
+
+    gen = torch.Generator().manual_seed(seed)
+    n = data.batch_size
+    new = {}
+    if floats:
+        for i, (path, t) in enumerate(data.input_tensors()):
+            if t.is_floating_point() and t.dim() > 0 and t.shape[0] == n \
+                    and not is_target_path(path):
+                spread = float(t.detach().double().std()) if t.numel() > 1 else 0.0
+                spread = spread if spread > 0 and spread == spread else 1.0
+                noise = torch.randn((len(rows),) + tuple(t.shape[1:]), generator=gen,
+                                    dtype=torch.float64) * spread
+                x = t.detach().clone()
+                idx = torch.tensor(rows, dtype=torch.long, device=t.device)
+                x[idx] = (x[idx].double() + noise.to(t.device)).to(t.dtype)
+                new[i] = x
+    tensors = data.input_tensors()
+    for spec in tokens:
+        new[spec.index] = perturb_rows(spec, tensors[spec.index][1], rows, gen)
+    return _replace(data, new)
+
+
+def _run_seeded(work: Any, data: Any) -> Any:
+    import torch
+
+    from ..core.forward import run_forward
+
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)
+        return run_forward(work, data)
+
+
+def _row_change(a: list, b: list, i: int) -> float:
+    """Largest change of sample i's outputs between two runs (NaN-aware: NaN vs NaN is none)."""
+    import torch
+
+    worst = 0.0
+    for (_, x), (_, y) in zip(a, b):
+        x, y = x[i], y[i]
+        if x.is_complex():
+            x, y = torch.view_as_real(x), torch.view_as_real(y)
+        d = (x.double() - y.double()).abs()
+        d = torch.where(torch.isnan(x) & torch.isnan(y), torch.zeros_like(d), d)
+        d = torch.nan_to_num(d, nan=float("inf"))
+        if d.numel():
+            worst = max(worst, float(d.max()))
+    return worst
+
+
+def _token_cross_change(work: Any, data: Any, tokens: list, n: int, atol: float) -> tuple:
+    """Perturbation test for token inputs: ``(outputs, found)`` where ``found`` is ``(sample i,
+    other sample j, change of i's output when the others' tokens change, change when its own
+    do)`` for the first sample whose output moves with the others' tokens, or None."""
+    base = _batched_values(_run_seeded(work, data), n)
+    if not base:
+        return base, None
+    for i in (0, n - 1):
+        others = [j for j in range(n) if j != i]
+        cross = _row_change(base, _batched_values(
+            _run_seeded(work, _perturb_samples(data, others, tokens, 17 + i, floats=False)), n), i)
+        if cross == 0.0:
+            continue
+        own = _row_change(base, _batched_values(
+            _run_seeded(work, _perturb_samples(data, [i], tokens, 31 + i, floats=False)), n), i)
+        if cross <= atol * own:
+            continue
+        j, worst = others[0], -1.0
+        for other in others:  # the single other sample that moves sample i the most
+            change = _row_change(base, _batched_values(_run_seeded(
+                work, _perturb_samples(data, [other], tokens, 47 + other, floats=False)), n), i)
+            if change > worst:
+                j, worst = other, change
+        return base, (i, j, cross, own)
+    return base, None
+
+
+def _mixing_origin(model: Any, data: Any, n: int, mode: str, device: Any, tokens: list) -> Any:
+    """The first op (module, user source line) where samples mix, or None (see core/mixing)."""
+    from ..core.batch import copy_model
+    from ..core.errors import ModelError
+    from ..core.mixing import locate_mixing
+
+    # Token ids alone where there are some: changing a mask can change which ops run (a mask
+    # of all ones is dropped by some libraries), and the comparison needs the same ops.
+    ids = [t for t in tokens if t.kind == "ids"] or tokens
+    work = copy_model(model).to(device)
+    work.train(mode == "train")
+    try:
+        return locate_mixing(work, data, lambda d, k: _perturb_samples(d, [k], ids, 101 + k), n)
+    except (ModelError, RuntimeError):
+        return None
+
+
+def _mixing_place(origin: Any, module: str, model: Any, metrics: dict, details: list) -> str:
+    """The headline's "; first mixing in module ..." part, with the op and source line."""
+    if origin is not None:
+        metrics.update({"module": origin.module, "op": origin.op, "source": origin.source})
+        at = f" at {origin.source}" if origin.source else ""
+        details.append(f"first op whose output mixes samples: {origin.op} in module"
+                       f" '{origin.module}' ({origin.module_type}){at}: {origin.reason}")
+        return (f"; first mixing in module '{origin.module}' ({origin.module_type}) by"
+                f" {origin.op}{at}")
+    if module:
+        metrics["module"] = module
+        details.append(f"first module whose output mixes samples: {_kind(model, module)}")
+        return f"; first mixing in module '{module}' ({_kind(model, module).split(' ')[0]})"
+    return ""
+
+
+_REMEDY_MIXING = ("remedy: look for a view/reshape that moves the batch dimension, a reduction"
+                  " over dim 0, BatchNorm without running statistics in eval"
+                  " (track_running_stats=False), or attention whose sequence axis is the batch")
+
+
 @check(default=True, validate=_validate_independent)
 def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch: Any,
                       loss: Any = None, device: Any = None) -> CheckResult:
@@ -165,8 +295,14 @@ def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch
     and of the last sample are summed (with fixed random weights) and differentiated. A gradient
     reaching another sample's input, larger than ``atol`` times the sample's own largest
     gradient, fails: a reshape that mixes samples, BatchNorm using batch statistics in eval,
-    attention or a mean across dim 0. Batches of fewer than 3 samples are tiled to 3. Packed or
-    ragged batches (a floating input whose first dimension is not the batch size) are skipped.
+    attention or a mean across dim 0. Token inputs (integer ids looked up in an embedding, 0/1
+    attention masks; see ``core/tokens.py``) have no gradient: the other samples' ids are
+    changed to other ids of the vocabulary and their masks to other legal masks, and a change of
+    the sample's output larger than ``atol`` times the change its own new tokens cause fails.
+    A failure names the first op whose output mixes samples, its module (``<root>`` for the
+    model's own forward code) and the user's source line. Batches of fewer than 3 samples are
+    tiled to 3. Packed or ragged batches (a floating input whose first dimension is not the
+    batch size) are skipped.
 
     >>> import torch
     >>> batch_independent(model=torch.nn.Linear(4, 2), batch=torch.randn(3, 4)).passed
@@ -176,6 +312,9 @@ def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch
     ...         return x - x.mean(0)
     >>> batch_independent(model=MeanOverBatch(), batch=torch.randn(3, 4)).passed
     False
+    >>> lm = torch.nn.Sequential(torch.nn.Embedding(20, 4), torch.nn.Linear(4, 20))
+    >>> batch_independent(model=lm, batch=torch.randint(0, 20, (3, 5))).passed
+    True
     """
     b = batch.batch_size
     if b is None:
@@ -186,14 +325,18 @@ def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch
         p, t = packed[0]
         raise SkipCheck(f"packed or ragged batch: {p} has first dimension {t.shape[0]} for"
                         f" {b} samples, so samples cannot be told apart by the first dimension")
-    if not floating:
-        raise SkipCheck("no floating input tensor with a batch dimension to differentiate (integer"
-                        " inputs only)")
     from ..core.batch import copy_model
     from ..core.forward import run_forward
+    from ..core.tokens import token_inputs
 
     n = max(3, b)
     data = (batch.resized(n) if n != b else batch.clone()).to(device)
+    work = copy_model(model).to(device)
+    work.train(mode == "train")
+    tokens = token_inputs(work, data, n)
+    if not floating and not tokens:
+        raise SkipCheck("no floating input tensor with a batch dimension to differentiate and no"
+                        " token ids or attention mask to change (other integer inputs only)")
 
     def inputs_of(d: Any) -> list:
         found = [(p, t) for p, t in d.input_tensors()
@@ -202,42 +345,64 @@ def batch_independent(atol: Any = 1e-6, mode: Any = "eval", *, model: Any, batch
             t.requires_grad_(True)
         return found
 
-    work = copy_model(model).to(device)
-    work.train(mode == "train")
-    inputs = inputs_of(data)
-    out = run_forward(work, data)
-    outputs = _batched_outputs(out, n)
-    if not outputs:
+    metrics: dict = {"samples": n, "mode": mode, "inputs": len(floating),
+                     "token_inputs": [t.path for t in tokens]}
+    outputs: list = []
+    if floating:
+        grad_data = data.clone()
+        inputs = inputs_of(grad_data)
+        out = run_forward(work, grad_data)
+        outputs = _batched_outputs(out, n)
+        metrics["outputs"] = len(outputs)
+        for i in (0, n - 1) if outputs else ():
+            found = _cross_gradients(outputs, inputs, i, atol)
+            if found is None:
+                continue
+            j, path, value = found
+            metrics.update({"sample": i, "other_sample": j, "input": path,
+                            "max_cross_grad": value})
+            details = [f"batch of {n} samples ({data.describe()}), {mode} mode",
+                       f"d(output of sample {i}) / d({path} of sample {j}): max |grad| {_fmt(value)}"]
+            origin = _mixing_origin(model, data.clone(), n, mode, device, tokens)
+            where = "" if origin is not None else _first_mixing_module(
+                copy_model(model).to(device).train(mode == "train"), data.clone(), inputs_of,
+                i, atol)
+            place = _mixing_place(origin, where, work, metrics, details)
+            details.append(_REMEDY_MIXING)
+            return CheckResult("batch_independent", False,
+                               f"expected output of sample {i} to depend only on input sample {i},"
+                               f" observed a gradient from sample {j} ({path}, max |grad|"
+                               f" {_fmt(value)}){place}", "\n".join(details), metrics)
+        del out
+    if tokens:
+        values, found = _token_cross_change(work, data, tokens, n, atol)
+        metrics["outputs"] = max(metrics.get("outputs", 0), len(values))
+        if found is not None:
+            i, j, cross, own = found
+            paths = ", ".join(t.path for t in tokens)
+            metrics.update({"sample": i, "other_sample": j, "input": paths,
+                            "max_cross_change": cross, "own_change": own})
+            details = [f"batch of {n} samples ({data.describe()}), {mode} mode",
+                       "token inputs: " + "; ".join(t.describe() for t in tokens),
+                       f"changing the token inputs of the other samples moved sample {i}'s"
+                       f" output by up to {_fmt(cross)} (its own new tokens: {_fmt(own)});"
+                       f" sample {j} alone moves it most"]
+            origin = _mixing_origin(model, data.clone(), n, mode, device, tokens)
+            place = _mixing_place(origin, "", work, metrics, details)
+            details.append(_REMEDY_MIXING)
+            return CheckResult("batch_independent", False,
+                               f"expected output of sample {i} to depend only on input sample {i},"
+                               f" observed a change of {_fmt(cross)} when the tokens of sample {j}"
+                               f" and the others changed ({paths}){place}",
+                               "\n".join(details), metrics)
+    if not outputs and not metrics.get("outputs"):
         raise SkipCheck(f"no differentiable output tensor with a leading batch dimension of {n}")
-    metrics: dict = {"samples": n, "mode": mode, "inputs": len(inputs), "outputs": len(outputs)}
-    for i in (0, n - 1):
-        found = _cross_gradients(outputs, inputs, i, atol)
-        if found is None:
-            continue
-        j, path, value = found
-        metrics.update({"sample": i, "other_sample": j, "input": path,
-                        "max_cross_grad": value})
-        where = _first_mixing_module(copy_model(model).to(device).train(mode == "train"),
-                                     (batch.resized(n) if n != b else batch.clone()).to(device),
-                                     inputs_of, i, atol)
-        details = [f"batch of {n} samples ({data.describe()}), {mode} mode",
-                   f"d(output of sample {i}) / d({path} of sample {j}): max |grad| {_fmt(value)}"]
-        place = ""
-        if where:
-            metrics["module"] = where
-            place = f"; first mixing in module '{where}' ({_kind(work, where).split(' ')[0]})"
-            details.append(f"first module whose output mixes samples: {_kind(work, where)}")
-        details.append("remedy: look for a view/reshape that moves the batch dimension, a"
-                       " reduction over dim 0, BatchNorm without running statistics in eval"
-                       " (track_running_stats=False), or attention whose sequence axis is the"
-                       " batch")
-        return CheckResult("batch_independent", False,
-                           f"expected output of sample {i} to depend only on input sample {i},"
-                           f" observed a gradient from sample {j} ({path}, max |grad|"
-                           f" {_fmt(value)}){place}", "\n".join(details), metrics)
+    how = ("no cross-sample gradient" if not tokens else
+           "no change from other samples' tokens" if not floating else
+           "no cross-sample gradient and no change from other samples' tokens")
     return CheckResult("batch_independent", True,
-                       f"expected each sample's output to depend only on its own input, observed no"
-                       f" cross-sample gradient (samples 0 and {n - 1} of {n}, {mode} mode)",
+                       f"expected each sample's output to depend only on its own input, observed"
+                       f" {how} (samples 0 and {n - 1} of {n}, {mode} mode)",
                        metrics=metrics)
 
 

@@ -79,7 +79,8 @@ def _keys(path: str) -> list:
 
 def _fuzz_paths(batch: Any) -> list:
     """(index in input_tensors, path) of the floating inputs to fuzzed (the target key excluded)."""
-    skip = f"input[0][{batch.target_key!r}]" if batch.target_key else None
+    skip = getattr(batch, "target_path", None) or (
+        f"input[0][{batch.target_key!r}]" if batch.target_key else None)
     return [(i, p) for i, (p, t) in enumerate(batch.input_tensors())
             if t.is_floating_point() and p != skip]
 
@@ -130,7 +131,9 @@ def _replace(batch: Any, new: dict) -> Any:
 
     args, kwargs = map_structure(swap, (batch.args, batch.kwargs))
     target = batch.target
-    if batch.target_key is not None and args and isinstance(args[0], dict):
+    if batch.target_key is not None and batch.target_key in kwargs:
+        target = kwargs[batch.target_key]
+    elif batch.target_key is not None and args and isinstance(args[0], dict):
         target = args[0][batch.target_key]
     return Batch(args=args, kwargs=kwargs, target=target, has_target=batch.has_target,
                  factory=batch.factory, target_key=batch.target_key)
@@ -160,7 +163,31 @@ def _nonfinite_output(out: Any) -> str:
     return ""
 
 
-def _describe_case(case: dict, data: Any, fuzzed: list) -> str:
+class _NoLoss:
+    """A loss for ``locate_nonfinite`` that adds nothing: only the forward is examined."""
+
+    def compute(self, out: Any, batch: Any, model: Any) -> tuple:
+        import torch
+
+        return torch.zeros(()), {}
+
+
+def _nonfinite_origin(work: Any, x: Any) -> str:
+    """The op, module and user source line where the first NaN/Inf of the forward on ``x``
+    appeared (``core/nonfinite.py``, as grads_finite reports it), or ''."""
+    from ..core.nonfinite import locate_nonfinite
+
+    try:
+        origin = locate_nonfinite(work, x, _NoLoss())
+    except Exception:  # noqa: BLE001 - a diagnosis must not hide the finding
+        return ""
+    if origin is None or origin.phase != "forward" or origin.op == "the loss function":
+        return ""
+    return origin.describe().replace("in module '<root>'",
+                                     f"in module '<root>' ({type(work).__name__})")
+
+
+def _describe_case(case: dict, data: Any, fuzzed: list, tokens: tuple = ()) -> str:
     tensors = data.input_tensors()
     parts = []
     for i, path in fuzzed:
@@ -168,6 +195,17 @@ def _describe_case(case: dict, data: Any, fuzzed: list) -> str:
         if t.numel():
             lo, hi = float(t.min()), float(t.max())
             parts.append(f"{path} {tuple(t.shape)} in [{lo:.3g}, {hi:.3g}]")
+    for spec in tokens:
+        t = tensors[spec.index][1]
+        if not t.numel():
+            continue
+        if spec.kind == "ids":
+            parts.append(f"{spec.path} {tuple(t.shape)} token ids in [{int(t.min())},"
+                         f" {int(t.max())}] (vocabulary {spec.high})")
+        else:
+            att = (t.reshape(t.shape[0], -1).long() == spec.attended).sum(1)
+            parts.append(f"{spec.path} {tuple(t.shape)} mask attending {int(att.min())} to"
+                         f" {int(att.max())} tokens per row ({spec.layout} padding)")
     size = data.batch_size
     return (f"{case['kind']} inputs, batch size {size}: " + ", ".join(parts))
 
@@ -178,13 +216,19 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
                     device: Any = None) -> CheckResult:
     """Fuzzed inputs within the declared ranges give finite outputs and bounded sensitivity.
 
-    Hypothesis draws inputs shaped like the example batch's floating inputs (integer inputs are
-    kept): random values, zeros, constant tensors and rows, tiny and huge magnitudes, the range's
-    edges, at the example batch size, 1 and an odd size. ``ranges`` is ``(lo, hi)`` for all
-    floating inputs or a dict mapping an input index or key to ``(lo, hi)``; by default each
-    input's own min/max widened by 5% (never across zero). With ``max_sensitivity``, the ratio
+    Hypothesis draws inputs shaped like the example batch's floating inputs: random values,
+    zeros, constant tensors and rows, tiny and huge magnitudes, the range's edges, at the
+    example batch size, 1 and an odd size. Token inputs (``core/tokens.py``) are fuzzed too:
+    ids over the vocabulary of the embedding they are looked up in (else up to the largest id
+    seen), the smallest and largest id, one id everywhere or per row; attention masks with one,
+    all or a random number of attended tokens per row, padded on the side the example pads.
+    A mask row with no attended token is never drawn: real data never holds one, so a model
+    dividing by the number of attended tokens is not faulted. Other integer inputs are kept.
+    ``ranges`` is ``(lo, hi)`` for all floating inputs or a dict mapping an input index or key
+    to ``(lo, hi)``; by default each input's own min/max widened by 5% (never across zero). With ``max_sensitivity``, the ratio
     ``||f(x+d)-f(x)|| / ||d||`` for a random ``d`` of relative size ``eps`` must stay below it.
-    The failure reports Hypothesis's minimal failing input. Runs in eval mode on a copy.
+    The failure reports Hypothesis's minimal failing input and, for a NaN/Inf, the op, module
+    and user source line that produced it first. Runs in eval mode on a copy.
 
     >>> import torch
     >>> m = torch.nn.Linear(4, 2)
@@ -203,9 +247,13 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
     with torch.no_grad():
         base_out = run_forward(work, data)  # the example batch itself must run
     fuzzed = _fuzz_paths(data)
-    if not fuzzed:
+    from ..core.tokens import fuzz_tokens, token_inputs
+
+    tokens = tuple(token_inputs(work, data))
+    if not fuzzed and not tokens:
         return CheckResult("operator_stable", None,
-                           "skipped: the batch has no floating input tensor to fuzz")
+                           "skipped: the batch has no floating input tensor, token ids or"
+                           " attention mask to fuzz")
     all_tensors = data.input_tensors()
 
     def range_for(path: str, t: Any) -> tuple:
@@ -233,11 +281,8 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
 
     state = {"runs": 0, "max_sens": 0.0, "findings": {}}
 
-    def evaluate(case: dict) -> str:
-        """'' when the case is fine, else what went wrong."""
-        key = (case["kind"], case["size"], case["seed"])
-        if key in state["findings"]:
-            return state["findings"][key][0]
+    def make(case: dict) -> tuple:
+        """The fuzzed batch of a case, its new floating inputs and the case's generator."""
         gen = torch.Generator().manual_seed(case["seed"])
         tmpl = template(case["size"])
         tensors = tmpl.input_tensors()
@@ -245,7 +290,18 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
         for i, path in _fuzz_paths(tmpl):
             lo, hi = declared.get(path) or _default_range(tensors[i][1])
             new[i] = _fill(tensors[i][1], case["kind"], lo, hi, gen)
-        x = _replace(tmpl, new)
+        floats = dict(new)
+        for spec in tokens:
+            if spec.index < len(tensors):
+                new[spec.index] = fuzz_tokens(spec, tensors[spec.index][1], case["kind"], gen)
+        return _replace(tmpl, new), floats, gen
+
+    def evaluate(case: dict) -> str:
+        """'' when the case is fine, else what went wrong."""
+        key = (case["kind"], case["size"], case["seed"])
+        if key in state["findings"]:
+            return state["findings"][key][0]
+        x, new, gen = make(case)  # gen goes on to draw the sensitivity perturbation
         state["runs"] += 1
         problem = ""
         try:
@@ -272,7 +328,7 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
                                        f" > {max_sensitivity:g}")
         except ModelError as exc:
             problem = str(exc)
-        state["findings"][key] = (problem, _describe_case(case, x, _fuzz_paths(x)))
+        state["findings"][key] = (problem, _describe_case(case, x, _fuzz_paths(x), tokens))
         return problem
 
     strategy = st.fixed_dictionaries({
@@ -294,7 +350,8 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
             minimal = find(strategy, lambda c: bool(evaluate(c)), settings=conf)
         except NoSuchExample:
             pass
-    metrics: dict = {"examples_run": state["runs"], "fuzzed_inputs": [p for _, p in fuzzed],
+    metrics: dict = {"examples_run": state["runs"],
+                     "fuzzed_inputs": [p for _, p in fuzzed] + [t.path for t in tokens],
                      "ranges": {p: list(r) for p, r in declared.items()}}
     if max_sensitivity is not None:
         metrics["max_sensitivity_observed"] = state["max_sens"]
@@ -305,7 +362,13 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
         metrics.update({"failing_kind": minimal["kind"], "failing_size": minimal["size"],
                         "failing_seed": minimal["seed"]})
         failures = sorted({f"{k[0]}@{k[1]}" for k, (p, _) in state["findings"].items() if p})
+        origin = ""
+        if problem.startswith(("NaN in", "Inf in")):
+            origin = _nonfinite_origin(work, make(minimal)[0])
+        if origin:
+            metrics["origin"] = origin
         details = [f"minimal failing input (shrunk by Hypothesis): {where}", f"problem: {problem}",
+                   *([f"origin: {origin}"] if origin else []),
                    f"failing edge cases: {', '.join(failures)}",
                    "remedy: add an eps to divisions, logs and square roots (x / (s + 1e-8)),"
                    " clamp before exp, or declare the real input ranges with ranges=(lo, hi)"]
@@ -313,7 +376,8 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
                     else f"sensitivity <= {max_sensitivity:g}")
         return CheckResult("operator_stable", False,
                            f"expected {expected} for inputs in the declared ranges, observed"
-                           f" {problem} on {where}", "\n".join(details), metrics)
+                           f" {problem} on {where}{'; ' + origin if origin else ''}",
+                           "\n".join(details), metrics)
     sens = (f", max sensitivity {state['max_sens']:.3g} <= {max_sensitivity:g}"
             if max_sensitivity is not None else "")
     return CheckResult("operator_stable", True,
