@@ -159,7 +159,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     from .core.batch import Batch
     from .core.trace import trace_batch
 
-    batch = Batch.from_user(_call_make_batch(make_batch, args.batch_size))
+    batch = Batch.from_user(_call_make_batch(make_batch, args.batch_size), model=model)
     import torch
 
     print(_section(f"Forward flow (batch size {args.batch_size}; * = shape changes)"))

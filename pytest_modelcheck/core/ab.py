@@ -263,7 +263,7 @@ def compare_ab(model_a: Any, model_b: Any, batch: Any, *, phase: str = "inferenc
     from .state import preserved_globals
 
     _validate(phase, runs, warmup, threshold, p, timer)
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model_a)
     if device is None:
         device = model_device(model_a)
     try:

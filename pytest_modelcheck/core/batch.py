@@ -322,8 +322,10 @@ def keywords_call(model: Any, inputs: dict) -> bool:
     >>> class Collated(torch.nn.Module):
     ...     def forward(self, batch):
     ...         return batch["x"]
-    >>> keywords_call(Net(), {"input_ids": 0, "attention_mask": 1}), keywords_call(Collated(), {"x": 0})
-    (True, False)
+    >>> keywords_call(Net(), {"input_ids": 0, "attention_mask": 1})
+    True
+    >>> keywords_call(Collated(), {"x": 0})
+    False
     """
     import inspect
 

@@ -509,7 +509,7 @@ def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = Non
     from .forward import run_forward
     from .losses import resolve_loss
 
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model)
     names = {m: (n or ROOT) for n, m in model.named_modules()} if hasattr(model, "named_modules") else {}
     record = {"stack": [], "phase": "forward", "by_op": Counter(), "by_module": Counter(),
               "by_module_self": Counter(), "phase_total": Counter(), "syncs": []}

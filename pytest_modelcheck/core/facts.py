@@ -30,7 +30,8 @@ def model_facts(model: Any, batch: Any = None, timeout: Any = None) -> dict:
 
     try:
         with preserved_globals(), torch.no_grad(), time_budget(timeout):
-            report = count_flops_batch(copy_model(model).eval(), Batch.from_user(batch).clone())
+            data = Batch.from_user(batch, model=model).clone()
+            report = count_flops_batch(copy_model(model).eval(), data)
         facts["flops"], facts["macs"] = int(report.flops), int(report.macs)
     except (Exception, CheckTimeout, SystemExit):  # noqa: BLE001 - a summary column only
         facts["flops"] = facts["macs"] = None

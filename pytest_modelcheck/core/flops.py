@@ -400,7 +400,7 @@ def count_flops_batch(model: Any, batch: Any, *, backward: bool = False, loss: A
         raise UsageError(f"backend={backend!r}: expected one of {', '.join(map(repr, BACKENDS))}")
     if not isinstance(backward, bool):
         raise UsageError(f"backward={backward!r}: expected True or False")
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model)
     if backend == "fvcore":
         return _count_fvcore(model, data, backward)
     return _count_torch(model, data, backward, loss)

@@ -16,6 +16,7 @@ is the loss.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -243,7 +244,7 @@ def resolve_loss(loss: Any, batch: Batch, output: Any = None) -> Loss:
     """
     if loss is None:
         if output is not None and model_loss(output) is not None:
-            plain_dict = isinstance(output, dict) and not hasattr(type(output), "__dataclass_fields__")
+            plain_dict = isinstance(output, dict) and not dataclasses.is_dataclass(output)
             return Loss(OWN_LOSS.replace("output.loss", "output['loss']") if plain_dict
                         else OWN_LOSS, own=True)  # a ModelOutput is a dict and a dataclass
         if not batch.has_target:

@@ -255,7 +255,7 @@ def measure_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str 
     if _has_meta(model) or dev.type == "meta":
         raise UsageError("model: it is on the meta device, so a step cannot run for real; use"
                          " estimate_step_memory (fake tensors) instead")
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model)
     with preserved_globals():
         if dev.type == "cuda":
             if not _cuda_api.is_available():
@@ -291,7 +291,7 @@ def estimate_step_memory(model: Any, batch: Any, loss: Any = None, *, phase: str
 
     phase = _check_phase(phase)
     dev = _target_device(model, device)
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model)
     with preserved_globals():
         return _estimate(model, data, loss, phase, optimizer, lr, dev)
 
@@ -526,7 +526,7 @@ def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
     else:
         raise UsageError(f"model_or_factory: expected a torch.nn.Module or a zero-argument"
                          f" callable returning one, got {type(model_or_factory).__name__}")
-    data = Batch.from_user(batch)
+    data = Batch.from_user(batch, model=model)
     if batch_sizes is None:
         sizes = [data.batch_size]
     else:

@@ -191,7 +191,7 @@ def profile_model(model: Any, make_batch: Any, *, batch_sizes: Any = DEFAULT_BAT
     if dev.type == "meta" or any(t.is_meta for t in model.parameters()):
         raise UsageError("model: it is on the meta device, so it cannot run; use"
                          " memory.estimate_memory for an estimate")
-    base = Batch.from_user(make_batch)
+    base = Batch.from_user(make_batch, model=model)
     n_params = count_parameters(model)
     report = ProfileReport(
         config={"model": type(model).__name__, "device": str(dev), "batch_sizes": sizes,
