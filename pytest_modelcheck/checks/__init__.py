@@ -19,6 +19,7 @@ from .behaviour import (batch_independent, eval_deterministic, params_learn, sta
                         stateless_forward)
 from .numerics import activations_healthy, device_portable, dtype_stable, output_range
 from .invariance import padding_invariant, permutation_equivariant, permutation_invariant
+from .language import causal, kv_cache_consistent, tied_parameters
 from .stability import operator_stable
 from .data import data_sane
 from .dynamics import grad_norms_stable, loss_components, lr_schedule
@@ -33,4 +34,5 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "output_range", "permutation_invariant", "permutation_equivariant",
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
-           "unet_skips", "vit_patches", "fno_modes", "spectrum_matches"]
+           "unet_skips", "vit_patches", "fno_modes", "spectrum_matches", "causal",
+           "kv_cache_consistent", "tied_parameters"]

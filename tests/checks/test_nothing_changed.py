@@ -79,6 +79,12 @@ CONFIGS = {
     "vit_patches": ({"sizes": [6]}, {"sizes": [5]}),
     "fno_modes": ({}, {"grid_sizes": [5]}),
     "spectrum_matches": ({}, {"max_band_ratio": 1.5}),
+    # rows as positions: in eval they are independent (causal); dropout left on in eval makes
+    # two runs differ, which causal reports instead of judging
+    "causal": ({"dim": 0}, {"dim": 0}, {"noisy_eval": True}),
+    "kv_cache_consistent": ({}, {}),
+    "tied_parameters": ({"tied": [("frozen.weight", "encoder.0.weight")]},
+                        {"tied": [("frozen.weight", "encoder.0.weight")]}),
 }
 
 
@@ -180,6 +186,14 @@ KNOWN_WRONG_OUTCOMES: dict = {
     " batch moves its rows",
     ("spectrum_matches", "passing"): "Subject's target is class labels, not a field: the check skips",
     ("spectrum_matches", "failing"): "Subject's target is class labels, not a field: the check skips",
+    ("kv_cache_consistent", "passing"): "Subject has no cache (and is no sequence model for a"
+    " step_fn): the check skips",
+    ("kv_cache_consistent", "failing"): "Subject has no cache: the check skips",
+    ("kv_cache_consistent", "raises_on_first_forward"): "Subject has no cache: the check skips"
+    " before any forward",
+    ("tied_parameters", "passing"): "Subject ties no parameters: a declared pair fails as built",
+    ("tied_parameters", "raises_on_first_forward"): "a declared pair fails as built, before any"
+    " forward",
 }
 
 
