@@ -4,9 +4,11 @@
   size at each declared input size; names the first mismatching cat (module, source line) and the
   divisibility rule the UNet's depth imposes.
 * ``vit_patches(sizes)``: the patch embedding (a convolution with kernel == stride) tiles each
-  declared size and the token count matches the positional embedding's length.
-* ``fno_modes(grid_sizes=None)``: the Fourier modes kept by each spectral layer fit below the
-  Nyquist limit of each grid, and its output holds no energy beyond the kept modes.
+  declared size and the token count matches the positional embedding's length (the parameter
+  added to the patch tokens, found at dispatch); skipped when the model has no patch embedding.
+* ``fno_modes(grid_sizes=None)``: the Fourier modes kept by each spectral layer (found from the
+  FFT ops at dispatch and the slices of their spectra) fit below the Nyquist limit of each grid,
+  and its output holds no energy beyond the kept modes; skipped when no FFT truncates modes.
 * ``spectrum_matches()``: the radially averaged power spectrum of the prediction follows the
   target's in every wavenumber band.
 
@@ -74,13 +76,25 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
-def _input_tensor(batch: Any, input_index: int) -> Any:
+def _input_slot(batch: Any, input_index: int) -> tuple:
+    """``("args", i)`` for positional input ``input_index``, or, for a batch of keyword inputs
+    only (``model(**batch)``, such as ``pixel_values``) and ``input_index=0``, ``("kwargs",
+    name)`` of its first floating tensor with a batch, a channel and a spatial dim."""
     import torch
 
-    if input_index >= len(batch.args) or not isinstance(batch.args[input_index], torch.Tensor):
-        raise UsageError(f"input_index={input_index}: the model's positional input {input_index}"
-                         f" is not a tensor (the batch has {len(batch.args)} positional inputs)")
-    return batch.args[input_index]
+    if input_index < len(batch.args) and isinstance(batch.args[input_index], torch.Tensor):
+        return "args", input_index
+    if not batch.args and input_index == 0:
+        for k, v in batch.kwargs.items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 3:
+                return "kwargs", k
+    raise UsageError(f"input_index={input_index}: the model's positional input {input_index}"
+                     f" is not a tensor (the batch has {len(batch.args)} positional inputs)")
+
+
+def _input_tensor(batch: Any, input_index: int) -> Any:
+    kind, key = _input_slot(batch, input_index)
+    return batch.args[key] if kind == "args" else batch.kwargs[key]
 
 
 def _target_shape(x: Any, size: Any, ndim: int) -> tuple:
@@ -97,9 +111,14 @@ def _resized(batch: Any, input_index: int, size: Any, ndim: int) -> Any:
     from ..core.batch import Batch
     from ..core.shapes import resize_to
 
+    kind, key = _input_slot(batch, input_index)
     x = _input_tensor(batch, input_index)
+    new = resize_to(x, _target_shape(x, size, ndim))
+    if kind == "kwargs":
+        return Batch(args=batch.args, kwargs={**batch.kwargs, key: new}, target=batch.target,
+                     has_target=batch.has_target, target_key=batch.target_key)
     args = list(batch.args)
-    args[input_index] = resize_to(x, _target_shape(x, size, ndim))
+    args[key] = new
     return Batch(args=tuple(args), kwargs=batch.kwargs, target=batch.target,
                  has_target=batch.has_target)
 
@@ -361,14 +380,71 @@ def _pos_embedding(model: Any) -> tuple:
     return None, None
 
 
+def _pos_added(work: Any, data: Any, conv_name: str, width: int) -> dict:
+    """Run ``work`` on ``data`` (no gradients) and find the positional embedding structurally:
+    the first parameter or buffer added (``aten.add``) after the patch embedding ``conv_name``
+    ran, whose trailing shape matches the tokens': ``(L, width)`` in token layout
+    (``(1, L, D)`` + ``(B, L, D)``) or ``(width, *grid)`` in grid layout. Returns ``{"name",
+    "length", "source", "ran", "error"}`` (``name`` None when no such add ran)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ..core.dispatch import user_source
+    from ..core.forward import run_forward
+
+    owned = {}
+    for name, t in list(work.named_parameters()) + list(work.named_buffers()):
+        if t.dim() >= 2 and t.numel() > 0:
+            owned.setdefault(_storage(t), (name, t))
+    found = {"name": None, "length": None, "source": "", "ran": False, "error": None}
+
+    def positions(p: Any, other: Any, full: Any) -> Any:
+        if other.dim() < 2 or p.dim() < 2:
+            return None
+        if p.shape[-1] == width == other.shape[-1] and p.shape[-2] == other.shape[-2] > 1:
+            return int(full.shape[-2])  # token layout: (.., L, D)
+        if (p.dim() == other.dim() >= 3 and p.shape[1] == width == other.shape[1]
+                and tuple(p.shape[2:]) == tuple(other.shape[2:]) and math.prod(p.shape[2:]) > 1):
+            return math.prod(int(n) for n in full.shape[2:])  # grid layout: (1, D, *grid)
+        return None
+
+    class PosMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+            if (name in ("add", "add_") and found["ran"] and found["name"] is None
+                    and len(args) >= 2 and all(isinstance(a, torch.Tensor) for a in args[:2])):
+                for p, other in ((args[1], args[0]), (args[0], args[1])):
+                    hit = owned.get(_storage(p))
+                    n = positions(p, other, hit[1]) if hit else None
+                    if n is not None:
+                        found.update(name=hit[0], length=n, source=user_source())
+                        break
+            return func(*args, **(kwargs or {}))
+
+    def seen(name: str, mod: Any, args: Any, out: Any) -> None:
+        if name == conv_name:
+            found["ran"] = True
+
+    with _module_stack(work, seen):
+        try:
+            with torch.no_grad(), PosMode():
+                run_forward(work, data)
+        except ModelError as exc:
+            found["error"] = exc
+    return found
+
+
 @check(default=False, validate=_validate_vit)
 def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: Any, loss: Any = None,
                 device: Any = None) -> CheckResult:
     """ViT patches tile every declared image size and the token count fits the positional embedding.
 
     The patch embedding is the first Conv1d/2d/3d with ``kernel_size == stride`` (> 1) and no
-    padding; the positional embedding the first parameter or buffer named like ``*pos_embed*``
-    or ``*position*`` (its second-to-last dim is the sequence). Extra tokens (CLS, distillation)
+    padding (none: the check is skipped). The positional embedding is found at dispatch: the
+    first parameter or buffer added to the tokens after the patch embedding ran whose trailing
+    shape matches theirs (``(1, L, D)`` + ``(B, L, D)``, or ``(1, D, *grid)`` onto the feature
+    map), whatever its name; failing that, one named like ``*pos_emb*``/``*position*`` (an
+    embedding interpolated before the add). Its second-to-last dim is the sequence. Extra tokens (CLS, distillation)
     are the embedding's length minus the patch count at the example size. A size that is not a
     multiple of the patch, or whose ``prod(size / patch) + extra`` differs from the embedding's
     length, fails unless the forward runs all the same (the model interpolates); the forward is
@@ -386,18 +462,23 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
 
     base = batch.clone().to(device)
     x = _input_tensor(base, input_index)
-    ref = copy_model(model)
-    conv_name, conv, patch = _patch_embedding(ref)
-    pos_name, pos_len = _pos_embedding(ref)
-    ndim = len(patch) if patch else max(1, x.dim() - 2)
+    first = copy_model(model).to(device).eval()
+    conv_name, conv, patch = _patch_embedding(first)
+    if not patch:
+        raise SkipCheck("no patch embedding found: no Conv1d/2d/3d with kernel_size == stride > 1"
+                        " and no padding in the model")
+    ndim = len(patch)
     example = tuple(x.shape[-ndim:])
+    pos = _pos_added(first, base, conv_name, conv.out_channels)
+    pos_name, pos_len, pos_how = pos["name"], pos["length"], "added to the patch tokens"
+    if pos_name is None:
+        pos_name, pos_len = _pos_embedding(first)
+        pos_how = "found by its name"
     extra = None
     if patch and pos_len is not None:
         extra = pos_len - math.prod(n // p for n, p in zip(example, patch))
 
     def static(size: tuple) -> str:
-        if not patch:
-            return ""
         bad = [(n, p) for n, p in zip(size, patch) if n % p]
         if bad:
             n, p = bad[0]
@@ -419,13 +500,16 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
         cases.append((f"size {_label(size)}", dims, _resized(base, input_index, dims, ndim)))
     for label, dims, data in cases:
         reason = static(dims)
-        work = copy_model(model).to(device).eval()
         error = None
-        try:
-            with torch.no_grad():
-                run_forward(work, data)
-        except ModelError as exc:
-            error = exc
+        if data is base:  # the example size ran while the positional embedding was looked for
+            error = pos["error"]
+        else:
+            work = copy_model(model).to(device).eval()
+            try:
+                with torch.no_grad():
+                    run_forward(work, data)
+            except ModelError as exc:
+                error = exc
         if reason and error is None:
             interpolated.append(label)
             rows.append(f"{label}: {reason}; the forward ran all the same (the model adapts)")
@@ -437,22 +521,24 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
             rows.append(f"{label}: {error}")
         else:
             rows.append(f"{label}: fits")
-    found = (f"patch {_label(patch)} of '{conv_name}'" if patch else "no patch embedding"
-             " (a convolution with kernel == stride)")
-    if patch:
-        found += (f", {pos_len} positions in '{pos_name}' ({extra} extra tokens)" if pos_len is not None
-                  else ", no positional embedding")
-    metrics = {"patch": list(patch) if patch else None, "patch_module": conv_name,
+    found = f"patch {_label(patch)} of '{conv_name}'"
+    found += (f", {pos_len} positions in '{pos_name}' ({extra} extra tokens)" if pos_len is not None
+              else ", no positional embedding")
+    metrics = {"patch": list(patch), "patch_module": conv_name,
                "pos_embed": pos_name, "positions": pos_len, "extra_tokens": extra,
                "interpolated": interpolated, "failed_sizes": [lb for lb, _ in failures]}
     expected = f"expected ViT patches to tile sizes {_labels(sizes)} and fit the positional embedding"
-    details = [f"found {found}"] + rows
+    how = (f"the positional embedding '{pos_name}' was {pos_how}"
+           + (f" at {pos['source']}" if pos_name == pos["name"] and pos["source"] else "")
+           if pos_name is not None else
+           "no positional embedding: no parameter or buffer of the tokens' trailing shape was added"
+           " to them, and none is named like pos_embed/position; only the tiling is checked")
+    details = [f"found {found}", how] + rows
     if failures:
         label, msg = failures[0]
-        if patch:
-            details.append(f"remedy: use sizes that are multiples of the patch {tuple(patch)} giving"
-                           f" {pos_len - extra if pos_len is not None else 'the configured number of'}"
-                           " patch tokens, or interpolate the positional embedding to the grid")
+        details.append(f"remedy: use sizes that are multiples of the patch {tuple(patch)} giving"
+                       f" {pos_len - extra if pos_len is not None else 'the configured number of'}"
+                       " patch tokens, or interpolate the positional embedding to the grid")
         return CheckResult("vit_patches", False, f"{expected}, observed at {label}: {msg}",
                            "\n".join(details), metrics)
     return CheckResult("vit_patches", True, f"{expected}, observed {found} fitting all"
@@ -470,52 +556,141 @@ def _validate_fno(grid_sizes: Any = None, energy_tol: Any = 1e-4, input_index: A
             "input_index": _validate_index(input_index)}
 
 
-def _spectral_layers(model: Any) -> list:
-    """``[(name, module, (modes1, modes2[, modes3])), ...]`` for modules with int ``modes1``."""
-    out = []
-    for name, m in model.named_modules():
-        modes = []
-        for attr in ("modes1", "modes2", "modes3"):
-            v = getattr(m, attr, None)
-            if not _is_int(v):
-                break
-            modes.append(v)
-        if modes:
-            out.append((name, m, tuple(modes)))
-    return out
+def _storage(t: Any) -> int:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return 0
 
 
-def _mode_problems(modes: tuple, grid: tuple) -> list:
-    """Where ``modes`` exceed the grid: ``m <= n // 2`` (full FFT dims), ``m <= n // 2 + 1`` (rfft, last)."""
+def _kept_modes(start: Any, end: Any, n: int, onesided: bool) -> Any:
+    """The modes a slice ``[start:end]`` of a spectrum dim of length ``n`` keeps, or None when it
+    keeps the whole dim. ``[:m]`` keeps ``m`` (even beyond ``n``: the slice clamps silently),
+    ``[-m:]`` keeps the ``m`` negative frequencies, a middle slice (an fftshift-ed spectrum)
+    ``ceil(width / 2)`` on each side."""
+    start = 0 if start is None else int(start)
+    end = n if end is None or int(end) >= 2 ** 62 else int(end)
+    if start == 0:
+        return None if end == n else end
+    if onesided:
+        return max(0, min(end, n) - (start % n if start < 0 else start))
+    if start < 0:
+        return -start
+    if end >= n:
+        return n - start
+    return -(-(end - start) // 2)
+
+
+def _fft_mode(record: dict, stack: list) -> Any:
+    """Records forward FFTs (``aten._fft_r2c``, forward ``_fft_c2c``), the slices of their
+    spectra (the kept modes) and the inverse FFTs' outputs, per innermost module."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ..core.dispatch import user_source
+
+    class FFTMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+            if name in ("_fft_r2c", "_fft_c2c", "_fft_c2r") and args \
+                    and isinstance(args[0], torch.Tensor):
+                x, nd = args[0], args[0].dim()
+                dims = tuple(sorted(int(d) % nd - nd for d in args[1]))
+                layer = stack[-1] if stack else ""
+                forward = name == "_fft_r2c" or (name == "_fft_c2c" and bool(args[3]))
+                if forward:
+                    key = (layer, dims)
+                    info = record["layers"].setdefault(key, {
+                        "layer": layer, "dims": dims, "modes": {}, "grid": None,
+                        "onesided": name == "_fft_r2c" and bool(args[3]), "source": user_source()})
+                    if info["grid"] is None:
+                        info["grid"] = tuple(int(x.shape[d]) for d in dims)
+                    record["spectra"][_storage(out)] = (out, key)  # held: no address reuse
+                    record["last"] = key
+                elif record["last"] is not None and isinstance(out, torch.Tensor):
+                    key = record["last"]
+                    record["inverse"].setdefault(key, out)
+            elif name == "slice" and args and isinstance(args[0], torch.Tensor) \
+                    and _storage(args[0]) in record["spectra"]:
+                spec, key = record["spectra"][_storage(args[0])]
+                info = record["layers"][key]
+                t = args[0]
+                d = (int(args[1]) if len(args) > 1 else 0) % t.dim() - t.dim()
+                if t.dim() == spec.dim() and d in info["dims"]:
+                    onesided = info["onesided"] and d == info["dims"][-1]
+                    m = _kept_modes(args[2] if len(args) > 2 else None,
+                                    args[3] if len(args) > 3 else None, int(t.shape[d]), onesided)
+                    if m:
+                        info["modes"][d] = max(info["modes"].get(d, 0), m)
+            return out
+
+    return FFTMode()
+
+
+def _run_fft(work: Any, data: Any) -> dict:
+    """Forward (no gradients) under :func:`_fft_mode`; ``{"layers", "inverse", "error"}``."""
+    import torch
+
+    from ..core.forward import run_forward
+
+    record = {"layers": {}, "spectra": {}, "inverse": {}, "last": None, "error": None}
+    with _module_stack(work) as stack:
+        try:
+            with torch.no_grad(), _fft_mode(record, stack):
+                run_forward(work, data)
+        except ModelError as exc:
+            record["error"] = exc
+    record["spectra"].clear()
+    return record
+
+
+def _layer_modes(info: dict, work: Any) -> tuple:
+    """The kept modes per FFT dim (None: the whole dim), filling dims no slice truncated from
+    the module's ``modes1``/``modes2``/``modes3`` attributes when it has them."""
+    modes = [info["modes"].get(d) for d in info["dims"]]
+    mod = dict(work.named_modules()).get(info["layer"])
+    attrs = [getattr(mod, f"modes{i + 1}", None) for i in range(len(modes))]
+    return tuple(m if m is not None or not _is_int(a) else a for m, a in zip(modes, attrs))
+
+
+def _mode_problems(modes: tuple, grid: tuple, onesided: bool = True) -> list:
+    """Where ``modes`` exceed the grid: ``m <= n // 2`` (full FFT dims), ``m <= n // 2 + 1`` (the
+    last dim of a one-sided rfft); ``None`` modes (the whole dim kept) cannot exceed it."""
     probs = []
     nd = len(modes)
     for i, (m, n) in enumerate(zip(modes, grid)):
-        last = i == nd - 1
+        last = onesided and i == nd - 1
         limit = n // 2 + 1 if last else n // 2
-        if m > limit:
+        if m is not None and m > limit:
             rule = f"{n}//2+1 = {limit} along the rfft dim {i - nd}" if last else \
                 f"{n}//2 = {limit} along dim {i - nd}"
             probs.append(f"modes{i + 1}={m} > {rule}")
     return probs
 
 
-def _energy_beyond(y: Any, modes: tuple) -> float:
+def _energy_beyond(y: Any, modes: tuple, onesided: bool = True) -> float:
     """Fraction of ``y``'s spectral energy outside the kept modes.
 
     Kept: frequencies ``-m..m`` along the full-FFT dims (``[:m]`` and ``[-m:]`` are written; a
     real output mirrors ``-m`` onto ``+m`` in the zero-frequency column) and ``[:m]`` along the
-    rfft dim.
+    one-sided rfft dim; a ``None`` mode keeps the whole dim.
     """
     import torch
 
     nd = len(modes)
-    spec = torch.fft.rfftn(y.detach().double(), dim=tuple(range(-nd, 0))).abs().pow(2)
+    y = y.detach()
+    y = (y.real if y.is_complex() else y).double()
+    spec = torch.fft.rfftn(y, dim=tuple(range(-nd, 0))).abs().pow(2)
     index = []
     for i, (m, n) in enumerate(zip(modes, spec.shape[-nd:])):
         idx = torch.zeros(n, dtype=torch.bool, device=spec.device)
-        if i < nd - 1:  # frequencies -m..m: the real output mirrors the kept -m onto +m
+        if m is None:
+            idx[:] = True
+        elif i < nd - 1 or not onesided:  # frequencies -m..m (on the rfft of a real output: 0..m)
             idx[:m + 1] = True
-            if m:
+            if m and i < nd - 1:
                 idx[-m:] = True
         else:
             idx[:m] = True
@@ -532,66 +707,79 @@ def fno_modes(grid_sizes: Any = None, energy_tol: Any = 1e-4, input_index: Any =
               batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
     """FNO spectral layers keep modes within each grid's Nyquist limit and write no energy beyond them.
 
-    Spectral layers are modules with int ``modes1`` (``modes2``, ``modes3``) attributes; the last
-    mode dim is the rfft dim. For each grid size (default: the example batch's), the input is
-    tiled/cropped to it and the forward runs (eval, no gradients, on a copy); each layer's input
-    grid ``n`` is recorded and ``modes <= n // 2`` (``n // 2 + 1`` along the rfft dim) must
-    hold: larger modes are weights that only a slicing accident reaches. With ``energy_tol``, the
-    fraction of each layer's output energy outside its kept modes must not exceed it.
+    Spectral layers are found at dispatch: each module (the innermost one running) that calls a
+    forward FFT (``aten._fft_r2c``: ``torch.fft.rfft*``; ``aten._fft_c2c``: ``torch.fft.fft*``)
+    whose spectrum it then slices; the slices give the kept modes per FFT dim (``[:m]`` and
+    ``[-m:]``), whatever the layer's attributes are called (a dim no slice truncates falls back
+    to a ``modes1``/``modes2``/``modes3`` attribute, else keeps everything). The last dim of a
+    one-sided rfft is the rfft dim. For each grid size (default: the example batch's), the input
+    is tiled/cropped to it and the forward runs (eval, no gradients, on a copy); each layer's FFT
+    grid ``n`` is recorded and ``modes <= n // 2`` (``n // 2 + 1`` along the rfft dim) must hold:
+    larger modes are weights that only a slicing accident reaches. With ``energy_tol``, the
+    fraction of the inverse FFT's output energy outside the kept modes must not exceed it. A
+    model in which no FFT runs, or whose spectra are never truncated, is skipped.
 
     >>> import torch
-    >>> fno_modes(model=torch.nn.Conv2d(1, 1, 1), batch=torch.zeros(1, 1, 8, 8)).passed
+    >>> class Spectral(torch.nn.Module):
+    ...     def forward(self, x):
+    ...         f = torch.fft.rfft2(x)
+    ...         out = torch.zeros_like(f)
+    ...         out[..., :3, :3], out[..., -3:, :3] = f[..., :3, :3], f[..., -3:, :3]
+    ...         return torch.fft.irfft2(out, s=x.shape[-2:])
+    >>> fno_modes(model=Spectral(), batch=torch.randn(1, 1, 8, 8)).passed
     True
     """
-    import torch
-
     from ..core.batch import copy_model
-    from ..core.forward import run_forward
 
     base = batch.clone().to(device)
     x = _input_tensor(base, input_index)
-    layers = _spectral_layers(copy_model(model))
     given = [s for s in grid_sizes or () if not _is_int(s)]
-    if layers:
-        ndim = len(layers[0][2])
-    elif given:
-        ndim = len(given[0])
-    else:
-        ndim = max(1, x.dim() - 2)
+    first_work = copy_model(model).to(device).eval()
+    first = _run_fft(first_work, base)
+    layers = {k: (info, _layer_modes(info, first_work)) for k, info in first["layers"].items()}
+    checked = {k: v for k, v in layers.items() if any(m is not None for m in v[1])}
+    if not checked:
+        if first["error"] is not None and not layers:
+            raise first["error"]
+        why = ("no FFT op ran in forward" if not layers else
+               f"the FFTs in {', '.join(repr(i['layer'] or _root_name(model)) for i, _ in layers.values())}"
+               " keep every mode (no slice of their spectra truncates it)")
+        raise SkipCheck(f"no spectral layer found: {why}")
+    ndim = len(next(iter(checked.values()))[0]["dims"]) if not given else len(given[0])
+    ndim = min(ndim, x.dim() - 1)
     example = tuple(x.shape[-ndim:])
     grids = [((g,) * ndim if _is_int(g) else tuple(g)) for g in (grid_sizes or (example,))]
 
+    def label_of(info: dict) -> str:
+        name = info["layer"] or _root_name(model)
+        same = [i for i, _ in checked.values() if i["layer"] == info["layer"]]
+        return name if len(same) == 1 else f"{name} (FFT dims {list(info['dims'])})"
+
     rows, failures, worst = [], [], 0.0
     for grid in grids:
-        data = base if grid == example else _resized(base, input_index, grid, ndim)
-        work = copy_model(model).to(device).eval()
-        found = _spectral_layers(work)
-        seen: dict = {}
-        energy: dict = {}
-        modes_of = {n: md for n, _, md in found}
-
-        def record(name: str, mod: Any, args: Any, out: Any) -> None:
-            if name in modes_of and args and isinstance(args[0], torch.Tensor):
-                nd = len(modes_of[name])
-                seen.setdefault(name, tuple(args[0].shape[-nd:]))
-                if (energy_tol is not None and isinstance(out, torch.Tensor) and name not in energy
-                        and not _mode_problems(modes_of[name], tuple(out.shape[-nd:]))):
-                    energy[name] = _energy_beyond(out, modes_of[name])
-
-        error = None
-        with _module_stack(work, record):
-            try:
-                with torch.no_grad():
-                    run_forward(work, data)
-            except ModelError as exc:
-                error = exc
+        if grid == example:
+            rec = first
+        else:
+            rec = _run_fft(copy_model(model).to(device).eval(), _resized(base, input_index, grid, ndim))
+        error = rec["error"]
         label = f"grid {grid}"
-        static = []
-        for name, _, modes in found:
-            n = seen.get(name, grid)
-            probs = _mode_problems(modes, n)
+        static, energy = [], {}
+        for key, (info, modes0) in checked.items():
+            now = rec["layers"].get(key)
+            if now is not None:
+                modes = tuple(m0 if m is None else m for m, m0 in
+                              zip((now["modes"].get(d) for d in info["dims"]), modes0))
+                n = now["grid"]
+            else:  # not reached at this grid: the example's modes, its grid scaled to this one
+                modes = modes0
+                scale = [g / e for g, e in zip(grid[-len(info["dims"]):], example[-len(info["dims"]):])]
+                n = tuple(max(1, round(g0 * s)) for g0, s in zip(info["grid"], scale)) \
+                    if len(scale) == len(info["grid"]) else grid
+            probs = _mode_problems(modes, n, info["onesided"])
             if probs:
-                static.append(f"layer '{name}' keeps {' and '.join(probs)}")
+                static.append(f"layer '{label_of(info)}' keeps {' and '.join(probs)}")
+            elif energy_tol is not None and key in rec["inverse"]:
+                energy[label_of(info)] = _energy_beyond(rec["inverse"][key], modes, info["onesided"])
         spilled = [(n, e) for n, e in energy.items() if e > energy_tol] if energy_tol is not None else []
         worst = max([worst] + list(energy.values()))
         if static:
@@ -608,18 +796,23 @@ def fno_modes(grid_sizes: Any = None, energy_tol: Any = 1e-4, input_index: Any =
                                               + [f"'{n}' energy beyond modes {e:.3g}"
                                                  for n, e in energy.items()]) if (static or error or energy)
                     else f"{label}: fits")
-    layer_text = (f"{len(layers)} spectral layers with modes {layers[0][2]}" if layers
-                  else "no spectral layers (modules with modes1/modes2)")
-    metrics = {"layers": [n for n, _, _ in layers], "modes": [list(m) for _, _, m in layers],
+    layer_text = f"{len(checked)} spectral layers with modes {next(iter(checked.values()))[1]}"
+    metrics = {"layers": [label_of(i) for i, _ in checked.values()],
+               "modes": [list(m) for _, m in checked.values()],
+               "sources": [i["source"] for i, _ in checked.values()],
                "grids": [list(g) for g in grids], "max_energy_beyond": worst,
                "failed_grids": [lb for lb, _ in failures]}
     expected = ("expected FNO modes within the Nyquist limit for grids "
                 + ", ".join(str(g) for g in grids))
-    details = [f"found {layer_text}"] + rows
+    details = [f"found {layer_text}"]
+    details += [f"  '{label_of(i)}': FFT over dims {list(i['dims'])}"
+                f"{' (one-sided rfft)' if i['onesided'] else ''}, modes {m}, grid {i['grid']},"
+                f" at {i['source'] or 'an unknown line'}" for i, m in checked.values()]
+    details += rows
     if failures:
         label, msg = failures[0]
         details.append("remedy: keep modes <= n//2 along the full-FFT dims and <= n//2+1 along the"
-                       " rfft dim for the smallest grid used, or lower modes1/modes2")
+                       " rfft dim for the smallest grid used, or lower the modes")
         return CheckResult("fno_modes", False, f"{expected}, observed at {label}: {msg}",
                            "\n".join(details), metrics)
     return CheckResult("fno_modes", True, f"{expected}, observed {layer_text} fitting every grid",

@@ -152,12 +152,12 @@ def user_source() -> str:
     """
     import torch
 
-    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
     frame = sys._getframe(1)
     left_package = False
     while frame is not None:
         f = os.path.abspath(frame.f_code.co_filename)
-        in_pkg = f.startswith(_PKG_DIR)
+        in_pkg = f.startswith(_PKG_DIR + os.sep)
         if in_pkg and frame.f_code.co_name == "_one_hot_marked":
             pass  # the one_hot wrapper sits between torch and the user
         elif in_pkg:
@@ -308,7 +308,7 @@ def sync_site(project_root: str = "") -> dict:
     while frame is not None:
         code = frame.f_code
         f = os.path.abspath(code.co_filename)
-        in_pkg = f.startswith(_PKG_DIR)
+        in_pkg = f.startswith(_PKG_DIR + os.sep)
         if in_pkg and code.co_name == "_one_hot_marked":
             pass
         elif in_pkg:

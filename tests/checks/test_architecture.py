@@ -323,3 +323,155 @@ def test_spectrum_bad_arguments(kwargs, fragment):
     with pytest.raises(UsageError) as info:
         spectrum_matches(**kwargs, model=Echo(), batch=_fields())
     assert fragment in str(info.value)
+
+
+# ------------------------------------------- structural discovery: spectral layers, positional tables
+class RenamedSpectral(nn.Module):
+    """A spectral layer whose attributes are not called modes1/modes2 (k_rows, k_cols)."""
+
+    def __init__(self, width, k_rows, k_cols):
+        super().__init__()
+        self.k_rows, self.k_cols = k_rows, k_cols
+        self.w_lo = nn.Parameter(torch.randn(width, width, k_rows, k_cols, dtype=torch.cfloat) / width)
+        self.w_hi = nn.Parameter(torch.randn(width, width, k_rows, k_cols, dtype=torch.cfloat) / width)
+
+    def forward(self, x):
+        spec = torch.fft.rfft2(x, norm="ortho")
+        out = torch.zeros_like(spec)
+        a, b = self.k_rows, self.k_cols
+        out[..., :a, :b] = torch.einsum("bixy,ioxy->boxy", spec[..., :a, :b], self.w_lo)
+        out[..., -a:, :b] = torch.einsum("bixy,ioxy->boxy", spec[..., -a:, :b], self.w_hi)
+        return torch.fft.irfft2(out, s=x.shape[-2:], norm="ortho")  # LINE_RENAMED_IRFFT
+
+
+class RenamedFNO(nn.Module):
+    def __init__(self, k_rows=4, k_cols=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = nn.Conv2d(1, 4, 1)
+        self.mix = nn.ModuleList([RenamedSpectral(4, k_rows, k_cols) for _ in range(2)])
+        self.down = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x):
+        x = self.up(x)
+        for layer in self.mix:
+            x = F.gelu(layer(x) + x)
+        return self.down(x)
+
+
+class Spectral1d(nn.Module):
+    """A 1D operator written as a plain function of the root module: rfft, keep ``n_keep``."""
+
+    def __init__(self, n_keep):
+        super().__init__()
+        self.n_keep = n_keep
+        self.scale = nn.Parameter(torch.ones(n_keep, dtype=torch.cfloat))
+
+    def forward(self, x):
+        f = torch.fft.rfft(x)
+        out = torch.zeros_like(f)
+        out[..., :self.n_keep] = f[..., :self.n_keep] * self.scale
+        return torch.fft.irfft(out, n=x.shape[-1])
+
+
+def test_fno_layers_are_found_by_their_ffts_whatever_their_attributes_are_called():
+    r = fno_modes([16, 12], model=RenamedFNO(), batch=_image(16))
+    assert r.passed is True, r.headline
+    assert r.headline == ("expected FNO modes within the Nyquist limit for grids (16, 16), (12, 12),"
+                          " observed 2 spectral layers with modes (4, 4) fitting every grid")
+    assert r.metrics["layers"] == ["mix.0", "mix.1"]
+    assert r.metrics["max_energy_beyond"] < 1e-10
+    assert "'mix.0': FFT over dims [-2, -1] (one-sided rfft), modes (4, 4), grid (16, 16)" in r.details
+
+
+def test_fno_renamed_planted_mode_overflow_is_caught():
+    # k_rows 5 > 8//2 = 4: x_ft[..., :5, :] and [-5:, :] overlap on an 8-row spectrum; it runs
+    r = fno_modes([16, 8], model=RenamedFNO(k_rows=5), batch=_image(16))
+    assert r.passed is False
+    assert r.headline == ("expected FNO modes within the Nyquist limit for grids (16, 16), (8, 8),"
+                          " observed at grid (8, 8): layer 'mix.0' keeps modes1=5 > 8//2 = 4 along dim"
+                          " -2 (the forward ran: those weights are never used as intended)")
+
+
+def test_fno_one_dimensional_spectral_root_module():
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(0))
+    r = fno_modes([16, 8], model=Spectral1d(5), batch=x)
+    # 16: 5 <= 16//2+1 = 9; 8: 5 <= 8//2+1 = 5 (the rfft dim)
+    assert r.passed is True, r.headline
+    assert r.metrics["layers"] == ["Spectral1d"] and r.metrics["modes"] == [[5]]
+    r = fno_modes([6], model=Spectral1d(5), batch=x)
+    assert r.passed is False
+    assert "layer 'Spectral1d' keeps modes1=5 > 6//2+1 = 4 along the rfft dim -1" in r.headline
+
+
+def test_fno_skips_a_model_without_fft_and_one_that_keeps_every_mode():
+    r = fno_modes(model=nn.Conv2d(1, 1, 3, padding=1), batch=_image(8))
+    assert r.passed is None
+    assert r.headline == "no spectral layer found: no FFT op ran in forward"
+
+    class Filter(nn.Module):
+        def forward(self, x):
+            return torch.fft.irfft2(torch.fft.rfft2(x) * 0.5, s=x.shape[-2:])
+
+    r = fno_modes(model=Filter(), batch=_image(8))
+    assert r.passed is None
+    assert r.headline == ("no spectral layer found: the FFTs in 'Filter' keep every mode (no slice of"
+                          " their spectra truncates it)")
+
+
+class OddlyNamedViT(nn.Module):
+    """A ViT whose positional table is called ``where`` (and a decoy ``position_scale``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(1, 8, 4, stride=4)
+        self.position_scale = nn.Parameter(torch.ones(1, 99, 8))  # named like one, never added
+        self.where = nn.Parameter(torch.zeros(1, 16, 8))  # 16x16 image: 4*4 = 16 tokens
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        t = self.stem(x).flatten(2).transpose(1, 2)
+        return self.head((t + self.where).mean(1))  # LINE_WHERE
+
+
+def test_vit_positional_parameter_is_found_by_what_is_added_not_by_its_name():
+    r = vit_patches([16], model=OddlyNamedViT(), batch=_image(16))
+    assert r.passed is True, r.headline
+    assert r.metrics["pos_embed"] == "where" and r.metrics["positions"] == 16
+    assert (f"the positional embedding 'where' was added to the patch tokens at"
+            f" tests/checks/test_architecture.py:{_line('LINE_WHERE')} in forward") in r.details
+    r = vit_patches([24], model=OddlyNamedViT(), batch=_image(16))
+    assert r.passed is False
+    assert "observed at size 24: 6x6 = 36 patch tokens, but 'where' has 16 positions" in r.headline
+
+
+def test_vit_skips_without_a_patch_embedding():
+    r = vit_patches([16], model=nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten()), batch=_image(16))
+    assert r.passed is None
+    assert r.headline.startswith("no patch embedding found: no Conv1d/2d/3d with kernel_size ==")
+
+
+@pytest.mark.parametrize("case, sizes", [("tv_vit_b_32", [64]), ("timm_vit_tiny_patch16_224", [64]),
+                                         ("hf_vit", [32])])
+def test_vit_public_architectures_pass(case, sizes):
+    import importlib.util
+
+    from pytest_modelcheck.core.batch import Batch
+    from tests.conformance import zoo
+
+    if importlib.util.find_spec(zoo.CASES[case].package) is None:
+        pytest.skip(f"{zoo.CASES[case].package} is not installed")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, batch, _ = zoo.build_case(case)
+        batch = Batch(kwargs=batch) if isinstance(batch, dict) else batch
+        r = vit_patches(sizes, model=model, batch=batch)
+        assert r.passed is True, r.headline
+        assert "was added to the patch tokens" in r.details  # found structurally
+        assert r.metrics["extra_tokens"] == 1  # the CLS token
+        bad = vit_patches([sizes[0] + sizes[0] // 2], model=model, batch=batch)
+        assert bad.passed is False  # 1.5x the size: the table no longer fits
+    finally:
+        torch.set_num_threads(threads)
