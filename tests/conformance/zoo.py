@@ -112,7 +112,8 @@ TORCHVISION = {
     "shufflenet_v2_x0_5": {}, "squeezenet1_1": {}, "mnasnet0_5": {},
     "googlenet": {"kw": {"aux_logits": False, "init_weights": True}},
     "vgg11_bn": {}, "alexnet": {"size": 64},
-    "vit_b_32": {"kw": {"image_size": 64}}, "swin_t": {}, "maxvit_t": {"size": 64},
+    "vit_b_32": {"kw": {"image_size": 64}}, "swin_t": {},
+    "inception_v3": {"size": 96, "kw": {"aux_logits": False, "init_weights": True}},
 }
 for _name, _opts in TORCHVISION.items():
     case("torchvision", f"tv_{_name}")(_tv(_name, _opts.get("size", 64), **_opts.get("kw", {})))
@@ -152,8 +153,10 @@ def tv_r3d_18():
 # --- timm ---------------------------------------------------------------------------------------
 def _timm(name: str, size: int = 64, **kw):
     def build():
-        import timm
         import torch
+
+        import_torchvision()  # timm imports torchvision
+        import timm
 
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False, num_classes=C, **kw)
