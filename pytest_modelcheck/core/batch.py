@@ -311,9 +311,10 @@ def keywords_call(model: Any, inputs: dict) -> bool:
     """Whether ``model`` takes the dict ``inputs`` as keyword arguments, ``model(**inputs)``.
 
     True for a Hugging Face ``PreTrainedModel`` (found by the module names of its class
-    hierarchy; transformers is not imported), for a ``forward`` whose named parameters include
-    every key of ``inputs``, and for a ``forward`` that takes only ``**kwargs``; False for a
-    ``forward(batch)`` that takes the dict as one argument, and when the model is unknown.
+    hierarchy; transformers is not imported), and for a ``forward`` whose required parameters
+    are all keys of ``inputs`` and whose named parameters (or ``**kwargs``) take every other key;
+    False for a ``forward(batch)`` that takes the dict as one argument, and when the model is
+    unknown.
 
     >>> import torch
     >>> class Net(torch.nn.Module):
@@ -337,12 +338,18 @@ def keywords_call(model: Any, inputs: dict) -> bool:
         params = inspect.signature(model.forward).parameters.values()
     except (AttributeError, TypeError, ValueError):
         return False
+    params = list(params)
+    if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params):
+        return False
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
-                                                  p.VAR_POSITIONAL)]
-    if not positional and any(p.kind is p.VAR_KEYWORD for p in params):
-        return True  # forward(**kwargs): a positional dict cannot be passed
-    return all(isinstance(k, str) and k in named for k in inputs)
+    required = {p.name for p in params if p.name in named and p.default is p.empty}
+    any_keyword = any(p.kind is p.VAR_KEYWORD for p in params)
+    keys = set(inputs)
+    if not required <= keys or not (keys <= named or any_keyword):
+        return False
+    # a key naming a parameter, or a forward(**kwargs) that a positional dict cannot reach
+    return bool(keys & named) or not any(
+        p.kind in (p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params)
 
 
 def is_hf_pretrained(model: Any) -> bool:

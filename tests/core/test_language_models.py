@@ -200,6 +200,11 @@ def test_a_forward_taking_the_batch_dict_keeps_it_one_argument():
     assert check_model(Collated(), batch, checks=["grads_finite"]).passed
 
 
+class LMForward(nn.Module):
+    def forward(self, input_ids, attention_mask=None):
+        return input_ids
+
+
 def test_keyword_detection_rules():
     class KwargsOnly(nn.Module):
         def forward(self, **inputs):
@@ -213,9 +218,15 @@ def test_keyword_detection_rules():
     PreTrainedModel = type("PreTrainedModel", (nn.Module,), {"__module__": "transformers.modeling_utils"})
     HF = type("BertForSomething", (PreTrainedModel,), {"forward": lambda self, **kw: kw})
 
+    class Required(nn.Module):
+        def forward(self, batch, scale=None):
+            return batch["x"]
+
     assert keywords_call(KwargsOnly(), {"x": 1}) is True
-    assert keywords_call(Mixed(), {"x": 1, "mask": 2}) is False  # 'mask' is no named parameter
-    assert keywords_call(Mixed(), {"x": 1}) is True
+    assert keywords_call(Mixed(), {"x": 1, "mask": 2}) is True  # 'mask' goes to **extra
+    assert keywords_call(Mixed(), {"y": 1, "mask": 2}) is False  # the required x is missing
+    assert keywords_call(Required(), {"scale": 1}) is False  # batch= would be missing
+    assert keywords_call(LMForward(), {"input_ids": 1, "pixels": 2}) is False  # no such parameter
     assert is_hf_pretrained(HF()) and keywords_call(HF(), {"anything": 1}) is True
     assert keywords_call(None, {"x": 1}) is False  # the model unknown: today's behaviour
 
@@ -251,6 +262,13 @@ def test_a_factory_of_keyword_dicts_stays_keywords_when_resized():
     assert resized.target is resized.kwargs["labels"]
 
 
+def test_an_inputs_dict_with_a_separate_target_is_passed_as_keywords():
+    ids = _tokens()
+    b = Batch.from_user(({"input_ids": ids[:, :-1]}, ids[:, 1:]), model=LMForward())
+    assert b.args == () and list(b.kwargs) == ["input_ids"] and b.target.shape == (B, T)
+    assert Batch.from_user(({"input_ids": ids}, ids)).args[0]["input_ids"] is ids  # no model
+
+
 def test_explicit_keywords_batch_with_target_key():
     d = _hf_batch()
     b = Batch(kwargs=d, target_key="labels")
@@ -282,3 +300,43 @@ def test_tiny_hugging_face_models_take_their_batch_as_keywords():
     assert b.args == () and "labels" in b.kwargs and b.target is b.kwargs["labels"]
     r = grads_finite(model=model, batch=batch)
     assert r.passed is True and r.metrics["loss_fn"] == OWN_LOSS
+
+
+def test_markers_call_a_language_model_with_keywords(pytester):
+    # the pytest path: a dict batch fixture, a model whose forward names its keys
+    pytester.makeconftest('''
+        import pytest
+        import torch
+        import torch.nn.functional as F
+
+        class LM(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb = torch.nn.Embedding(11, 16)
+                self.head = torch.nn.Linear(16, 11)
+
+            def forward(self, input_ids, attention_mask=None, labels=None):
+                logits = self.head(self.emb(input_ids))
+                loss = None if labels is None else F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+                return {"loss": loss, "logits": logits}
+
+        @pytest.fixture
+        def model():
+            torch.manual_seed(0)
+            return LM()
+
+        @pytest.fixture
+        def batch():
+            ids = (torch.arange(9) + torch.tensor([[0], [3], [5], [7]])) % 11  # learnable bigrams
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ''')
+    pytester.makepyfile('''
+        import pytest
+
+        @pytest.mark.grads_finite
+        @pytest.mark.data_sane
+        @pytest.mark.model_overfits(steps=80, lr=0.05)
+        def test_lm(): pass
+    ''')
+    pytester.runpytest("--modelcheck", "-p", "no:cacheprovider").assert_outcomes(passed=1)
