@@ -132,18 +132,21 @@ def _default_boundaries(n: int) -> tuple:
     return tuple(sorted({s for s in (1, n // 4, n // 2, (3 * n) // 4, n - 2, n - 1) if 1 <= s < n}))
 
 
-def _embedding_vocab(work: Any, data: Any, x: Any) -> Optional[int]:
-    """``num_embeddings`` of the smallest ``nn.Embedding`` that the ids ``x`` feed, if any."""
+def _embedding_vocab(work: Any, data: Any, ref: Any) -> Optional[int]:
+    """``num_embeddings`` of the smallest ``nn.Embedding`` that the ids ``data[ref]`` feed."""
     import torch
 
     from ..core.forward import run_forward
 
+    data = data.clone()  # a forward that changes its inputs in place changes this copy
+    x = _get(data, ref)
+    original = x.clone()
     found: list = []
 
     def hook(mod: Any, args: Any) -> None:
         t = args[0] if args else None
         if isinstance(t, torch.Tensor) and (t is x or (t.shape == x.shape and t.dtype == x.dtype
-                                                       and torch.equal(t, x))):
+                                                       and torch.equal(t, original))):
             found.append(int(mod.num_embeddings))
 
     handles = [m.register_forward_pre_hook(hook) for m in work.modules()
@@ -260,7 +263,7 @@ def causal(dim: Any = 1, input_index: Any = None, positions: Any = None, vocab_s
                          " at least 2")
     vocab = None
     if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-        vocab = vocab_size or _embedding_vocab(work, data, x)
+        vocab = vocab_size or _embedding_vocab(work, data, ref)
         if vocab is None:
             vocab = int(x.max()) + 1
         if vocab < 2 or int(x.min()) < 0 or int(x.max()) >= vocab:
@@ -346,15 +349,18 @@ def _validate_kv(steps: Any = 4, prefix: Any = None, input_index: Any = None,
             "step_fn": step_fn, **_tolerances(atol, rtol)}
 
 
+def _takes(model: Any, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _cache_arg(model: Any) -> Optional[str]:
     """The keyword a Hugging Face style forward takes its cache by, or None."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
+    if not _takes(model, "use_cache"):
         return None
-    if "use_cache" not in params:
-        return None
-    return next((name for name in CACHE_ARGS if name in params), None)
+    return next((name for name in CACHE_ARGS if _takes(model, name)), None)
 
 
 def _returned_cache(out: Any) -> Any:
@@ -396,14 +402,13 @@ def _hf_stepper(work: Any, data: Any, ref: Any, x: Any, arg: str) -> Callable:
 
 
 def _without_labels(batch: Any) -> Any:
-    """The batch without a ``labels`` input (keyword or key of the dict argument): decoding
-    calls see a part of the tokens, and the logits are compared, not a loss."""
+    """The batch without its ``labels`` keyword (or the target's key): decoding calls see a
+    part of the tokens, and the logits are compared, not a loss."""
     from ..core.batch import Batch
 
-    args, kwargs = list(batch.args), {k: v for k, v in batch.kwargs.items() if k != "labels"}
-    if args and isinstance(args[0], dict):
-        args[0] = {k: v for k, v in args[0].items() if k != "labels"}
-    return Batch(args=tuple(args), kwargs=kwargs, target=batch.target,
+    drop = {"labels", batch.target_key}
+    kwargs = {k: v for k, v in batch.kwargs.items() if k not in drop}
+    return Batch(args=batch.args, kwargs=kwargs, target=batch.target,
                  has_target=batch.has_target)
 
 
@@ -439,7 +444,7 @@ def kv_cache_consistent(steps: Any = 4, prefix: Any = None, input_index: Any = N
     A Hugging Face model (its forward takes ``use_cache`` and ``cache``/``past_key_values``) is
     driven natively: ``use_cache=True``, the cache from the previous output, the attention mask
     cut to the tokens seen so far, per-token inputs (``position_ids``...) cut to the call's
-    tokens, ``labels`` dropped. Otherwise pass ``step_fn(model, tokens, cache) -> (logits,
+    tokens, the ``labels`` keyword dropped. Otherwise pass ``step_fn(model, tokens, cache) -> (logits,
     cache)``: ``tokens`` are the new tokens, (batch, n); ``cache`` is None on the first call and
     then whatever the previous call returned; ``logits`` are the new tokens', (batch, n, vocab).
     A model with neither is skipped, saying so.
@@ -468,8 +473,14 @@ def kv_cache_consistent(steps: Any = 4, prefix: Any = None, input_index: Any = N
         raise SkipCheck(f"{type(model).__name__}.forward takes no use_cache and cache (or"
                         " past_key_values) arguments and no step_fn was given: pass"
                         " step_fn(model, tokens, cache) -> (logits, cache) to check its cache")
+    if arg is not None and _takes(model, "decoder_input_ids"):
+        raise SkipCheck(f"{type(model).__name__} is an encoder-decoder (its forward takes"
+                        " decoder_input_ids): pass step_fn(model, tokens, cache) -> (logits, cache)"
+                        " to check the decoder's cache")
     work = copy_model(model).to(device).eval()
-    data = _without_labels(batch.clone().to(device))
+    data = batch.clone().to(device)
+    if step_fn is None:
+        data = _without_labels(data)
     ref, x = _pick_input(data, input_index)
     if x.dim() < 2:
         raise UsageError(f"{_ref_text(ref)}: expected (batch, time) tokens, got shape"

@@ -357,6 +357,15 @@ def test_public_causal_lms_pass_causal_and_kv_cache(name):
     assert result.passed, result.headline
 
 
+def test_hugging_face_dict_batches_with_labels_work_as_given():
+    pytest.importorskip("transformers")
+    from tests.conformance.zoo import build_case
+
+    model, batch, _ = build_case("hf_llama")  # a dict: input_ids, attention_mask, labels
+    assert causal(model=model, batch=batch).passed
+    assert kv_cache_consistent(steps=2, model=model, batch=batch).passed
+
+
 def test_gpt2_ties_wte_and_lm_head():
     model, batch = _hf("hf_gpt2")
     result = tied_parameters([("transformer.wte.weight", "lm_head.weight")], model=model,
@@ -384,6 +393,34 @@ def test_hf_cache_path_that_forgets_positions_fails():
     assert result.passed is False, result.headline
     assert "use_cache=True and cache=" in result.headline
     assert "decode step 1 of 4" in result.headline
+
+
+class DropsACacheStep(nn.Module):
+    """Wraps a Hugging Face LM; on cached calls it drops the newest key/value from the cache."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask=None, cache=None, use_cache=None):
+        if cache is not None and cache.get_seq_length() > 1:
+            cache.crop(-1)  # the previous token's key/value is lost
+            attention_mask = None
+        return self.lm(input_ids=input_ids, attention_mask=attention_mask, cache=cache,
+                       use_cache=use_cache)
+
+
+def test_hf_cache_path_that_drops_a_step_fails():
+    model, batch = _hf("hf_llama")
+    result = kv_cache_consistent(model=DropsACacheStep(model), batch=batch)
+    assert result.passed is False, result.headline
+    assert "observed position 8 (decode step 1 of 4) off by max |diff|" in result.headline
+
+
+def test_encoder_decoder_without_step_fn_is_skipped():
+    model, batch = _hf("hf_t5")
+    result = kv_cache_consistent(model=model, batch=batch)
+    assert result.passed is None and "decoder_input_ids" in result.headline
 
 
 def test_bert_padding_invariant_passes():
