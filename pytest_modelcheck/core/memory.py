@@ -65,8 +65,11 @@ Breakdown
     (allocated in forward), ``temporaries`` (allocated in backward, gradients of activations
     included) and ``other`` (the batch). When the measured peak is above what the dispatcher
     saw, the difference is reported as ``untracked``. ``top_modules`` lists the modules whose
-    own forward code (submodules excluded) leaves the most activation bytes alive, ``<root>``
-    being the model itself.
+    own forward code (submodules excluded) leaves the most activation bytes alive. The model's
+    own forward code is listed as ``<root> (ClassName) own ops, largest aten.<op> at
+    file:line in forward`` with the larger of the bytes it leaves alive and its largest single
+    allocation, freed or not (a broadcast intermediate made in the root's ``forward`` is freed
+    before the forward ends, yet it can be the peak).
 
 Limitations
     Ops that need tensor values (``.item()``, ``nonzero``, data-dependent control flow) cannot
@@ -832,7 +835,7 @@ def _tracked_run(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any
     tracker.track_external(work, *(t for _, t in _batch_tensors(data)),
                            *([opt] if opt is not None else []))
     try:
-        with _tracking(tracker):
+        with _tracking(tracker), _root_own_ops(work, tracker):
             keep = _run_step(work, data, loss, phase, opt, _tracker_phases(tracker, _no_phase))
     except Exception as exc:  # noqa: BLE001 - the model's own errors propagate
         if _tracker_limitation(exc):
@@ -885,7 +888,7 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             _no_nested_tensors(work)
             with _tracking(tracker), _device_workspaces(tracker, dev, upper, kernels), \
                     _linear_bias_in_place(), _mha_fastpath(fused), _quiet_fake_tensor_log(), \
-                    _causal_masks_by_origin():
+                    _causal_masks_by_origin(), _root_own_ops(work, tracker):
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp,
                                  amp_device=place.type)
@@ -1292,6 +1295,64 @@ def _tracking(tracker: Any) -> Iterator[None]:
             warnings.formatwarning = saved_format
 
 
+@contextlib.contextmanager
+def _root_own_ops(model: Any, tracker: Any) -> Iterator[None]:
+    """Record the allocations of the root module's own forward code (ops run while no
+    submodule is on the call stack): the broadcast intermediate a model builds in its own
+    ``forward`` is freed before the forward ends, so the tracker's bytes alive after the
+    forward miss it. The largest allocation, its op and the user's source line are left on
+    ``tracker.modelcheck_root_ops`` for ``_top_modules``; no tensor is kept. Entered last
+    (its mode runs first), so the user's line is the next frame out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from .dispatch import user_source
+
+    if tracker is None:
+        yield
+        return
+    stack: list = []
+    record = {"largest": 0, "op": "", "source": "", "total": 0}
+
+    class RootOps(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            if len(stack) != 1:
+                return out
+            returns = func._schema.returns
+            if any(r.alias_info is not None for r in returns):
+                return out  # a view or an in-place op allocates nothing
+            size = 0
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                try:
+                    size += int(t.untyped_storage().nbytes())
+                except (AttributeError, RuntimeError, NotImplementedError):
+                    pass
+            record["total"] += size
+            if size > record["largest"]:
+                record.update(largest=size, source=user_source(),
+                              op=f"aten.{func.overloadpacket.__name__}")
+            return out
+
+    def push(mod: Any, args: Any) -> None:
+        stack.append(mod)
+
+    def pop(mod: Any, args: Any, out: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    try:
+        for m in model.modules():
+            handles.append(m.register_forward_pre_hook(push))
+            handles.append(m.register_forward_hook(pop))
+        with RootOps():
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+        tracker.modelcheck_root_ops = record
+
+
 def _tracker_phases(tracker: Any, inner: PhaseContext) -> PhaseContext:
     """Wrap ``inner`` so the tracker knows which phase its allocations belong to."""
     if tracker is None:
@@ -1357,6 +1418,15 @@ def _top_modules(tracker: Any, model: Any, limit: Optional[int] = TOP_MODULES) -
         value = total - sum(inclusive[c] for c in called_below(key))
         if value > 0:
             own.append([names[key], int(value)])
+    # The root's own forward code: its largest allocation counts even when it was freed before
+    # the forward ended (a broadcast intermediate), and its line is named.
+    root = getattr(tracker, "modelcheck_root_ops", None) or {}
+    if root.get("largest", 0) > 0:
+        alive = next((v for n, v in own if n == ROOT), 0)
+        own = [item for item in own if item[0] != ROOT]
+        at = f" at {root['source']}" if root.get("source") else ""
+        own.append([f"{ROOT} ({type(model).__name__}) own ops, largest {root['op']}{at}",
+                    int(max(alive, root["largest"]))])
     own.sort(key=lambda item: (-item[1], item[0]))
     return own if limit is None else own[:limit]
 
