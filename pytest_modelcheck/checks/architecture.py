@@ -380,12 +380,35 @@ def _pos_embedding(model: Any) -> tuple:
     return None, None
 
 
-def _pos_added(work: Any, data: Any, conv_name: str, width: int) -> dict:
+def _linear_patch(mod: Any, args: Any, image: tuple) -> Any:
+    """The patch size when ``mod`` is a Linear applied to flattened patches of ``image``
+    (``(B, C, *spatial)``): input ``(B, N, C * p**d)`` with ``N = prod(spatial / p)``."""
+    import torch
+    import torch.nn as nn
+
+    if not isinstance(mod, nn.Linear) or not args or not isinstance(args[0], torch.Tensor) \
+            or args[0].dim() != 3 or len(image) < 3:
+        return None
+    channels, spatial = image[1], image[2:]
+    n, features = int(args[0].shape[-2]), int(args[0].shape[-1])
+    if features % channels:
+        return None
+    p = round((features // channels) ** (1 / len(spatial)))
+    for q in (p - 1, p, p + 1):
+        if q > 1 and channels * q ** len(spatial) == features and all(s % q == 0 for s in spatial) \
+                and math.prod(s // q for s in spatial) == n:
+            return (q,) * len(spatial)
+    return None
+
+
+def _pos_added(work: Any, data: Any, conv_name: Any, width: Any, image: tuple) -> dict:
     """Run ``work`` on ``data`` (no gradients) and find the positional embedding structurally:
     the first parameter or buffer added (``aten.add``) after the patch embedding ``conv_name``
     ran, whose trailing shape matches the tokens': ``(L, width)`` in token layout
-    (``(1, L, D)`` + ``(B, L, D)``) or ``(width, *grid)`` in grid layout. Returns ``{"name",
-    "length", "source", "ran", "error"}`` (``name`` None when no such add ran)."""
+    (``(1, L, D)`` + ``(B, L, D)``) or ``(width, *grid)`` in grid layout. With ``conv_name``
+    None, the patch embedding is the first ``nn.Linear`` run on flattened patches of the input
+    of shape ``image`` (:func:`_linear_patch`). Returns ``{"name", "length", "source", "ran",
+    "error", "patch_module", "patch", "width"}`` (``name`` None when no such add ran)."""
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -396,14 +419,16 @@ def _pos_added(work: Any, data: Any, conv_name: str, width: int) -> dict:
     for name, t in list(work.named_parameters()) + list(work.named_buffers()):
         if t.dim() >= 2 and t.numel() > 0:
             owned.setdefault(_storage(t), (name, t))
-    found = {"name": None, "length": None, "source": "", "ran": False, "error": None}
+    found = {"name": None, "length": None, "source": "", "ran": False, "error": None,
+             "patch_module": conv_name, "patch": None, "width": width}
 
     def positions(p: Any, other: Any, full: Any) -> Any:
+        d = found["width"]
         if other.dim() < 2 or p.dim() < 2:
             return None
-        if p.shape[-1] == width == other.shape[-1] and p.shape[-2] == other.shape[-2] > 1:
+        if p.shape[-1] == d == other.shape[-1] and p.shape[-2] == other.shape[-2] > 1:
             return int(full.shape[-2])  # token layout: (.., L, D)
-        if (p.dim() == other.dim() >= 3 and p.shape[1] == width == other.shape[1]
+        if (p.dim() == other.dim() >= 3 and p.shape[1] == d == other.shape[1]
                 and tuple(p.shape[2:]) == tuple(other.shape[2:]) and math.prod(p.shape[2:]) > 1):
             return math.prod(int(n) for n in full.shape[2:])  # grid layout: (1, D, *grid)
         return None
@@ -422,7 +447,11 @@ def _pos_added(work: Any, data: Any, conv_name: str, width: int) -> dict:
             return func(*args, **(kwargs or {}))
 
     def seen(name: str, mod: Any, args: Any, out: Any) -> None:
-        if name == conv_name:
+        if found["patch_module"] is None:
+            patch = _linear_patch(mod, args, image)
+            if patch is not None:
+                found.update(patch_module=name, patch=patch, width=mod.out_features)
+        if name == found["patch_module"]:
             found["ran"] = True
 
     with _module_stack(work, seen):
@@ -440,7 +469,8 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
     """ViT patches tile every declared image size and the token count fits the positional embedding.
 
     The patch embedding is the first Conv1d/2d/3d with ``kernel_size == stride`` (> 1) and no
-    padding (none: the check is skipped). The positional embedding is found at dispatch: the
+    padding, else the first ``nn.Linear`` run on flattened patches of the input (``(B, N,
+    C * p**d)`` with ``N = prod(size / p)``); with neither, the check is skipped. The positional embedding is found at dispatch: the
     first parameter or buffer added to the tokens after the patch embedding ran whose trailing
     shape matches theirs (``(1, L, D)`` + ``(B, L, D)``, or ``(1, D, *grid)`` onto the feature
     map), whatever its name; failing that, one named like ``*pos_emb*``/``*position*`` (an
@@ -464,12 +494,17 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
     x = _input_tensor(base, input_index)
     first = copy_model(model).to(device).eval()
     conv_name, conv, patch = _patch_embedding(first)
+    pos = _pos_added(first, base, conv_name, conv.out_channels if conv is not None else None,
+                     tuple(x.shape))
     if not patch:
+        conv_name, patch = pos["patch_module"], pos["patch"]
+    if not patch:
+        if pos["error"] is not None:
+            raise pos["error"]
         raise SkipCheck("no patch embedding found: no Conv1d/2d/3d with kernel_size == stride > 1"
-                        " and no padding in the model")
+                        " and no padding, and no Linear run on flattened patches of the input")
     ndim = len(patch)
     example = tuple(x.shape[-ndim:])
-    pos = _pos_added(first, base, conv_name, conv.out_channels)
     pos_name, pos_len, pos_how = pos["name"], pos["length"], "added to the patch tokens"
     if pos_name is None:
         pos_name, pos_len = _pos_embedding(first)

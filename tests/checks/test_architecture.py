@@ -475,3 +475,31 @@ def test_vit_public_architectures_pass(case, sizes):
         assert bad.passed is False  # 1.5x the size: the table no longer fits
     finally:
         torch.set_num_threads(threads)
+
+
+class LinearPatchViT(nn.Module):
+    """Patches flattened by reshaping and embedded by a Linear (no convolution), table ``grid``."""
+
+    def __init__(self, patch=4, size=16):
+        super().__init__()
+        torch.manual_seed(0)
+        self.p = patch
+        self.embed = nn.Linear(patch * patch, 8)
+        self.grid = nn.Parameter(torch.zeros(1, (size // patch) ** 2, 8))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        p = self.p
+        t = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, c * p * p)
+        return self.head((self.embed(t) + self.grid).mean(1))
+
+
+def test_vit_linear_patch_embedding_is_found_from_its_input_shape():
+    r = vit_patches([16], model=LinearPatchViT(), batch=_image(16))
+    assert r.passed is True, r.headline
+    assert r.metrics["patch_module"] == "embed" and r.metrics["patch"] == [4, 4]
+    assert r.metrics["pos_embed"] == "grid" and r.metrics["extra_tokens"] == 0
+    r = vit_patches([16, 20], model=LinearPatchViT(), batch=_image(16))
+    assert r.passed is False
+    assert "observed at size 20: 5x5 = 25 patch tokens, but 'grid' has 16 positions" in r.headline
