@@ -373,6 +373,13 @@ def test_gpt2_ties_wte_and_lm_head():
     assert result.passed, result.headline
 
 
+def test_llama_untied_head_fails_a_declared_tie():
+    model, batch = _hf("hf_llama")  # LlamaConfig ties no word embeddings by default
+    result = tied_parameters([("model.embed_tokens.weight", "lm_head.weight")], model=model,
+                             batch=batch)
+    assert result.passed is False and result.headline.endswith("as built")
+
+
 class ForgetsCachePositions(nn.Module):
     """Wraps a Hugging Face LM; on cached calls it passes position_ids counted from 0 instead
     of from the cache length (a hand-written decoding loop's classic slip)."""
