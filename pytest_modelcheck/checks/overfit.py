@@ -8,9 +8,10 @@ from ..core.errors import UsageError
 from ..core.result import CheckResult
 from .registry import check
 
+UNCONSTRAINED_HINT = ("outputs unconstrained where the loss expects a range (angles, probabilities):"
+                      " add a bounded activation")
 HINTS = (
-    "outputs unconstrained where the loss expects a range (angles, probabilities): add a bounded"
-    " activation",
+    UNCONSTRAINED_HINT,
     "inputs or targets normalized wrongly (check data_sane / the forward value ranges)",
     "a .detach(), .item() or torch.no_grad() in the middle of forward cuts the graph"
     " (grads_finite names parameters that get no gradient)",
@@ -66,6 +67,106 @@ def _validate(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_
         raise UsageError(f"target_ratio={target_ratio!r}: expected a fraction of the initial loss"
                          " below 1, such as 0.3")
     return out
+
+
+#: Rows along the class dimension whose sums stay within this of 1 (and no value below 0) are
+#: probabilities: a softmax already applied to what the loss takes as logits.
+ROW_SUM_TOLERANCE = 1e-3
+PROBABILITIES_CAUSE = ("outputs are already probabilities (rows sum to 1): cross_entropy applies"
+                       " log_softmax itself; return logits")
+
+
+def _classes_dim(out: Any, target: Any) -> Any:
+    """The class (channel) dimension of a prediction: where integer targets say it is, else dim 1
+    of an image-like output, else the last."""
+    import torch
+
+    from ..core.losses import class_dim
+
+    if isinstance(target, torch.Tensor) and not target.is_floating_point():
+        dim = class_dim(out, target)
+        if dim is not None:
+            return dim
+    return out.dim() - 1 if out.dim() <= 3 else 1
+
+
+def output_diagnosis(initial_out: Any, trained_out: Any, target: Any = None,
+                     loss_name: str = "") -> tuple:
+    """``(cause, hints, metrics)``: what in the outputs blocks fitting, if anything.
+
+    * rows that sum to 1 with no negative value (``initial_out``): probabilities fed to a loss
+      that expects logits;
+    * class channels that are 0 for every sample while every output is >= 0 (at initialisation
+      or after training): a ReLU before the output, which cannot produce the negative logits a
+      fit needs and gives those channels no gradient.
+
+    ``cause`` is a short text for the failure headline ("" when nothing is found); a prediction
+    that is 0 everywhere is left to the generic hints (it is no ReLU's doing alone). Probabilities
+    are not reported under a named loss that takes them (``loss_name`` 'mse', 'bce', ...).
+
+    >>> import torch
+    >>> cause, hints, _ = output_diagnosis(torch.randn(4, 3).softmax(-1), torch.randn(4, 3).softmax(-1))
+    >>> cause
+    'outputs are already probabilities (rows sum to 1): cross_entropy applies log_softmax itself; return logits'
+    >>> relu = torch.tensor([[0.5, 0.0, 0.2], [0.1, 0.0, 0.0]])
+    >>> output_diagnosis(relu, relu)[0]
+    '1 of 3 output channels are 0 for every sample: a ReLU before the output'
+    """
+    import torch
+
+    from ..core.outputs import primary_output
+
+    metrics: dict = {}
+    first, last = primary_output(initial_out), primary_output(trained_out)
+    if not isinstance(first, torch.Tensor) or not first.is_floating_point() or first.dim() < 1             or first.numel() == 0:
+        return "", [], metrics
+    dim = _classes_dim(first, target)
+    classes = first.shape[dim]
+    if classes < 2:
+        return "", [], metrics
+    x = first.detach().double()
+    sums = x.sum(dim)
+    takes_probabilities = loss_name in ("mse", "l1", "smooth_l1", "bce", "bce_with_logits")
+    if not takes_probabilities and bool((x >= 0).all()) \
+            and bool(((sums - 1).abs() <= ROW_SUM_TOLERANCE).all()):
+        metrics["outputs_are_probabilities"] = True
+        if loss_name == "nll":
+            cause = ("outputs are probabilities (rows sum to 1): nll expects log-probabilities;"
+                     " return log_softmax")
+            return cause, [cause + " (or logits with loss='cross_entropy')"], metrics
+        return PROBABILITIES_CAUSE, [PROBABILITIES_CAUSE + " (F.cross_entropy(logits, target));"
+                                     " keep the softmax for inference only"], metrics
+    counts = {}
+    for when, out in (("at initialisation", first), ("after training", last)):
+        if not isinstance(out, torch.Tensor) or out.shape != first.shape:
+            continue
+        v = out.detach()
+        if not bool((v >= 0).all()) or not bool((v != 0).any()):
+            continue  # negative values: no ReLU on the output; all zero: not a ReLU's doing alone
+        dead = (v.movedim(dim, -1).reshape(-1, classes) == 0).all(0)
+        if bool(dead.any()):
+            counts[when] = dead
+    if not counts:
+        return "", [], metrics
+    when, dead = max(counts.items(), key=lambda kv: int(kv[1].sum()))
+    n = int(dead.sum())
+    metrics["dead_output_channels"] = [int(i) for i in dead.nonzero().flatten()]
+    cause = f"{n} of {classes} output channels are 0 for every sample: a ReLU before the output"
+    detail = (f"{n} of {classes} output channels ({', '.join(map(str, metrics['dead_output_channels'][:10]))}"
+              f"{', ...' if n > 10 else ''}) are 0 for every sample {when}, and no output is"
+              " negative: a ReLU (or clamp) before the output gives those channels no gradient and"
+              " no output can go below 0; remove it (cross_entropy wants the last layer's"
+              " logits)")
+    if len(counts) == 2 and when == "after training":
+        detail += f" ({int(counts['at initialisation'].sum())} of {classes} at initialisation)"
+    if isinstance(target, torch.Tensor) and not target.is_floating_point() and \
+            target.shape == first.movedim(dim, -1).shape[:-1]:
+        stuck = dead.to(target.device)[target.clamp(0, classes - 1)] & (target >= 0)
+        if bool(stuck.any()):
+            per_sample = stuck.reshape(stuck.shape[0], -1).any(1) if stuck.dim() else stuck.reshape(1)
+            detail += (f"; the targets of {int(per_sample.sum())} of {per_sample.numel()} samples"
+                       " are in those channels")
+    return cause, [detail], metrics
 
 
 def _steps(run: Any, steps: int) -> str:
@@ -171,8 +272,16 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         observed = f"loss flat at {best:.4g}"
     else:
         observed = f"best {best:.4g} (final {final:.4g})"
+    with torch.no_grad():
+        trained = run_forward(work.eval(), data)
+    cause, specific, found = output_diagnosis(probe, trained, data.target,
+                                              lossfn.name if lossfn.named else "")
+    metrics.update(found)
+    if cause:
+        observed += f"; {cause}"
     details.append("hints:")
-    details += [f"  - {h}" for h in HINTS]
+    details += [f"  - {h}" for h in specific + [h for h in HINTS
+                                                 if not (specific and h == UNCONSTRAINED_HINT)]]
     metrics["stuck_at_chance"] = at_chance
     return CheckResult("model_overfits", False,
                        f"expected {goal_text} within {_steps(run, steps)}, observed {observed}"
