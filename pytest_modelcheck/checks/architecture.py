@@ -647,6 +647,10 @@ def _fft_mode(record: dict, stack: list) -> Any:
                 elif record["last"] is not None and isinstance(out, torch.Tensor):
                     key = record["last"]
                     record["inverse"].setdefault(key, out)
+            elif name in ("roll", "clone", "_to_copy") and args and isinstance(out, torch.Tensor) \
+                    and isinstance(args[0], torch.Tensor) and _storage(args[0]) in record["spectra"] \
+                    and out.shape == args[0].shape:  # fftshift (roll) or a copy of the spectrum
+                record["spectra"].setdefault(_storage(out), (out, record["spectra"][_storage(args[0])][1]))
             elif name == "slice" and args and isinstance(args[0], torch.Tensor) \
                     and _storage(args[0]) in record["spectra"]:
                 spec, key = record["spectra"][_storage(args[0])]
@@ -802,8 +806,10 @@ def fno_modes(grid_sizes: Any = None, energy_tol: Any = 1e-4, input_index: Any =
         for key, (info, modes0) in checked.items():
             now = rec["layers"].get(key)
             if now is not None:
-                modes = tuple(m0 if m is None else m for m, m0 in
-                              zip((now["modes"].get(d) for d in info["dims"]), modes0))
+                # modes as sliced at this grid (a model may adapt them); when the forward then
+                # raised, the example's modes where larger: they explain the error
+                modes = tuple(m0 if m is None else (max(m, m0 or 0) if error is not None else m)
+                              for m, m0 in zip((now["modes"].get(d) for d in info["dims"]), modes0))
                 n = now["grid"]
             else:  # not reached at this grid: the example's modes, its grid scaled to this one
                 modes = modes0

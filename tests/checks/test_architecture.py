@@ -503,3 +503,31 @@ def test_vit_linear_patch_embedding_is_found_from_its_input_shape():
     r = vit_patches([16, 20], model=LinearPatchViT(), batch=_image(16))
     assert r.passed is False
     assert "observed at size 20: 5x5 = 25 patch tokens, but 'grid' has 16 positions" in r.headline
+
+
+class ShiftedSpectral(nn.Module):
+    """neuraloperator style: fftshift the full dim, keep a centred block of ``2 * half`` rows."""
+
+    def __init__(self, half, cols):
+        super().__init__()
+        torch.manual_seed(0)
+        self.n_modes = (half, cols)
+        self.weight = nn.Parameter(torch.randn(1, 1, 2 * half, cols, dtype=torch.cfloat))
+
+    def forward(self, x):
+        half, cols = self.n_modes
+        f = torch.fft.fftshift(torch.fft.rfft2(x), dim=-2)
+        c = f.shape[-2] // 2
+        out = torch.zeros_like(f)
+        out[..., c - half:c + half, :cols] = f[..., c - half:c + half, :cols] * self.weight
+        return torch.fft.irfft2(torch.fft.ifftshift(out, dim=-2), s=x.shape[-2:])
+
+
+def test_fno_centred_modes_of_an_fftshifted_spectrum():
+    r = fno_modes(model=ShiftedSpectral(3, 3), batch=_image(16))
+    assert r.passed is True, r.headline
+    assert r.metrics["modes"] == [[3, 3]]
+    assert r.metrics["max_energy_beyond"] < 0.05  # the centred block is -3..2: one row of -3
+    r = fno_modes([16, 4], model=ShiftedSpectral(3, 3), batch=_image(16))
+    assert r.passed is False
+    assert "observed at grid (4, 4): layer 'ShiftedSpectral' keeps modes1=3 > 4//2 = 2" in r.headline
