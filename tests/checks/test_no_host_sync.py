@@ -305,3 +305,21 @@ def test_bad_allow_patterns_and_strict_are_usage_errors(kwargs, fragment):
         no_host_sync(**kwargs, model=Net(), batch=_batch())
     assert fragment in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_marker_strict_and_allow_patterns_in_pytester_project(healthy_project):
+    healthy_project.makepyfile(test_sync_patterns='''
+        import pytest
+
+        @pytest.mark.no_host_sync(allow=["transformers/masking_utils.py", 1], strict=True)
+        def test_ok(model, batch):
+            pass
+
+        @pytest.mark.no_host_sync(allow=["not a pattern"])
+        def test_bad_pattern(model, batch):
+            pass
+    ''')
+    result = healthy_project.runpytest("--modelcheck", "-p", "no:cacheprovider", "--strict-markers")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["@pytest.mark.no_host_sync: allow=*: pattern 'not a pattern' is"
+                                 " neither a path*"])  # at setup, before anything ran
