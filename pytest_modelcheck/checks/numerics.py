@@ -620,10 +620,13 @@ def _path_tracer(mods: "_ModuleStack", tags: Any, attention: dict, state: dict) 
             out = func(*args, **kwargs)
             name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
             found = None
-            if name in SOFTMAX_OPS:
-                found = _softmax_attention(args, out)
-            elif name in SDPA_OPS:
-                found = _sdpa_attention(func, args, kwargs)
+            try:
+                if name in SOFTMAX_OPS:
+                    found = _softmax_attention(args, out)
+                elif name in SDPA_OPS:
+                    found = _sdpa_attention(func, args, kwargs)
+            except Exception:  # noqa: BLE001 - an attention layout this measure does not know
+                found = None
             if found is not None and found[1]:
                 row = attention.setdefault(mods.current, {"sum": 0.0, "rows": 0, "calls": 0,
                                                           "op": "aten." + name,
