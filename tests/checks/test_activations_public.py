@@ -160,9 +160,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x):
         q, k, v = self.qkv(x).chunk(3, -1)
-        if self.fused:
+        if self.fused:  # one head, (B, 1, T, d): torch's fused kernel
+            q, k, v = (t.unsqueeze(1) for t in (q, k, v))
             scale = math.sqrt(self.d) if self.scaled_up else None  # the bug: sqrt(d), not 1/sqrt(d)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=scale)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal,
+                                                  scale=scale).squeeze(1)
         scores = q @ k.transpose(-2, -1)
         scores = scores * math.sqrt(self.d) if self.scaled_up else scores / math.sqrt(self.d)
         if self.causal:
@@ -192,7 +194,8 @@ def test_attention_scaled_by_sqrt_d_saturates_and_is_reported(fused, causal):
     r = activations_healthy(model=TinyTransformer(scaled_up=True, causal=causal, fused=fused),
                             batch=_tokens())
     assert r.passed is False
-    assert "observed saturated attention in 'attn' (SelfAttention): aten._" in r.headline
+    op = "aten._scaled_dot_product_" if fused else "aten._softmax"
+    assert f"observed saturated attention in 'attn' (SelfAttention): {op}" in r.headline
     assert "test_activations_public.py:" in r.headline  # the line of the attention
     assert r.metrics["attention"]["attn"] >= 0.9
     assert f"mean max probability of {r.metrics['attention']['attn']:.3f}" in r.headline
@@ -236,6 +239,49 @@ def test_attention_threshold_is_an_argument():
 def test_bad_attention_threshold_is_a_usage_error(value):
     with pytest.raises(UsageError, match=r"^attention_max_prob=.*: expected a probability in \(0, 1\]"):
         activations_healthy(attention_max_prob=value, model=TorchAttention("mha"), batch=_tokens())
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "bool", "additive", "gqa"])
+def test_fused_attention_probabilities_are_recomputed_from_query_key_scale_and_mask(mask):
+    from pytest_modelcheck.checks.numerics import _sdpa_attention, _top_probs
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 6, 8, generator=g) * 3, torch.randn(2, 4, 6, 8, generator=g) * 3
+    v = torch.randn(2, 4, 6, 8, generator=g)
+    allowed = torch.rand(2, 1, 6, 6, generator=g) > 0.3
+    allowed[..., 0] = True
+    kwargs, keys = {"scale": 0.5}, k
+    if mask == "causal":
+        allowed = torch.ones(6, 6, dtype=torch.bool).tril().expand(2, 4, 6, 6)
+        kwargs["is_causal"] = True
+    elif mask == "bool":
+        kwargs["attn_mask"] = allowed
+    elif mask == "additive":
+        kwargs["attn_mask"] = torch.zeros(2, 1, 6, 6).masked_fill(~allowed, torch.finfo(torch.float).min)
+    elif mask == "gqa":
+        keys, k, v = k, k[:, :2], v[:, :2]
+        keys = k.repeat_interleave(2, dim=1)
+        kwargs["enable_gqa"] = True
+    if mask in ("none", "gqa"):
+        allowed = torch.ones(2, 4, 6, 6, dtype=torch.bool)
+    expected = (q @ keys.transpose(-2, -1) * 0.5).masked_fill(~allowed, -math.inf).softmax(-1)
+    seen = []
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Grab(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__.startswith("_scaled_dot_product"):
+                seen.append(_sdpa_attention(func, args, kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    with Grab():
+        F.scaled_dot_product_attention(q, k, v, **kwargs)
+    if not seen:
+        pytest.skip("this torch build runs this attention without a fused kernel")
+    want = _top_probs(expected, allowed.expand(2, 4, 6, 6))
+    assert seen[0][1] == want[1]
+    assert seen[0][0] == pytest.approx(want[0], rel=1e-5)
 
 
 def test_a_softmax_that_is_not_attention_is_not_measured():
