@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 MAX_OPS = 4000
-MAX_BYTES = 256 << 20
+MAX_BYTES = 128 << 20  # op outputs kept from the first run (their labels take as much again)
 
 
 @dataclass
