@@ -370,12 +370,15 @@ def _patch_embedding(model: Any) -> tuple:
     return None, None, None
 
 
-def _pos_embedding(model: Any) -> tuple:
-    """``(name, length)`` of the first parameter/buffer named like a positional embedding."""
+def _pos_embedding(model: Any, width: Any = None) -> tuple:
+    """``(name, length)`` of the first parameter/buffer named like a positional embedding whose
+    last dim is the tokens' ``width`` when given (a relative-position bias table of
+    ``(positions, heads)`` is not one)."""
     tensors = list(model.named_parameters()) + list(model.named_buffers())
     for name, t in tensors:
         low = name.lower()
-        if ("pos_emb" in low or "position" in low or "posemb" in low) and t.dim() >= 2:
+        if ("pos_emb" in low or "position" in low or "posemb" in low) and t.dim() >= 2 \
+                and (width is None or t.shape[-1] == width):
             return name, int(t.shape[-2])
     return None, None
 
@@ -507,7 +510,7 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
     example = tuple(x.shape[-ndim:])
     pos_name, pos_len, pos_how = pos["name"], pos["length"], "added to the patch tokens"
     if pos_name is None:
-        pos_name, pos_len = _pos_embedding(first)
+        pos_name, pos_len = _pos_embedding(first, pos["width"])
         pos_how = "found by its name"
     extra = None
     if patch and pos_len is not None:

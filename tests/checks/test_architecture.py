@@ -531,3 +531,20 @@ def test_fno_centred_modes_of_an_fftshifted_spectrum():
     r = fno_modes([16, 4], model=ShiftedSpectral(3, 3), batch=_image(16))
     assert r.passed is False
     assert "observed at grid (4, 4): layer 'ShiftedSpectral' keeps modes1=3 > 4//2 = 2" in r.headline
+
+
+def test_vit_relative_position_bias_table_is_not_a_positional_embedding():
+    class SwinLike(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.patch = nn.Conv2d(1, 8, 4, stride=4)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(49, 2))  # (positions, heads)
+
+        def forward(self, x):
+            return self.patch(x).flatten(2).mean(-1) + self.relative_position_bias_table.sum()
+
+    r = vit_patches([16, 24], model=SwinLike(), batch=_image(16))
+    assert r.passed is True, r.headline
+    assert r.metrics["pos_embed"] is None
+    assert "observed patch 4 of 'patch', no positional embedding fitting" in r.headline
