@@ -473,14 +473,15 @@ def vit_patches(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: A
 
     The patch embedding is the first Conv1d/2d/3d with ``kernel_size == stride`` (> 1) and no
     padding, else the first ``nn.Linear`` run on flattened patches of the input (``(B, N,
-    C * p**d)`` with ``N = prod(size / p)``); with neither, the check is skipped. The positional embedding is found at dispatch: the
-    first parameter or buffer added to the tokens after the patch embedding ran whose trailing
-    shape matches theirs (``(1, L, D)`` + ``(B, L, D)``, or ``(1, D, *grid)`` onto the feature
-    map), whatever its name; failing that, one named like ``*pos_emb*``/``*position*`` (an
-    embedding interpolated before the add). Its second-to-last dim is the sequence. Extra tokens (CLS, distillation)
-    are the embedding's length minus the patch count at the example size. A size that is not a
-    multiple of the patch, or whose ``prod(size / patch) + extra`` differs from the embedding's
-    length, fails unless the forward runs all the same (the model interpolates); the forward is
+    C * p**d)`` with ``N = prod(size / p)``); with neither, the check is skipped. The positional
+    embedding is found at dispatch: the first parameter or buffer added to the tokens after the
+    patch embedding ran whose trailing shape matches theirs (``(1, L, D)`` + ``(B, L, D)``, or
+    ``(1, D, *grid)`` onto the feature map), whatever its name; failing that, one named like
+    ``*pos_emb*``/``*position*`` with the tokens' width (an embedding interpolated before the
+    add). Its second-to-last dim is the sequence. Extra tokens (CLS, distillation) are the
+    embedding's length minus the patch count at the example size. A size that is not a multiple
+    of the patch, or whose ``prod(size / patch) + extra`` differs from the embedding's length,
+    fails unless the forward runs all the same (the model interpolates); the forward is
     run at every size (eval, no gradients, on a copy) to confirm.
 
     >>> import torch
@@ -653,7 +654,8 @@ def _fft_mode(record: dict, stack: list) -> Any:
             elif name in ("roll", "clone", "_to_copy") and args and isinstance(out, torch.Tensor) \
                     and isinstance(args[0], torch.Tensor) and _storage(args[0]) in record["spectra"] \
                     and out.shape == args[0].shape:  # fftshift (roll) or a copy of the spectrum
-                record["spectra"].setdefault(_storage(out), (out, record["spectra"][_storage(args[0])][1]))
+                key = record["spectra"][_storage(args[0])][1]
+                record["spectra"].setdefault(_storage(out), (out, key))
             elif name == "slice" and args and isinstance(args[0], torch.Tensor) \
                     and _storage(args[0]) in record["spectra"]:
                 spec, key = record["spectra"][_storage(args[0])]
