@@ -191,6 +191,10 @@ KNOWN_WRONG_OUTCOMES: dict = {
     ("kv_cache_consistent", "failing"): "Subject has no cache: the check skips",
     ("kv_cache_consistent", "raises_on_first_forward"): "Subject has no cache: the check skips"
     " before any forward",
+    ("fno_modes", "passing"): "Subject runs no FFT: the check skips (no spectral layer found)",
+    ("fno_modes", "failing"): "Subject runs no FFT: the check skips (no spectral layer found)",
+    ("vit_patches", "passing"): "Subject has no patch embedding: the check skips",
+    ("vit_patches", "failing"): "Subject has no patch embedding: the check skips",
     ("tied_parameters", "passing"): "Subject ties no parameters: a declared pair fails as built",
     ("tied_parameters", "raises_on_first_forward"): "a declared pair fails as built, before any"
     " forward",
