@@ -222,7 +222,6 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
-@functools.lru_cache(maxsize=4096)
 def code_owner(filename: str, project_root: str = "") -> tuple:
     """``(kind, package, relative path)`` of the code in ``filename``.
 
@@ -246,6 +245,11 @@ def code_owner(filename: str, project_root: str = "") -> tuple:
     >>> code_owner(os.path.abspath("my_model.py"))[0]
     'user'
     """
+    return _code_owner(filename, project_root or os.getcwd())
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_owner(filename: str, root: str) -> tuple:
     import torch
 
     if not filename or "<frozen" in filename:
@@ -271,7 +275,6 @@ def code_owner(filename: str, project_root: str = "") -> tuple:
         top = top[:-3] if top.endswith(".py") else top
         if top in ("torch", "torchgen", "functorch"):
             return "torch", "", ""
-        root = project_root or os.getcwd()
         if top and any(os.path.isfile(os.path.join(root, *sub, name)) for sub in ((), ("src",))
                        for name in (os.path.join(top, "__init__.py"), top + ".py")):
             return "user", "", ""
