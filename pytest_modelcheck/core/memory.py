@@ -69,7 +69,8 @@ Breakdown
     own forward code is listed as ``<root> (ClassName) own ops, largest aten.<op> at
     file:line in forward`` with the larger of the bytes it leaves alive and its largest single
     allocation, freed or not (a broadcast intermediate made in the root's ``forward`` is freed
-    before the forward ends, yet it can be the peak).
+    before the forward ends, yet it can be the peak); measured runs only, an estimate lists
+    the bytes the root's code leaves alive.
 
 Limitations
     Ops that need tensor values (``.item()``, ``nonzero``, data-dependent control flow) cannot
@@ -888,7 +889,7 @@ def _estimate(model: Any, batch: Batch, loss: Any, phase: str, optimizer: Any, l
             _no_nested_tensors(work)
             with _tracking(tracker), _device_workspaces(tracker, dev, upper, kernels), \
                     _linear_bias_in_place(), _mha_fastpath(fused), _quiet_fake_tensor_log(), \
-                    _causal_masks_by_origin(), _root_own_ops(work, tracker):
+                    _causal_masks_by_origin():
                 keep = _run_step(work, data, loss, phase, opt,
                                  _tracker_phases(tracker, _no_phase), amp=amp,
                                  amp_device=place.type)
@@ -1302,7 +1303,12 @@ def _root_own_ops(model: Any, tracker: Any) -> Iterator[None]:
     ``forward`` is freed before the forward ends, so the tracker's bytes alive after the
     forward miss it. The largest allocation, its op and the user's source line are left on
     ``tracker.modelcheck_root_ops`` for ``_top_modules``; no tensor is kept. Entered last
-    (its mode runs first), so the user's line is the next frame out."""
+    (its mode runs first), so the user's line is the next frame out.
+
+    Measured runs only: in the fake-tensor estimate one more dispatch mode changes what is
+    estimated (the in-place bias add reads its caller's frame, and torch's fused attention and
+    nested-tensor fast paths are emulated on the assumption of the estimate's own modes), so
+    there the root row holds the bytes its code leaves alive, as for every other module."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from .dispatch import user_source
