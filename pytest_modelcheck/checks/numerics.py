@@ -599,7 +599,6 @@ def _path_tracer(mods: "_ModuleStack", tags: Any, attention: dict, state: dict) 
     passes on the tag of the input that carries the magnitude (largest RMS), so a residual
     branch that is tiny by design (ConvNeXt's layer scale) is not on the main path.
     """
-    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils.weak import WeakTensorKeyDictionary
 

@@ -327,8 +327,6 @@ def label_shift_problems(batch: Batch) -> list:
     >>> label_shift_problems(Batch.from_user((ids[:, :-1], ids[:, 1:])))
     []
     """
-    import torch
-
     target = batch.target
     if not _token_tensor(target) or target.dim() != 2 or target.shape[1] < 2:
         return []

@@ -19,14 +19,6 @@ from pytest_modelcheck.checks.numerics import ATTENTION_SATURATED, activations_h
 from pytest_modelcheck.core.errors import UsageError
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n=8, ch=16, size=8):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, ch, size, size, generator=g), torch.randint(0, 3, (n,), generator=g)

@@ -15,14 +15,6 @@ from pytest_modelcheck.checks.overfit import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _batch(n=16, d=8, classes=5):
     g = torch.Generator().manual_seed(0)
     return torch.randn(n, d, generator=g), torch.randint(0, classes, (n,), generator=g)
