@@ -723,6 +723,138 @@ def fast_forward():
     return mlp(), cls_batch(), None, RATE
 
 
+# ------------------------------------------------------------------- language models
+V_LM, T_LM = 24, 12  # vocabulary, tokens per sample
+
+
+class TinyLM(nn.Module):
+    """A one-block causal language model: token embedding, a learned positional table longer
+    than the example sequence, pre-norm masked self-attention, a head tied to the embedding.
+
+    ``forward(ids, mask=None)``; ``mask`` is 1 for real tokens and 0 for padding. The switches
+    plant one bug each: ``diagonal=2`` (each position sees the next token), ``scores="multiply"``
+    (scores times sqrt(d)), ``invert_mask`` (attends to padding only), ``softmax_out``
+    (probabilities fed to cross_entropy), ``tie=False`` (a declared tie never made).
+    """
+
+    def __init__(self, diagonal: int = 1, scores: str = "divide", invert_mask: bool = False,
+                 softmax_out: bool = False, tie: bool = True, d: int = 32) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V_LM, d)
+        nn.init.normal_(self.emb.weight, std=0.02)  # GPT-2's init: the tied head's logits start small
+        self.pos = nn.Parameter(torch.randn(32, d) * 0.02)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.pre, self.norm = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.head = nn.Linear(d, V_LM, bias=False)
+        if tie:
+            self.head.weight = self.emb.weight
+        self.diagonal, self.scores, self.d = diagonal, scores, d
+        self.invert_mask, self.softmax_out = invert_mask, softmax_out
+
+    def forward(self, ids, mask=None):
+        t = ids.shape[1]
+        h = self.emb(ids) + self.pos[:t]
+        q, k, v = self.qkv(self.pre(h)).chunk(3, -1)
+        s = q @ k.transpose(1, 2)
+        s = s * math.sqrt(self.d) if self.scores == "multiply" else s / math.sqrt(self.d)
+        if self.diagonal is not None:  # None: a bidirectional encoder (token tagging)
+            ahead = torch.triu(torch.ones(t, t, dtype=torch.bool, device=ids.device), self.diagonal)
+            s = s.masked_fill(ahead, float("-inf"))
+        if mask is not None:
+            ignore = mask.bool() if self.invert_mask else ~mask.bool()
+            s = s.masked_fill(ignore[:, None, :], float("-inf"))
+        h = h + self.proj(s.softmax(-1) @ v)
+        out = self.head(self.norm(h))
+        return out.softmax(-1) if self.softmax_out else out
+
+
+def lm_tokens(n: int = B, shift: bool = True) -> tuple:
+    """Next-token batches: inputs ids[:, :-1] and targets ids[:, 1:] (``shift=False``: the
+    inputs themselves)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V_LM, (n, T_LM + 1), generator=g)
+    return ids[:, :-1], (ids[:, 1:] if shift else ids[:, :-1].clone())
+
+
+def tagged_tokens(n: int = B) -> tuple:
+    """Token tagging for a bidirectional encoder: ((ids, mask), tags), the odd samples padded at
+    the end (mask 0, tag -100)."""
+    g = torch.Generator().manual_seed(1)
+    x, y = (torch.randint(0, V_LM, (n, T_LM), generator=g) for _ in range(2))
+    m = torch.ones_like(x)
+    m[1::2, -3:] = 0
+    return (x, m), y.masked_fill(m == 0, -100)
+
+
+def lm_step(model, tokens, cache):
+    """Incremental decoding by recomputation: the cache is the tokens seen so far."""
+    seen = tokens if cache is None else torch.cat([cache, tokens], 1)
+    return model(seen)[:, -tokens.shape[1]:], seen
+
+
+def lm_step_forgets_context(model, tokens, cache):
+    """The bug: each new token is decoded without the tokens before it."""
+    seen = tokens if cache is None else torch.cat([cache, tokens], 1)
+    return model(tokens), seen
+
+
+LM = {"chance_level": math.log(V_LM), "causal": {},
+      "tied_parameters": {"tied": [("emb.weight", "head.weight")]},
+      "kv_cache_consistent": {"step_fn": lm_step}}
+ENCODER = {"chance_level": math.log(V_LM), "tied_parameters": LM["tied_parameters"],
+           "padding_invariant": {"mask": 1, "input_index": 0}}
+
+
+@bug("causal", "a triu(diagonal=2) mask: each position sees the next token")
+def lm_causal_leak():
+    return TinyLM(diagonal=2), lm_tokens(), None, LM
+
+
+@healthy("lm_causal_leak")
+def lm_ok():
+    return TinyLM(), lm_tokens(), None, LM
+
+
+@bug("kv_cache_consistent", "incremental decoding drops the context before the new token")
+def lm_kv_cache_mismatch():
+    return TinyLM(), lm_tokens(), None, {**LM, "kv_cache_consistent": {"step_fn": lm_step_forgets_context}}
+
+
+@bug("padding_invariant", "an inverted padding mask: attends to padding, ignores real tokens")
+def lm_inverted_padding_mask():
+    return TinyLM(diagonal=None, invert_mask=True), tagged_tokens(), None, ENCODER
+
+
+@healthy("lm_inverted_padding_mask")
+def lm_padding_mask_ok():
+    return TinyLM(diagonal=None), tagged_tokens(), None, ENCODER
+
+
+@bug("model_overfits", "softmax before cross_entropy on (B, T, V) outputs")
+def lm_softmax_before_ce():
+    return TinyLM(softmax_out=True), lm_tokens(), None, LM
+
+
+@bug("data_sane", "targets equal the inputs: no label shift")
+def lm_no_label_shift():
+    return TinyLM(), lm_tokens(shift=False), None, LM
+
+
+@bug("activations_healthy", "attention scores multiplied by sqrt(d) instead of divided (d=64)")
+def lm_saturated_attention():
+    return TinyLM(scores="multiply", d=64), lm_tokens(), None, LM
+
+
+@healthy("lm_saturated_attention")
+def lm_wide_ok():
+    return TinyLM(d=64), lm_tokens(), None, LM
+
+
+@bug("tied_parameters", "the head declared tied to the embedding but built separately")
+def lm_untied_head():
+    return TinyLM(tie=False), lm_tokens(), None, LM
+
+
 # ------------------------------------------------------------------------- runner
 
 
