@@ -343,6 +343,11 @@ def unet_skips(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: An
                            f" size {depth} times), or pad/crop inside the model before each cat")
         return CheckResult("unet_skips", False, f"{expected}, observed at {label} {msg}{rule}",
                            "\n".join(details), metrics)
+    if all(rec["cats"] == 0 for _, rec, _ in cases):
+        # a declared check that finds nothing to check never passes
+        raise SkipCheck(f"no skip connection found: no torch.cat ran in forward at any of"
+                        f" {len(cases)} sizes (an additive skip that mismatches raises in the"
+                        f" forward, which this check reports)")
     note = f" (sizes must be divisible by 2**{depth} = {factor})" if depth else ""
     return CheckResult("unet_skips", True,
                        f"{expected}, observed {first['cats']} consistent cats at each of"

@@ -548,3 +548,13 @@ def test_vit_relative_position_bias_table_is_not_a_positional_embedding():
     assert r.passed is True, r.headline
     assert r.metrics["pos_embed"] is None
     assert "observed patch 4 of 'patch', no positional embedding fitting" in r.headline
+
+
+def test_unet_skips_without_any_cat_is_skipped_with_the_reason():
+    """A declared architecture check that finds nothing to check skips; it never passes."""
+    from pytest_modelcheck.checks import unet_skips
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU())
+    r = unet_skips(sizes=[16, 24], model=model, batch=torch.randn(2, 3, 16, 16))
+    assert r.passed is None
+    assert "no skip connection found: no torch.cat ran in forward" in r.headline

@@ -193,6 +193,8 @@ KNOWN_WRONG_OUTCOMES: dict = {
     " before any forward",
     ("fno_modes", "passing"): "Subject runs no FFT: the check skips (no spectral layer found)",
     ("fno_modes", "failing"): "Subject runs no FFT: the check skips (no spectral layer found)",
+    ("unet_skips", "passing"): "Subject concatenates nothing: the check skips (no skip"
+    " connection found)",
     ("vit_patches", "passing"): "Subject has no patch embedding: the check skips",
     ("vit_patches", "failing"): "Subject has no patch embedding: the check skips",
     ("tied_parameters", "passing"): "Subject ties no parameters: a declared pair fails as built",
