@@ -134,30 +134,10 @@ def _default_boundaries(n: int) -> tuple:
 
 def _embedding_vocab(work: Any, data: Any, ref: Any) -> Optional[int]:
     """``num_embeddings`` of the smallest ``nn.Embedding`` that the ids ``data[ref]`` feed."""
-    import torch
-
-    from ..core.forward import run_forward
+    from ..core.tokens import embedding_vocab
 
     data = data.clone()  # a forward that changes its inputs in place changes this copy
-    x = _get(data, ref)
-    original = x.clone()
-    found: list = []
-
-    def hook(mod: Any, args: Any) -> None:
-        t = args[0] if args else None
-        if isinstance(t, torch.Tensor) and (t is x or (t.shape == x.shape and t.dtype == x.dtype
-                                                       and torch.equal(t, original))):
-            found.append(int(mod.num_embeddings))
-
-    handles = [m.register_forward_pre_hook(hook) for m in work.modules()
-               if isinstance(m, torch.nn.Embedding)]
-    try:
-        with torch.no_grad():
-            run_forward(work, data)
-    finally:
-        for h in handles:
-            h.remove()
-    return min(found) if found else None
+    return embedding_vocab(work, data, _get(data, ref))
 
 
 def _alter(x: Any, dim: int, where: Any, vocab: Optional[int], gen: Any) -> Any:

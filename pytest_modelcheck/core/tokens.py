@@ -86,6 +86,23 @@ def _embedding_bounds(model: Any, batch: Any) -> dict:
     return bounds
 
 
+def embedding_vocab(model: Any, batch: Any, tensor: Any) -> Optional[int]:
+    """Rows of the smallest embedding that ``tensor`` (one of ``batch``'s inputs) is looked up
+    in during one forward of ``model`` (no grad; pass copies), else None.
+
+    >>> import torch
+    >>> from pytest_modelcheck.core.batch import Batch
+    >>> ids = torch.tensor([[3, 1, 4]])
+    >>> embedding_vocab(torch.nn.Embedding(10, 2), Batch(args=(ids,)), ids)
+    10
+    """
+    try:
+        key = tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return None
+    return _embedding_bounds(model, batch).get(key)
+
+
 def token_inputs(model: Any, batch: Any, n: Optional[int] = None) -> list:
     """The token ids and attention masks among ``batch``'s inputs (see the module doc).
 
