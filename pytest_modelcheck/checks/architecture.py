@@ -268,11 +268,20 @@ def unet_skips(sizes: Any = None, input_index: Any = 0, *, model: Any, batch: An
     outside the concatenation dim is named with its module and source line. A forward that
     raises, or an output that stops matching the input's spatial size when it matches at the
     example size (a silent crop), fails too. The headline gives the size rule: divisible by
-    ``2**depth``, the depth read from the smallest feature map at the example size.
+    ``2**depth``, the depth read from the smallest feature map at the example size. A model in
+    which no ``torch.cat`` runs is skipped (``passed`` is None) with the reason.
 
     >>> import torch
-    >>> m = torch.nn.Conv2d(1, 1, 3, padding=1)
-    >>> unet_skips([8, 12], model=m, batch=torch.zeros(1, 1, 8, 8)).passed
+    >>> class Skip(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+    ...     def forward(self, x):
+    ...         return torch.cat([x, self.conv(x)], dim=1)
+    >>> unet_skips([8, 12], model=Skip(), batch=torch.zeros(1, 1, 8, 8)).passed
+    True
+    >>> unet_skips([8, 12], model=torch.nn.Conv2d(1, 1, 3, padding=1),
+    ...            batch=torch.zeros(1, 1, 8, 8)).passed is None
     True
     """
     from ..core.batch import copy_model
