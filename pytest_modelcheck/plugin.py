@@ -35,6 +35,7 @@ class SessionState:
     comparisons: list = field(default_factory=list)
     logdir: Optional[str] = None
     rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
+    baseline_notes: list = field(default_factory=list)  # what the baseline save did not do
 
 
 @dataclass
@@ -662,9 +663,14 @@ class ResultCollector:
             write_json(state.json_path, state.rows,
                        comparisons=state.comparisons if state.baseline is not None else None)
         if state.save_baseline and state.rows:
-            from .core.baseline import Baseline
+            from .core.baseline import Baseline, BaselineError
 
-            Baseline.from_rows(state.rows, state.fingerprint).save(state.save_baseline)
+            try:  # at session end: a line in the summary, never a traceback
+                state.baseline_notes = Baseline.from_rows(state.rows, state.fingerprint).save(
+                    state.save_baseline, warn=False)
+            except (BaselineError, OSError) as exc:
+                state.baseline_notes = [f"NOT saved to {state.save_baseline}: {exc}"]
+                state.save_baseline = None
         if state.markdown_path:
             from .report.markdown import render_markdown, write_markdown
 
@@ -712,3 +718,5 @@ class ResultCollector:
                            (self.state.html_path, "HTML report")):
             if path:
                 terminalreporter.write_line(f"modelcheck {what} written to {os.path.abspath(path)}")
+        for note in self.state.baseline_notes:
+            terminalreporter.write_line(f"modelcheck baseline: {note}", yellow=True)

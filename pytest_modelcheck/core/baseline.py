@@ -14,24 +14,35 @@ Saving merges into an existing file under an exclusive lock (``fcntl.flock`` on 
 in the temporary directory named after the baseline's real path, so that none is left beside
 the committed file) and replaces the file atomically: concurrent writers (pytest-xdist,
 several CI jobs on one runner) lose nothing, and a writer killed mid-write leaves the old file
-intact.
+intact. A lock file that cannot be used (a directory, another user's file) never costs the
+run's results: another lock is taken, or the file is saved without one, with a warning.
+A baseline path that is a symbolic link is followed: the link's target is updated.
+
+Loading checks the whole structure: a malformed entry, a non-finite number (``NaN``,
+``Infinity``) or nesting deeper than :data:`MAX_DEPTH` is refused with one line naming the
+file and the entry. Saving never fails on such an entry of the existing file: it is dropped,
+with a warning, and this run's results are written.
 Nothing here imports pytest; torch is imported only by :func:`machine_fingerprint`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from .errors import UsageError
 
 __all__ = ["MetricKind", "METRIC_KINDS", "metric_kind", "machine_fingerprint", "Baseline",
-           "BaselineError", "Comparison", "compare", "regressions", "format_value", "FORMAT"]
+           "BaselineError", "BaselineWarning", "Comparison", "compare", "regressions",
+           "format_value", "FORMAT", "MAX_DEPTH"]
 
 FORMAT = "pytest-modelcheck-baseline/1"
 MODEL = "model"  # pseudo check name for the per-test model facts (row["model"])
@@ -55,8 +66,182 @@ def lock_path(path: str) -> str:
     digest = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:24]
     return os.path.join(tempfile.gettempdir(), f"modelcheck-baseline-{digest}.lock")
 
+
+def _open_lock(path: str) -> tuple:
+    """``(fd, None)`` for a regular file at ``path`` that can be locked (created when absent,
+    opened read-only when it is another user's), or ``(None, why)``."""
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o666)
+    except OSError as first:
+        try:  # another user's lock file: flock needs no write access
+            fd = os.open(path, os.O_RDONLY | flags)
+        except OSError:
+            return None, first.strerror or str(first)
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None, "not a regular file"
+    return fd, None
+
+
+@contextlib.contextmanager
+def _locked(real: str, notes: list):
+    """Hold an exclusive lock for writing the baseline whose real path is ``real``; yields
+    True when it is the lock every writer of this file shares (:func:`lock_path`). A lock
+    file that cannot be used falls back to one of this user's, and at worst to none; each
+    fallback adds a line to ``notes``."""
+    import fcntl
+
+    shared = lock_path(real)
+    candidates = [(shared, True)]
+    if hasattr(os, "getuid"):
+        candidates.append((shared[:-len(".lock")] + f"-uid{os.getuid()}.lock", False))
+    for path, is_shared in candidates:
+        fd, why = _open_lock(path)
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as exc:
+                os.close(fd)
+                fd, why = None, exc.strerror or str(exc)
+        if fd is None:
+            notes.append(f"lock file {path} cannot be used ({why})")
+            continue
+        try:
+            yield is_shared
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        return
+    notes.append("saved without a lock: a concurrent writer may lose its results")
+    yield False
+
 class BaselineError(UsageError):
     """A baseline file that cannot be read; the message is one line naming the file."""
+
+
+class BaselineWarning(UserWarning):
+    """A baseline was saved, but not as asked: malformed entries of the existing file were
+    dropped, or the lock file could not be used."""
+
+
+#: The deepest nesting of lists and objects accepted inside one metric value of a baseline.
+MAX_DEPTH = 32
+_KINDS = ("deterministic", "timed", "calibration")
+
+
+def _show(key: Any) -> str:
+    text = repr(key)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+#: How results write a non-finite number (``repr``: :meth:`~.result.CheckResult.to_dict`)
+#: and how a JSON report writes one: never a value to compare.
+NON_FINITE_TEXT = frozenset({"nan", "inf", "-inf", "NaN", "Infinity", "-Infinity"})
+
+
+def _value_problem(value: Any, depth: int = 0) -> Optional[str]:
+    """Why a metric value cannot be compared (None when it can): a non-finite number (or
+    its text, as results write it), an integer beyond a float's range, nesting deeper than
+    :data:`MAX_DEPTH`.
+
+    >>> _value_problem(3), _value_problem(float("nan")), _value_problem("-inf")
+    (None, 'holds a non-finite number (nan)', "holds a non-finite number ('-inf')")
+    """
+    if isinstance(value, str):
+        return f"holds a non-finite number ({value!r})" if value in NON_FINITE_TEXT else None
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        try:
+            float(value)
+        except OverflowError:
+            return "holds an integer too large to compare"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"holds a non-finite number ({value!r})"
+    if isinstance(value, (list, dict)):
+        if depth >= MAX_DEPTH:
+            return f"is nested more than {MAX_DEPTH} levels deep"
+        items = value.values() if isinstance(value, dict) else value
+        for v in items:
+            problem = _value_problem(v, depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"holds a {type(value).__name__}"
+
+
+def _metric_problem(entry: Any) -> Optional[str]:
+    """Why one stored metric (``{"kind", "value" | "samples"}``) is malformed, or None."""
+    if not isinstance(entry, dict):
+        return f"is a {type(entry).__name__}, expected an object"
+    if entry.get("kind") not in _KINDS:
+        return f"has kind {_show(entry.get('kind'))}, expected one of {', '.join(_KINDS)}"
+    if "samples" in entry:
+        samples = entry["samples"]
+        if not (isinstance(samples, list) and samples and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in samples)):
+            return "has samples that are not a non-empty list of numbers"
+        return _value_problem(samples)
+    if "value" not in entry:
+        return "has neither 'value' nor 'samples'"
+    return _value_problem(entry["value"])
+
+
+def _checked(data: dict, where: str = "") -> tuple:
+    """``(machines, entries, saved, problems)``: the well-formed parts of a baseline document
+    and one line per malformed entry that was left out.
+
+    >>> m, e, s, problems = _checked({"machines": {"a": {}}, "saved": {"a": 1.0},
+    ...     "entries": {"a": {"t::x": {"model.parameters": {"kind": "deterministic",
+    ...                                                    "value": float("nan")}}}, "b": []}})
+    >>> e
+    {'a': {}}
+    >>> for line in problems:
+    ...     print(line)
+    entries['a']['t::x']['model.parameters'] holds a non-finite number (nan)
+    entries['b'] is a list, expected an object
+    """
+    problems = []
+    machines, saved, entries = {}, {}, {}
+    for key, fp in data.get("machines", {}).items():
+        if isinstance(fp, dict) and _value_problem(fp) is None:
+            machines[key] = fp
+        else:
+            problems.append(f"{where}machines[{_show(key)}] "
+                            + (_value_problem(fp) or f"is a {type(fp).__name__},"
+                                                     f" expected an object"))
+    for key, when in data.get("saved", {}).items():
+        if isinstance(when, (int, float)) and not isinstance(when, bool) and \
+                _value_problem(when) is None:
+            saved[key] = when
+        else:
+            problems.append(f"{where}saved[{_show(key)}] is {_show(when)}, expected a time")
+    for key, tests in data.get("entries", {}).items():
+        if not isinstance(tests, dict):
+            problems.append(f"{where}entries[{_show(key)}] is a {type(tests).__name__},"
+                            f" expected an object")
+            continue
+        kept = entries[key] = {}
+        for nodeid, metrics in tests.items():
+            if not isinstance(metrics, dict):
+                problems.append(f"{where}entries[{_show(key)}][{_show(nodeid)}] is a"
+                                f" {type(metrics).__name__}, expected an object")
+                continue
+            good = {}
+            for name, entry in metrics.items():
+                problem = _metric_problem(entry)
+                if problem:
+                    problems.append(f"{where}entries[{_show(key)}][{_show(nodeid)}]"
+                                    f"[{_show(name)}] {problem}")
+                else:
+                    good[name] = entry
+            if good:
+                kept[nodeid] = good
+    return machines, entries, saved, problems
 
 
 @dataclass(frozen=True)
@@ -174,7 +359,9 @@ def _flatten(check: str, metrics: dict, estimated: bool) -> dict:
             if samples:
                 out[name] = {"kind": "calibration", "samples": samples}
         elif kind.kind == "timed" and isinstance(value, list):
-            samples = [float(v) for v in value if isinstance(v, (int, float))]
+            # a non-finite time (written 'inf' by the result) is kept: compare reports it
+            samples = [float(v) for v in value if isinstance(v, (int, float))
+                       or v in NON_FINITE_TEXT]
             if samples:
                 out[name] = {"kind": "timed", "samples": samples}
         elif kind.kind == "timed":
@@ -237,45 +424,70 @@ class Baseline:
             out.saved[key] = self.saved.get(key, time.time())
         return out
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, *, warn: bool = True) -> list:
         """Merge into the file at ``path`` (kept: other machines, other tests) atomically,
-        under an exclusive lock (:func:`lock_path`).
+        under an exclusive lock (:func:`lock_path`); returns the notes on what was not as
+        asked (also issued as one :class:`BaselineWarning` when ``warn``), else ``[]``.
+
+        A symbolic link at ``path`` is followed. Malformed entries of the existing file and
+        non-finite values of this baseline are left out, with a note; a lock file that cannot
+        be used gives another lock, or none, with a note. A file that is not a baseline at
+        all raises :class:`BaselineError` and is kept.
 
         >>> import tempfile, os
         >>> p = os.path.join(tempfile.mkdtemp(), "baseline.json")
-        >>> Baseline({"m": {}}, {"m": {"a": {"x": 1}}}).save(p)
-        >>> Baseline({"m": {}}, {"m": {"b": {"x": 2}}}).save(p)
+        >>> Baseline({"m": {}}, {"m": {"a": {"x": {"kind": "deterministic", "value": 1}}}}).save(p)
+        []
+        >>> Baseline({"m": {}}, {"m": {"b": {"x": {"kind": "deterministic", "value": 2}}}}).save(p)
+        []
         >>> sorted(Baseline.load(p).entries["m"])
         ['a', 'b']
         """
-        import fcntl
-
-        from ..report.json_report import atomic_write_text
+        from ..report.json_report import atomic_write_text, remove_stale_temps, _tmp_prefix
 
         path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(lock_path(path), "a") as lock:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-            try:
-                merged = self.merged_into(Baseline.load(path))
-                atomic_write_text(path, json.dumps(merged.to_dict(), indent=1, sort_keys=True)
-                                  + "\n")
-            finally:
-                fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+        real = os.path.realpath(path)
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        notes: list = []
+        with _locked(real, notes) as shared:
+            if shared:  # every writer of this file holds this lock: its temps are leftovers
+                remove_stale_temps(os.path.dirname(real), _tmp_prefix(real), older_than=0)
+            older, dropped = Baseline._load(real, lenient=True)
+            *parts, bad = _checked(self.to_dict(), "this run's ")
+            merged = Baseline(*parts).merged_into(older)
+            dropped += bad
+            atomic_write_text(real, json.dumps(merged.to_dict(), indent=1, sort_keys=True,
+                                               allow_nan=False) + "\n")
+        if dropped:
+            shown = "; ".join(dropped[:3]) + (f"; and {len(dropped) - 3} more"
+                                              if len(dropped) > 3 else "")
+            notes.append(f"left out {len(dropped)} malformed entr"
+                         f"{'y' if len(dropped) == 1 else 'ies'} ({shown})")
+        if notes and warn:
+            warnings.warn(BaselineWarning(f"baseline {path}: this run's results were saved;"
+                                          f" {'; '.join(notes)}"), stacklevel=2)
+        return notes
 
     @classmethod
     def load(cls, path: str) -> "Baseline":
-        """The baseline in ``path``; an empty one when the file does not exist.
+        """The baseline in ``path``; an empty one when the file does not exist. A file that
+        is not a well-formed baseline raises :class:`BaselineError`, one line naming the file
+        and the first bad entry.
 
         >>> Baseline.load("/nonexistent/baseline.json").entries
         {}
         """
-        path = os.fspath(path)
+        return cls._load(os.fspath(path), lenient=False)[0]
+
+    @classmethod
+    def _load(cls, path: str, lenient: bool) -> tuple:
+        """``(baseline, problems)``; with ``lenient`` malformed entries are left out and
+        listed in ``problems`` instead of raising."""
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()
         except FileNotFoundError:
-            return cls()
+            return cls(), []
         except UnicodeDecodeError:
             raise BaselineError(f"baseline {path}: not a text (UTF-8 JSON) file; delete it or"
                                 f" save a new baseline") from None
@@ -283,6 +495,9 @@ class Baseline:
             raise BaselineError(f"baseline {path}: cannot be read ({exc.strerror})") from None
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise BaselineError(f"baseline {path}: nested too deeply to be a baseline; delete"
+                                f" it or save a new baseline") from None
         except ValueError as exc:
             raise BaselineError(f"baseline {path}: not valid JSON ({exc}); delete it or save a"
                                 f" new baseline") from None
@@ -290,8 +505,13 @@ class Baseline:
                 isinstance(data.get(k, {}), dict) for k in ("machines", "entries", "saved")):
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
             raise BaselineError(f"baseline {path}: expected a {FORMAT!r} file, found"
-                                f" {found!r}; delete it or save a new baseline")
-        return cls(data.get("machines", {}), data.get("entries", {}), data.get("saved", {}))
+                                f" {_show(found)}; delete it or save a new baseline")
+        machines, entries, saved, problems = _checked(data)
+        if problems and not lenient:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise BaselineError(f"baseline {path}: {problems[0]}{more}; fix or delete that"
+                                f" entry, or delete the file and save a new baseline")
+        return cls(machines, entries, saved), problems
 
 
 @dataclass
@@ -396,6 +616,16 @@ def _deterministic(old: Any, new: Any, kind: MetricKind, tol: float) -> str:
     return "regressed" if worse else "improved" if better else "same"
 
 
+def _not_comparable(old: Any, new: Any) -> str:
+    """Why ``old`` and ``new`` cannot be compared (a non-finite number, an integer beyond a
+    float's range, too deep), or ``""``: such a metric is a regression, never 'same'."""
+    for side, value in (("baseline", old), ("this run", new)):
+        problem = _value_problem(value)
+        if problem:
+            return f"not comparable: the {side} value {problem}"
+    return ""
+
+
 def _tolerance(tolerances: Optional[dict], name: str, kind: MetricKind) -> float:
     if not tolerances:
         return kind.tolerance
@@ -435,14 +665,25 @@ def _calibrated(name: str, old_entry: dict, entry: dict, mine: dict, metrics: di
             f" x{mo / mn:.2f} the baseline session's speed)")
 
 
+def _shown(entry: dict) -> Any:
+    """The value of a stored metric as shown: the median of its samples (when they are all
+    finite), else the value or the samples."""
+    samples = entry.get("samples")
+    if samples is not None and _value_problem(samples) is None:
+        return statistics.median(samples)
+    return entry.get("value", samples)
+
+
 def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
             tolerances: Optional[dict] = None) -> list:
     """Compare the rows of this run with ``baseline``: one :class:`Comparison` per test metric.
 
     Deterministic metrics are compared against this machine's entry, or else the most recently
     saved entry of any machine; timed ones only against this machine (else 'skipped: other
-    machine'). ``tolerances`` maps ``"check.key"`` (or ``(check, key)``, or a kind
-    ``"deterministic"`` / ``"timed"``) to a relative tolerance (timed: the ratio threshold).
+    machine'). A non-finite value (NaN, Infinity) on either side is 'regressed', with the
+    reason in ``detail``: the gate cannot vouch for it. ``tolerances`` maps ``"check.key"``
+    (or ``(check, key)``, or a kind ``"deterministic"`` / ``"timed"``) to a relative
+    tolerance (timed: the ratio threshold).
 
     >>> fp = {"key": "m"}
     >>> old = Baseline.from_rows([{"nodeid": "t::a", "model": {"parameters": 100},
@@ -472,10 +713,14 @@ def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
                 if old_entry is None:
                     elsewhere = any(name in baseline.entries[k].get(nodeid, {}) for k in others)
                     verdict = "skipped: other machine" if elsewhere else "new"
-                    shown = statistics.median(new) if "samples" in entry else new
+                    shown = _shown(entry)
                     out.append(Comparison(nodeid, name, "timed", None, shown, None, verdict))
                     continue
-                if "samples" in entry and "samples" in old_entry:
+                bad = _not_comparable(old_entry.get("value", old_entry.get("samples")), new)
+                if bad:
+                    out.append(Comparison(nodeid, name, "timed", _shown(old_entry),
+                                          _shown(entry), None, "regressed", bad))
+                elif "samples" in entry and "samples" in old_entry:
                     old_s, new_s, scale, note = _calibrated(name, old_entry, entry, mine, metrics)
                     v = timed_regression(old_s, new_s, threshold=tol,
                                          min_delta=TIMED_RESOLUTION_S / scale
@@ -499,6 +744,10 @@ def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
                 out.append(Comparison(nodeid, name, _DET, None, new, None, "new"))
                 continue
             old = old_entry.get("value", old_entry.get("samples"))
+            bad = _not_comparable(old, new)
+            if bad:
+                out.append(Comparison(nodeid, name, _DET, old, new, None, "regressed", bad))
+                continue
             verdict = _deterministic(old, new, kind, tol)
             detail = "exact" if tol == 0 else f"tolerance {tol:.0%}"
             out.append(Comparison(nodeid, name, _DET, old, new, _relative(old, new), verdict,

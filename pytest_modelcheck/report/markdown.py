@@ -6,23 +6,37 @@ Point ``--modelcheck-markdown`` at ``$GITHUB_STEP_SUMMARY`` to see it on the run
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional
 
 from ..core.baseline import METRIC_KINDS, MetricKind, format_value
 from .terminal import health_row
 
 
+#: Characters that start markup in GitHub's renderer: code spans, links and images,
+#: emphasis, math. Each is written backslash-escaped in a cell (``~`` is left alone: it
+#: marks an estimate, and at worst strikes text through).
+_MARKUP = "\\`[]*$|"
+_AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(?=://)|(?<=\bwww)(?=\.)", re.IGNORECASE)
+
+
 def _cell(text: object) -> str:
-    """A table cell: pipes escaped, one line, and no raw HTML (a test id or a model's error
-    message with ``<script>`` stays text in a job summary).
+    """A table cell: one line, no raw HTML (a test id or a model's error message with
+    ``<script>`` stays text in a job summary), and no live markdown: backticks, brackets
+    (links, images), emphasis, math, pipes and the ``://`` / ``www.`` that GitHub links by
+    themselves are escaped, so a test id like ``t[[x](https://e.com)]`` renders as written.
 
     >>> _cell("a|b\\nc")
     'a\\\\|b c'
     >>> _cell("t[<script>]")
-    't[&lt;script&gt;]'
+    't\\\\[&lt;script&gt;\\\\]'
+    >>> print(_cell("t[`x` [a](https://e.com) www.e.com]"))
+    t\\[\\`x\\` \\[a\\](https\\://e.com) www\\.e.com\\]
     """
     text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
+    text = "".join("\\" + ch if ch in _MARKUP else ch for ch in text)
+    text = _AUTOLINK.sub("\\\\", text)
+    return text.replace("\r", " ").replace("\n", " ").strip()
 
 
 def _unit(metric: str) -> str:
@@ -39,11 +53,19 @@ def _table(header: list, rows: list) -> list:
 
 
 def comparison_cells(c) -> list:
-    """Cells of one comparison: test, metric, old, new, change, kind, detail."""
+    """Cells of one comparison: test, metric, old, new, change, kind, detail. Measured peak
+    memory, compared like a timing (same machine, a tolerance), is labelled 'measured'.
+
+    >>> from pytest_modelcheck.core.baseline import Comparison
+    >>> comparison_cells(Comparison("t::a", "memory_under.peak_bytes", "timed", 1024, 2048,
+    ...                             1.0, "regressed"))
+    ['t::a', 'memory_under.peak_bytes', '1.00 KiB', '2.00 KiB', '+100.0%', 'measured', '']
+    """
     unit = _unit(c.metric)
     change = f"{c.change:+.1%}" if c.change is not None else "-"
+    kind = "measured" if c.metric == "memory_under.peak_bytes" and c.kind == "timed" else c.kind
     return [c.nodeid, c.metric, format_value(c.old, unit), format_value(c.new, unit), change,
-            c.kind, c.detail]
+            kind, c.detail]
 
 
 def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:

@@ -7,7 +7,8 @@ import signal
 import numpy as np
 import pytest
 
-from pytest_modelcheck.core.baseline import (METRIC_KINDS, Baseline, BaselineError, compare,
+from pytest_modelcheck.core.baseline import (METRIC_KINDS, Baseline, BaselineError,
+                                             BaselineWarning, compare,
                                              lock_path, machine_fingerprint, metric_kind,
                                              regressions)
 from pytest_modelcheck.core.result import CheckResult
@@ -228,3 +229,244 @@ def test_writer_killed_mid_write_leaves_previous_baseline(tmp_path):
     Baseline.from_rows([_row("t.py::b")], HERE).save(path)
     assert sorted(Baseline.load(path).entries["machine-a"]) == ["t.py::a", "t.py::b"]
     json.loads(_read(path))
+
+
+# --- malformed files, locks, links, non-finite values, leftovers (issue 11, item 5) ----------
+
+def _doc(entries, machines=None, saved=None):
+    return {"format": "pytest-modelcheck-baseline/1", "machines": machines or {},
+            "saved": saved or {}, "entries": entries}
+
+
+def _strict_json(text):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_malformed_machine_entry_is_refused_on_load_and_replaced_on_save(tmp_path):
+    path = tmp_path / "baseline.json"
+    good = Baseline.from_rows([_row("t.py::kept")], OTHER).to_dict()
+    doc = _doc({"machine-a": ["not", "an", "object"], "machine-b": good["entries"]["machine-b"]},
+               machines={"machine-a": HERE, "machine-b": OTHER}, saved={"machine-b": 1.0})
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BaselineError) as info:
+        Baseline.load(str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and "entries['machine-a'] is a list" in msg
+    # at session end the save never fails on it: this run's results replace the bad entry,
+    # the other machine's valid entries stay
+    with pytest.warns(BaselineWarning,
+                      match=r"results were saved.*entries\['machine-a'\] is a list"):
+        Baseline.from_rows([_row("t.py::a")], HERE).save(str(path))
+    b = Baseline.load(str(path))
+    assert sorted(b.entries["machine-a"]) == ["t.py::a"]
+    assert sorted(b.entries["machine-b"]) == ["t.py::kept"]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ('{"m": {"t::a": "oops"}}', "entries['m']['t::a'] is a str, expected an object"),
+    ('{"m": {"t::a": {"model.parameters": 5}}}', "is a int, expected an object"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "deterministic"}}}}',
+     "has neither 'value' nor 'samples'"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "bogus", "value": 1}}}}', "has kind 'bogus'"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "deterministic", "value": NaN}}}}',
+     "non-finite number (nan)"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "deterministic", "value": Infinity}}}}',
+     "non-finite number (inf)"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "deterministic", "value": 1e400}}}}',
+     "non-finite number (inf)"),
+    ('{"m": {"t::a": {"model.parameters": {"kind": "deterministic", "value": 1%s}}}}' % ("0" * 400),
+     "integer too large"),
+    ('{"m": {"t::a": {"throughput_at_least.times_s": {"kind": "timed", "samples": []}}}}',
+     "not a non-empty list of numbers"),
+    ('{"m": {"t::a": {"throughput_at_least.times_s": {"kind": "timed",'
+     ' "samples": [0.1, -Infinity]}}}}', "non-finite number (-inf)"),
+    ('{"m": {"t::a": {"vectorized.ops_by_batch_size": {"kind": "deterministic", "value": %s}}}}'
+     % ("[" * 40 + "]" * 40), "nested more than 32 levels deep"),
+    ('{"m": {"t::a": {"x.y": {"kind": "deterministic", "value": %s}}}}' % DEEP,
+     "nested too deeply"),
+], ids=["test-not-object", "metric-not-object", "no-value", "bad-kind", "NaN", "Infinity",
+        "1e400", "huge-int", "no-samples", "inf-sample", "40-deep", "100k-deep"])
+def test_malformed_entries_are_one_clear_error(tmp_path, entries, expected):
+    path = tmp_path / "baseline.json"
+    path.write_text('{"format": "pytest-modelcheck-baseline/1", "entries": %s}' % entries)
+    with pytest.raises(BaselineError) as info:
+        Baseline.load(str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and expected in msg and len(msg) < 400
+
+
+def test_non_finite_values_are_never_same(tmp_path):
+    base = Baseline.from_rows([_row(flops=2000, times=_times(0.01))], HERE)
+    now = _row(flops=float("nan"), times=_times(0.01)[:-1] + [float("inf")])
+    comps = {c.metric: c for c in compare(base, [now], HERE)}
+    for name in ("flops_under.flops", "throughput_at_least.times_s"):
+        assert comps[name].verdict == "regressed", name
+        assert "not comparable" in comps[name].detail and "non-finite" in comps[name].detail
+        assert comps[name].change is None
+    assert comps["flops_under.macs"].verdict == "regressed"  # nan // 2 is nan too
+    # a baseline value that is not finite (an older file) is reported the same way
+    old = Baseline.from_rows([_row()], HERE)
+    old.entries["machine-a"]["t.py::test_a"]["model.parameters"]["value"] = float("inf")
+    c = next(c for c in compare(old, [_row()], HERE) if c.metric == "model.parameters")
+    assert c.verdict == "regressed" and "baseline value holds a non-finite" in c.detail
+    assert regressions(old, [_row()], HERE)
+    # saving: the non-finite metric is left out (with a warning), the file is strict JSON
+    path = tmp_path / "baseline.json"
+    with pytest.warns(BaselineWarning, match="non-finite"):
+        Baseline.from_rows([now], HERE).save(str(path))
+    saved = _strict_json(_read(path))["entries"]["machine-a"]["t.py::test_a"]
+    assert "flops_under.flops" not in saved and "model.parameters" in saved
+    assert "throughput_at_least.times_s" not in saved
+
+
+def test_json_report_has_no_nan_literals(tmp_path):
+    from pytest_modelcheck.report.json_report import write_json
+
+    row = _row()
+    row["results"][3]["metrics"]["loss"] = float("nan")
+    row["model"]["ratio"] = float("-inf")
+    path = tmp_path / "r.json"
+    write_json(str(path), [row], comparisons=[{"old": float("inf")}])
+    doc = _strict_json(_read(path))
+    assert doc["tests"][0]["results"][3]["metrics"]["loss"] == "nan"
+    assert doc["tests"][0]["model"]["ratio"] == "-inf"
+    assert doc["comparisons"] == [{"old": "inf"}]
+    assert doc["non_finite"].startswith("3 non-finite number(s) written as the strings")
+    write_json(str(path), [_row()])
+    assert "non_finite" not in _strict_json(_read(path))
+
+
+@pytest.fixture
+def private_tmp(tmp_path, monkeypatch):
+    """The temporary directory (where the lock lives) is one of this test's own."""
+    import tempfile
+
+    tmp = tmp_path / "tmpdir"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return tmp
+
+
+def test_lock_path_that_is_a_directory_falls_back(tmp_path, private_tmp):
+    path = str(tmp_path / "baseline.json")
+    os.mkdir(lock_path(path))
+    with pytest.warns(BaselineWarning, match=r"lock file .* cannot be used \(not a regular"):
+        Baseline.from_rows([_row("t.py::a")], HERE).save(path)
+    assert sorted(Baseline.load(path).entries["machine-a"]) == ["t.py::a"]
+    # this user's own lock is used instead; when that is unusable too, no lock at all
+    mine = [n for n in os.listdir(private_tmp) if "-uid" in n]
+    assert len(mine) == 1
+    os.unlink(private_tmp / mine[0])
+    os.mkfifo(private_tmp / mine[0])  # a FIFO must not hang the open
+    with pytest.warns(BaselineWarning, match="saved without a lock"):
+        Baseline.from_rows([_row("t.py::b")], HERE).save(path)
+    assert sorted(Baseline.load(path).entries["machine-a"]) == ["t.py::a", "t.py::b"]
+
+
+def test_lock_file_of_another_user_is_shared_read_only(tmp_path, private_tmp, monkeypatch,
+                                                        recwarn):
+    path = str(tmp_path / "baseline.json")
+    lock = lock_path(path)
+    open(lock, "w").close()
+    real_open = os.open
+    opened = []
+
+    def other_users_file(p, flags, *args):  # what a 0644 file of another user gives
+        if p == lock and flags & (os.O_RDWR | os.O_WRONLY):
+            raise PermissionError(13, "Permission denied", p)
+        opened.append((p, flags))
+        return real_open(p, flags, *args)
+
+    monkeypatch.setattr(os, "open", other_users_file)
+    Baseline.from_rows([_row("t.py::a")], HERE).save(path)
+    monkeypatch.undo()
+    assert any(p == lock for p, _ in opened)  # locked through a read-only descriptor
+    assert not [w for w in recwarn if issubclass(w.category, BaselineWarning)]
+    assert sorted(Baseline.load(path).entries["machine-a"]) == ["t.py::a"]
+
+
+def test_symlinked_baseline_updates_the_target(tmp_path):
+    target = tmp_path / "real" / "baseline.json"
+    target.parent.mkdir()
+    link = tmp_path / "baseline.json"
+    link.symlink_to(target)  # dangling: the first save creates the target
+    Baseline.from_rows([_row("t.py::a")], HERE).save(str(link))
+    Baseline.from_rows([_row("t.py::b")], HERE).save(str(link))
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert sorted(Baseline.load(str(target)).entries["machine-a"]) == ["t.py::a", "t.py::b"]
+    assert sorted(os.listdir(tmp_path / "real")) == ["baseline.json"]
+
+
+def _killed_mid_save(path):
+    def die(fd):
+        os.kill(os.getpid(), signal.SIGKILL)
+    os.fsync = die  # killed after the data is written, before the file is replaced
+    Baseline.from_rows([_row("t.py::new")], HERE).save(path)
+
+
+def _o_tmpfile_works(folder):
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_WRONLY, 0o600))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def test_writer_killed_mid_save_leaves_no_temp_file_to_commit(tmp_path):
+    path = str(tmp_path / "baseline.json")
+    Baseline.from_rows([_row("t.py::a")], HERE).save(path)
+    before = _read(path)
+    p = multiprocessing.get_context("fork").Process(target=_killed_mid_save, args=(path,))
+    p.start()
+    p.join(60)
+    assert p.exitcode == -signal.SIGKILL
+    assert _read(path) == before
+    if _o_tmpfile_works(str(tmp_path)):  # the temp file had no name while it was written
+        assert sorted(os.listdir(tmp_path)) == ["baseline.json"]
+    Baseline.from_rows([_row("t.py::b")], HERE).save(path)
+    assert sorted(os.listdir(tmp_path)) == ["baseline.json"]
+
+
+def test_leftover_temp_files_are_removed_at_the_next_save(tmp_path):
+    import time
+
+    path = str(tmp_path / "baseline.json")
+    mine = tmp_path / ".modelcheck-baseline.json-1a2b3c4d.tmp"  # a writer of this file died
+    stale = tmp_path / ".modelcheck-x8f_2kq1.tmp"  # an older version's, an hour old
+    live = tmp_path / ".modelcheck-results.json-9f8e7d6c.tmp"  # a report being written now
+    for f in (mine, stale, live):
+        f.write_text('{"format": "pytest-modelcheck-baseline/1", "entr')
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    Baseline.from_rows([_row("t.py::a")], HERE).save(path)
+    assert sorted(os.listdir(tmp_path)) == [live.name, "baseline.json"]
+
+
+def test_session_end_save_never_loses_results_or_shows_a_traceback(pytester, private_tmp,
+                                                                     monkeypatch):
+    from tests.conftest import HEALTHY_CONFTEST
+
+    pytester.makeconftest(HEALTHY_CONFTEST)
+    pytester.makepyfile("import pytest\n@pytest.mark.params_under('1M')\ndef test_a(): pass\n")
+    base = pytester.path / "b.json"
+    # a malformed entry that the old load let through is refused at setup, in one line
+    base.write_text(json.dumps(_doc({"machine-x": []})))
+    bad = pytester.runpytest("--modelcheck-save-baseline=b.json")
+    assert bad.ret == pytest.ExitCode.USAGE_ERROR
+    bad.stderr.fnmatch_lines(["ERROR: --modelcheck-save-baseline: baseline b.json:"
+                              " entries?'machine-x'? is a list, expected an object; *"])
+    assert "Traceback" not in bad.stderr.str() + bad.stdout.str()
+    # an unusable lock in the temporary directory: the results are saved all the same
+    base.unlink()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    os.mkdir(lock_path(str(base)))
+    run = pytester.runpytest("--modelcheck", "--modelcheck-save-baseline=b.json")
+    run.assert_outcomes(passed=1)
+    run.stdout.fnmatch_lines(["modelcheck baseline written to *b.json",
+                              "modelcheck baseline: lock file * cannot be used (not a regular*"])
+    assert "INTERNALERROR" not in run.stdout.str()
+    assert list(Baseline.load(str(base)).entries.values())[0]

@@ -48,8 +48,8 @@ def test_markdown_regressions_first_then_health():
     assert ("| tests/test_m.py::test_a | flops_under.flops | 2.00k | 2.20k | +10.0% |"
             " deterministic | exact |") in lines
     assert "| tests/test_m.py::test_a | 1.50M | 3.00 MiB~ | - | 4/5 (1 skipped) | - |" in lines
-    # the pipe in the parametrize id is escaped so the table keeps its columns
-    assert "| tests/test_m.py::test_b[x\\|y] | 5 | - | - | 0/1 | grads_finite |" in lines
+    # the pipe (and the brackets) in the parametrize id are escaped: the table keeps its columns
+    assert "| tests/test_m.py::test_b\\[x\\|y\\] | 5 | - | - | 0/1 | grads_finite |" in lines
 
 
 def test_markdown_without_regressions_and_without_baseline():
@@ -148,3 +148,50 @@ def test_loss_curve_png_needs_two_finite_points():
 def test_html_without_comparisons(comparisons):
     page = render_html(_rows(), comparisons)
     assert ("Baseline comparison" in page) == (comparisons is not None)
+
+
+HOSTILE_ID = ("tests/test_m.py::test_c[`rm -rf`-[click](https://e.com/x)-![i](https://e.com/p.png)"
+              "-https://e.com-www.e.com-**b**-$x$-a\\b]")
+
+
+def _rendered_cells(md):
+    """The HTML of a markdown document as CommonMark with GFM tables renders it."""
+    markdown_it = pytest.importorskip("markdown_it")
+    return markdown_it.MarkdownIt("commonmark").enable("table").render(md)
+
+
+def test_markdown_test_ids_never_become_code_links_or_images():
+    rows = [{"nodeid": HOSTILE_ID, "outcome": "failed", "model": {"parameters": 5},
+             "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
+    md = render_markdown(rows)
+    line = next(x for x in md.splitlines() if "test_c" in x)
+    # every character that starts markup is escaped, and so are the bare links GitHub makes
+    assert "\\`rm -rf\\`" in line and "\\[click\\](https\\://e.com/x)" in line
+    assert "!\\[i\\]" in line and "www\\.e.com" in line and "\\$x\\$" in line
+    assert "a\\\\b" in line and line.count(" | ") == 5  # the table keeps its six columns
+    page = _rendered_cells(md)
+    for tag in ("<a ", "<code>", "<img", "<strong>", "<em>"):
+        assert tag not in page, tag
+    parsed = _parse(page)
+    assert HOSTILE_ID in "".join(parsed.text)  # shown exactly as written
+
+
+def test_markdown_measured_memory_is_not_labelled_timed():
+    from pytest_modelcheck.core.baseline import Comparison
+
+    c = Comparison("t::a", "memory_under.peak_bytes", "timed", 1000, 1100, 0.1, "regressed",
+                   "single measurement, tolerance 5%")
+    md = render_markdown(_rows(), [c])
+    assert "| t::a | memory\\_under" not in md  # underscores are left alone
+    assert "| 1000 B | 1.07 KiB | +10.0% | measured | single measurement, tolerance 5% |" in md
+
+
+def test_reports_follow_a_symlink(tmp_path):
+    target = tmp_path / "real" / "summary.md"
+    target.parent.mkdir()
+    target.write_text("old\n")
+    link = tmp_path / "summary.md"
+    link.symlink_to(target)
+    write_markdown(str(link), "new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["real", "summary.md"]
