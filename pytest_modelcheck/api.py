@@ -39,6 +39,9 @@ def plan_checks(checks: Any = "default", **declared: Any) -> list:
                              f" {name}={{...}}")
     names = _select(checks)
     names += [n for n in per_check if n not in names]
+    if not names:
+        raise UsageError(f"checks={checks!r}: an empty selection runs nothing; expected 'default',"
+                         " 'all' or a list of check names such as ['grads_finite']")
     used: set = set()
     plans = []
     for name in names:

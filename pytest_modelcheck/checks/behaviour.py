@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
-from .registry import SkipCheck, check
+from .registry import MAX_STEPS, SkipCheck, check
 
 
 def _globs(name: str, value: Any, example: str) -> tuple:
@@ -414,8 +414,8 @@ def _validate_learn(frozen: Any = (), steps: Any = 1, lr: Any = 1e-3, optimizer:
     from ..core.training import validate_optimizer
 
     frozen = _globs("frozen", frozen, "['encoder.*', 'head.bias']")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps={steps!r}: expected an int >= 1")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise UsageError(f"steps={steps!r}: expected an int >= 1 (at most {MAX_STEPS})")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise UsageError(f"lr={lr!r}: expected a learning rate > 0")
     if (isinstance(min_fraction, bool) or not isinstance(min_fraction, (int, float))

@@ -18,10 +18,41 @@ def _limit(limit: Any, example: str) -> int:
     try:
         value = parse_count(limit)
     except UnitError as exc:
-        raise UsageError(f"limit={limit!r}: {exc}") from None
+        raise UsageError(f"limit={_short(limit)}: {exc}") from None
     if value <= 0:
         raise UsageError(f"limit={limit!r}: expected a positive count such as {example}")
+    if not _is_whole_count(limit):  # parse_count rounds: '1.5' would be read as 2
+        raise UsageError(f"limit={limit!r}: expected a whole count such as {example}, not a"
+                         f" fraction (it would be rounded to {value})")
+    try:  # the headline prints the limit: one too large to print is refused now
+        format_count(value)
+    except UnitError:
+        raise UsageError(f"limit={_short(limit)}: expected a count such as {example}, got a"
+                         " number too large to print") from None
     return value
+
+
+def _is_whole_count(limit: Any) -> bool:
+    """A count given as a float, or as a string whose number times its suffix is not whole
+    (``'1.5'``, ``'1.2345k'``), is not a whole count; ``'1.5M'`` and ``25000.0`` are."""
+    import decimal
+
+    from ..core.units import _COUNT_REST_RE, _COUNT_SUFFIXES, _split
+
+    if isinstance(limit, float):
+        return limit.is_integer()
+    if not isinstance(limit, str):
+        return True  # an int (parse_count refused the rest)
+    num, rest = _split(limit, "")
+    factor = _COUNT_SUFFIXES[_COUNT_REST_RE.fullmatch(rest).group("suffix").lower()]
+    with decimal.localcontext() as ctx:
+        ctx.prec = 100
+        return (decimal.Decimal(num) * factor) % 1 == 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 def _validate_flops(limit: Any, backward: Any = False) -> dict:

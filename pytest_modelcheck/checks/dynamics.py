@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
-from .registry import SkipCheck, check
+from .registry import SkipCheck, check, validate_steps
 
 SCHEDULES = ("warmup_cosine", "cosine", "linear_warmup", "cyclic", "triangular")
 
@@ -14,8 +14,8 @@ SCHEDULES = ("warmup_cosine", "cosine", "linear_warmup", "cyclic", "triangular")
 def _pos(name: str, value: Any, *, integer: bool = False, allow_none: bool = False) -> Any:
     if value is None and allow_none:
         return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-        and value > 0
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 \
+        and (value < 2**1023 if isinstance(value, int) else math.isfinite(value))
     if ok and integer:
         ok = float(value).is_integer()
     if not ok:
@@ -105,7 +105,7 @@ def _validate_lr(scheduler: Any = None, expected: Any = None, steps: Any = 20, t
     if plot is not None and not isinstance(plot, (str, bytes)) and not hasattr(plot, "__fspath__"):
         raise UsageError(f"plot={plot!r}: expected a file path for the PNG, or None")
     return {"scheduler": scheduler, "expected": _validate_expected(expected),
-            "steps": _pos("steps", steps, integer=True), "tolerance": _pos("tolerance", tolerance),
+            "steps": validate_steps(steps), "tolerance": _pos("tolerance", tolerance),
             "lr": _pos("lr", lr), "optimizer": validate_optimizer(optimizer), "plot": plot}
 
 
@@ -226,7 +226,7 @@ def _validate_grads(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1e-
                     optimizer: Any = "adam") -> dict:
     from ..core.training import validate_optimizer
 
-    return {"steps": _pos("steps", steps, integer=True), "max_ratio": _pos("max_ratio", max_ratio),
+    return {"steps": validate_steps(steps), "max_ratio": _pos("max_ratio", max_ratio),
             "min_norm": _pos("min_norm", min_norm), "lr": _pos("lr", lr),
             "optimizer": validate_optimizer(optimizer)}
 
@@ -319,7 +319,7 @@ def _validate_components(max_ratio: Any = None, gan: Any = False, steps: Any = 2
     if d_loss is not None and not callable(d_loss):
         raise UsageError(f"d_loss={d_loss!r}: expected a callable d_loss(model, cond, real, fake)")
     return {"max_ratio": _pos("max_ratio", max_ratio, allow_none=True), "gan": gan,
-            "steps": _pos("steps", steps, integer=True), "min_d_loss": _pos("min_d_loss", min_d_loss),
+            "steps": validate_steps(steps), "min_d_loss": _pos("min_d_loss", min_d_loss),
             "d_loss": d_loss, "lr": _pos("lr", lr), "optimizer": validate_optimizer(optimizer)}
 
 

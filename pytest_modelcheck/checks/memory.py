@@ -43,9 +43,19 @@ def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam") -> dict
     if limit_bytes <= 0:
         raise UsageError(f"limit={limit!r}: expected a positive size such as '512 MiB' or"
                          " '2 GiB'")
+    try:  # the headline prints the limit: one too large to print is refused now, not after
+        format_bytes(limit_bytes)  # the run
+    except UnitError:
+        raise UsageError(f"limit={_short(limit)}: expected a size such as '512 MiB' or '2 GiB',"
+                         " got a number too large to be a memory size") from None
     if not isinstance(phase, str) or phase not in PHASES:
         raise UsageError(f"phase={phase!r}: expected 'train' or 'inference'")
     return {"limit": limit_bytes, "phase": phase, "optimizer": validate_optimizer(optimizer)}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-8:]} ({len(text)} characters)"
 
 
 @check(default=False, validate=_validate, absent_device_ok=True)

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
-from .registry import check
+from .registry import check, validate_seed, validate_steps
 
 UNCONSTRAINED_HINT = ("outputs unconstrained where the loss expects a range (angles, probabilities):"
                       " add a bounded activation")
@@ -20,7 +20,7 @@ HINTS = (
 
 
 def _number(name: str, value: Any, *, positive: bool = True, integer: bool = False) -> Any:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _finite(value)
     if ok and integer:
         ok = float(value).is_integer()
     if ok and positive:
@@ -29,6 +29,13 @@ def _number(name: str, value: Any, *, positive: bool = True, integer: bool = Fal
         kind = "a positive integer" if integer else ("a positive number" if positive else "a number")
         raise UsageError(f"{name}={value!r}: expected {kind}")
     return int(value) if integer else float(value)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 #: With a declared chance level, an initial loss more than this many times above it fails.
@@ -57,13 +64,13 @@ def _validate(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_
               target: Any = None, chance_level: Any = None, seed: Any = 0) -> dict:
     from ..core.training import validate_optimizer
 
-    out = {"steps": _number("steps", steps, integer=True), "lr": _number("lr", lr),
+    out = {"steps": validate_steps(steps), "lr": _number("lr", lr),
            "optimizer": validate_optimizer(optimizer),
            "target_ratio": _number("target_ratio", target_ratio),
            "target": None if target is None else _number("target", target, positive=False),
            "chance_level": None if chance_level is None else _number("chance_level", chance_level,
                                                                      positive=False),
-           "seed": _number("seed", seed, positive=False, integer=True)}
+           "seed": validate_seed(seed)}
     if out["target_ratio"] >= 1:
         raise UsageError(f"target_ratio={target_ratio!r}: expected a fraction of the initial loss"
                          " below 1, such as 0.3")

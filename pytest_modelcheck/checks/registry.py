@@ -141,6 +141,12 @@ class CheckSpec:
                         f" {type(exc).__name__}: {_first_line(exc)[:200]}",
                         details=_cause(ModelError("", original=exc)),
                         metrics={"error": type(exc).__name__})
+            except (KeyboardInterrupt, GeneratorExit):
+                raise
+            except BaseException as exc:  # noqa: B036 - SystemExit & co. from the model's code
+                if _is_pytest_outcome(exc):  # pytest.skip/fail/exit (pytest-timeout too): theirs
+                    raise
+                result = _base_exception_result(self.name, exc)
         result.duration_s = round(time.perf_counter() - start, 4)
         result.arguments = {k: _describe(v) for k, v in values.items()}
         return result
@@ -163,6 +169,31 @@ def _oom_result(name: str, exc: BaseException, peak: Optional[int]) -> CheckResu
                        f" memory{seen} ({first[:160]})", metrics={"oom": True, "peak_bytes": peak},
                        details="memory was released (gc, torch.cuda.empty_cache); use a smaller"
                        " batch or a larger device")
+
+
+def _is_pytest_outcome(exc: BaseException) -> bool:
+    """``pytest.skip``/``fail``/``xfail``/``exit`` raised in user code (or by pytest-timeout's
+    handler) is pytest's control flow, not a model error (no pytest import here)."""
+    import sys
+
+    outcomes = sys.modules.get("_pytest.outcomes")
+    kinds = tuple(k for k in (getattr(outcomes, "OutcomeException", None),
+                              getattr(outcomes, "Exit", None)) if isinstance(k, type))
+    return bool(kinds) and isinstance(exc, kinds)
+
+
+def _base_exception_result(name: str, exc: BaseException) -> CheckResult:
+    """A ``SystemExit`` (``sys.exit()`` in a forward or loss) or another ``BaseException``
+    subclass out of the model's code: a failed check naming it, so the test's other checks run."""
+    kind = type(exc).__name__
+    if isinstance(exc, SystemExit):
+        what = f"SystemExit (sys.exit({exc.code!r}))"
+    else:
+        text = _first_line(exc)
+        what = kind if text == kind else f"{kind}: {text[:200]}"
+    return CheckResult(name, False, f"expected the check to run on this model, observed {what}"
+                       " raised while it ran", details=_cause(ModelError("", original=exc)),
+                       metrics={"error": kind})
 
 
 def _cause(exc: ModelError) -> str:
@@ -211,16 +242,78 @@ def _first_line(exc: BaseException) -> str:
     return first_line(exc) or type(exc).__name__
 
 
+#: The most training steps a check may be asked for (each is a forward and a backward pass on
+#: the batch; model_overfits may go on to 3x as many): more is a typo, not a test.
+MAX_STEPS = 10**6
+#: Seeds are what ``torch.manual_seed`` takes without wrapping around: 0 .. 2**63 - 1.
+MAX_SEED = 2**63 - 1
+
+
+def _whole(value: Any) -> Any:
+    """``value`` as an int when it is a whole number (an int, or a float such as 100.0), else
+    None; bools, NaN, infinities and other types are None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float) and value == value and value not in (float("inf"), float("-inf")) \
+            and value.is_integer():
+        return int(value)
+    return None
+
+
+def validate_steps(steps: Any, name: str = "steps") -> int:
+    """A number of training steps: a whole number from 1 to ``MAX_STEPS``, else a UsageError.
+
+    >>> validate_steps(200)
+    200
+    >>> validate_steps(10**12)
+    Traceback (most recent call last):
+    ...
+    pytest_modelcheck.core.errors.UsageError: steps=1000000000000: expected at most 1000000 steps (each is a forward and a backward pass)
+    """
+    n = _whole(steps)
+    if n is None or n < 1:
+        raise UsageError(f"{name}={steps!r}: expected a positive integer")
+    if n > MAX_STEPS:
+        raise UsageError(f"{name}={steps!r}: expected at most {MAX_STEPS} steps (each is a"
+                         " forward and a backward pass)")
+    return n
+
+
+def validate_seed(seed: Any, name: str = "seed") -> int:
+    """A random seed: a whole number from 0 to 2**63 - 1 (what ``torch.manual_seed`` takes),
+    else a UsageError.
+
+    >>> validate_seed(0)
+    0
+    >>> validate_seed(2**70)
+    Traceback (most recent call last):
+    ...
+    pytest_modelcheck.core.errors.UsageError: seed=1180591620717411303424: expected an integer from 0 to 2**63 - 1
+    """
+    n = _whole(seed)
+    if n is None or not 0 <= n <= MAX_SEED:
+        raise UsageError(f"{name}={seed!r}: expected an integer from 0 to 2**63 - 1")
+    return n
+
+
 _DEVICE_TYPES = ("cpu", "cuda", "meta", "mps", "xpu", "hpu", "mtia", "privateuseone")
 
 
 def validate_device(device: Any) -> Any:
     """A device given to a check: a ``torch.device``, an index or a string such as ``"cpu"``,
-    ``"cuda"`` or ``"cuda:1"``; anything else is a UsageError naming it (no torch import for
-    strings).
+    ``"cuda"`` or ``"cuda:1"``; anything else is a UsageError naming it.
 
-    >>> validate_device("cuda:1")
-    'cuda:1'
+    An index this machine does not have is a UsageError too: a bare int (an accelerator index;
+    torch is imported to count them) on a machine with no accelerator or fewer devices, and
+    ``"cuda:N"`` or a ``torch.device`` past the CUDA devices present when CUDA is. ``"cuda"``
+    or ``"cuda:N"`` on a machine without CUDA is accepted (the check is skipped there). Strings
+    never import torch; they are counted once torch is imported (again when the check runs).
+    The devices are counted through NVML where it works, which does not initialise CUDA.
+
+    >>> validate_device("cpu"), validate_device("cuda")
+    ('cpu', 'cuda')
     >>> validate_device("5 parsecs")
     Traceback (most recent call last):
     ...
@@ -231,13 +324,63 @@ def validate_device(device: Any) -> Any:
 
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(device, torch.device):
+        if device.type == "cuda" and device.index is not None:
+            _check_cuda_index(device, device.index, torch)
         return device
     if isinstance(device, int) and not isinstance(device, bool) and 0 <= device < 1024:
+        _check_bare_index(device)
         return device
     if isinstance(device, str) and re.fullmatch(
             rf"({'|'.join(_DEVICE_TYPES)})(:\d{{1,4}})?", device.strip()):
-        return device.strip()
+        text = device.strip()
+        if torch is not None and text.startswith("cuda:"):
+            _check_cuda_index(device, int(text[5:]), torch)
+        return text
     raise UsageError(f"device={device!r}: expected a device such as 'cpu', 'cuda' or 'cuda:1'")
+
+
+def _cuda_count(torch: Any) -> int:
+    """CUDA devices present (0 on a build without CUDA); NVML first, as torch does."""
+    try:
+        return int(torch.cuda.device_count()) if torch.backends.cuda.is_built() else 0
+    except Exception:  # noqa: BLE001 - a broken driver: no devices
+        return 0
+
+
+def _check_cuda_index(device: Any, index: int, torch: Any) -> None:
+    count = _cuda_count(torch)
+    if count and index >= count:
+        raise UsageError(f"device={device!r}: this machine has {count} CUDA device"
+                         f"{'s' if count > 1 else ''} ({_indices(count)}); expected an index"
+                         " below that, 'cuda' for the current one, or 'cpu'")
+
+
+def _check_bare_index(index: int) -> None:
+    """A bare int is an index of the accelerator torch finds (``torch.device(5)``)."""
+    import torch
+
+    count = _cuda_count(torch)
+    kind = "CUDA"
+    if not count:
+        accelerator = getattr(torch, "accelerator", None)
+        try:
+            current = accelerator.current_accelerator() if accelerator is not None else None
+            count = int(accelerator.device_count()) if current is not None else 0
+            kind = getattr(current, "type", "accelerator")
+        except Exception:  # noqa: BLE001 - no usable accelerator API: none
+            count = 0
+    if not count:
+        raise UsageError(f"device={index!r}: a bare index names an accelerator (GPU) device and"
+                         f" this machine has none; expected 'cuda:{index}' (skipped where there is"
+                         " no CUDA) or 'cpu'")
+    if index >= count:
+        raise UsageError(f"device={index!r}: this machine has {count} {kind} device"
+                         f"{'s' if count > 1 else ''} ({_indices(count)}); expected an index below"
+                         " that, or 'cpu'")
+
+
+def _indices(count: int) -> str:
+    return "index 0" if count == 1 else f"indices 0 to {count - 1}"
 
 
 def validate_model(model: Any, absent_ok: bool = False) -> None:

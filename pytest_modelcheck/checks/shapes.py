@@ -15,12 +15,13 @@ def _validate(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
 
     if out is not None:
         out = validate_spec(out, "out")
-    given = batch_sizes
-    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool):
-        batch_sizes = (batch_sizes,)
+    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool) and batch_sizes >= 1:
+        # a bare int is ambiguous (one batch size? sizes 1..n?) and, read as (n,), checks less
+        # than the default (1, 2, 3) without saying so: ask for the tuple
+        raise UsageError(f"batch_sizes={batch_sizes!r}: expected a tuple of positive ints such as"
+                         f" (1, 2, 3); for the one batch size {batch_sizes} write ({batch_sizes},)")
     if (not isinstance(batch_sizes, (list, tuple)) or not batch_sizes
             or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batch_sizes)):
-        batch_sizes = given
         raise UsageError(f"batch_sizes={batch_sizes!r}: expected a tuple of positive ints such as (1, 2, 3)")
     if inputs is not None:
         inputs = validate_spec(inputs, "inputs")

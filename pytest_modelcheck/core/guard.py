@@ -9,6 +9,7 @@ import contextlib
 import gc
 import signal
 import threading
+import time
 from typing import Any, Iterator, Optional
 
 
@@ -22,7 +23,10 @@ def time_budget(seconds: Optional[float]) -> Iterator[None]:
     """Raise CheckTimeout in the body after ``seconds`` (main thread, POSIX timers).
 
     Without a budget, off the main thread or where ``setitimer`` is missing, the body runs
-    unguarded. The previous handler and timer are restored.
+    unguarded. The previous handler and timer are restored. An outer alarm that was already
+    armed (``signal.alarm``, ``setitimer``, pytest-timeout's signal method) keeps its deadline:
+    when it falls inside the body its own handler runs then, otherwise it is re-armed with the
+    time it has left.
 
     >>> import time
     >>> try:
@@ -37,18 +41,59 @@ def time_budget(seconds: Optional[float]) -> Iterator[None]:
         yield
         return
 
+    # An outer SIGALRM deadline (pytest-timeout's signal method, a user's signal.alarm or
+    # setitimer) shares the one ITIMER_REAL: it is never pushed back. The timer is armed for
+    # whichever comes first; the outer one is handed to its own handler when due, during the
+    # body, and re-armed afterwards with what is left of it.
+    start = time.monotonic()
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, seconds)
+    deadline = start + seconds
+    outer = {"due": start + old_delay if old_delay > 0 else None}
+
+    def arm() -> None:
+        due = deadline if outer["due"] is None else min(deadline, outer["due"])
+        signal.setitimer(signal.ITIMER_REAL, max(due - time.monotonic(), _MIN_DELAY))
+
     def on_alarm(signum: int, frame: Any) -> None:
+        now = time.monotonic()
+        if outer["due"] is not None and now >= outer["due"] - _EARLY:
+            outer["due"] = outer["due"] + old_interval if old_interval > 0 else None
+            arm()
+            _deliver(previous, signum, frame)  # may raise (pytest-timeout fails the test)
+            return
+        if now < deadline - _EARLY:  # woken early (clock granularity): wait for the rest
+            arm()
+            return
         raise CheckTimeout(f"exceeded its time budget of {seconds:g} s")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    old_timer = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if outer["due"] is not None and outer["due"] < deadline:
+        arm()
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if old_timer[0]:
-            signal.setitimer(signal.ITIMER_REAL, *old_timer)
+        signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+        if outer["due"] is not None:  # what is left of it; one already due fires at once
+            signal.setitimer(signal.ITIMER_REAL,
+                             max(outer["due"] - time.monotonic(), _MIN_DELAY), old_interval)
+
+
+_MIN_DELAY = 1e-6  # setitimer(0) would disarm: a due alarm is armed this close instead
+_EARLY = 1e-3  # an alarm this close to a due time counts as due
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    """Hand a due outer SIGALRM to the handler that was in place before the budget."""
+    import os
+
+    if callable(handler):
+        handler(signum, frame)
+    elif handler == signal.SIG_DFL:  # the default action ends the process, as it would have
+        signal.signal(signum, signal.SIG_DFL)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        os.kill(os.getpid(), signum)
+    # SIG_IGN, or a handler not installed from Python (None): nothing to run
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

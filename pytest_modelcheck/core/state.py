@@ -3,7 +3,8 @@
 ``preserved_globals()`` saves and restores the Python, NumPy and torch (CPU and, when
 initialized, CUDA) RNG states and torch's global settings: grad mode, default dtype,
 deterministic-algorithms flag, anomaly mode, matmul precision, thread count, and the autocast
-state (enabled flag and dtype per device type, cache flag).
+state (enabled flag and dtype per device type, cache flag); also the default device, backend
+flags, recursion limit, working directory and ``os.environ``.
 ``model_fingerprint`` captures a model's parameter and buffer bytes, ``training`` flags,
 ``requires_grad`` and ``.grad`` so tests can prove a check left it untouched.
 """
@@ -71,6 +72,7 @@ def preserved_globals() -> Iterator[None]:
     backends = _backend_flags(torch)
     default_device = _default_device(torch)
     recursion, cwd = sys.getrecursionlimit(), _cwd()
+    environ = dict(os.environ)
     try:
         yield
     finally:
@@ -106,6 +108,17 @@ def preserved_globals() -> Iterator[None]:
             sys.setrecursionlimit(recursion)
         if cwd is not None and _cwd() != cwd:
             os.chdir(cwd)
+        _restore_environ(environ)
+
+
+def _restore_environ(saved: dict) -> None:
+    """Put ``os.environ`` back as ``saved`` (through ``os.environ``, so ``putenv``/``unsetenv``
+    reach the C environment too); only the variables that changed are touched."""
+    for key in [k for k in os.environ if k not in saved]:
+        del os.environ[key]
+    for key, value in saved.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _cwd() -> Any:
@@ -170,6 +183,7 @@ def global_state_fingerprint() -> dict:
         "anomaly": torch.is_anomaly_enabled(),
         "matmul_precision": torch.get_float32_matmul_precision(),
         "threads": torch.get_num_threads(),
+        "environ": dict(os.environ),
     }
 
 

@@ -137,7 +137,7 @@ def test_no_spec_only_asks_for_a_leading_batch_dimension():
     assert r.headline.startswith("expected outputs with leading dim B for batch sizes [1, 2, 3]")
 
 
-@pytest.mark.parametrize("batch_sizes, cases", [(4, ["B=4"]), ((2, 5), ["B=2", "B=5"]), ([7], ["B=7"])])
+@pytest.mark.parametrize("batch_sizes, cases", [((4,), ["B=4"]), ((2, 5), ["B=2", "B=5"]), ([7], ["B=7"])])
 def test_batch_sizes_argument(batch_sizes, cases):
     r = shapes_consistent(("B", 3), batch_sizes=batch_sizes, model=_linear(), batch=_x())
     assert r.passed is True, r.headline

@@ -111,6 +111,78 @@ def test_positional_overflow_and_unknown_names_are_usage_errors(name, fn):
     assert _one_line(str(info.value))
 
 
+# ---------------------------------------------------- values that used to get through (issue 11)
+
+def _absent_device_index():
+    """An accelerator index this machine does not have (5 on a machine with fewer devices)."""
+    import torch
+
+    return max(5, torch.cuda.device_count() + 5)
+
+
+@pytest.mark.parametrize("name, args, kwargs, message", [
+    ("model_overfits", (), {"steps": 10**12},
+     "steps=1000000000000: expected at most 1000000 steps"),
+    ("grad_norms_stable", (), {"steps": 10**400}, "expected at most 1000000 steps"),
+    ("params_learn", (), {"steps": 10**7}, "steps=10000000: expected an int >= 1 (at most 1000000)"),
+    ("model_overfits", (), {"seed": 2**70},
+     "seed=1180591620717411303424: expected an integer from 0 to 2**63 - 1"),
+    ("model_overfits", (), {"seed": -1}, "seed=-1: expected an integer from 0 to 2**63 - 1"),
+    ("grads_finite", (), {"device": "absent index"}, "device={index}: "),
+    ("memory_under", (10**400,), {}, "got a number too large to be a memory size"),
+    ("flops_under", (10**400,), {}, "got a number too large to print"),
+    ("params_under", ("1.5",), {},
+     "limit='1.5': expected a whole count such as '25M' (parameters), not a fraction"),
+    ("params_under", (1.5,), {}, "limit=1.5: expected a whole count"),
+    ("flops_under", ("2.0005k",), {}, "limit='2.0005k': expected a whole count"),
+    ("shapes_consistent", (), {"batch_sizes": 3},
+     "batch_sizes=3: expected a tuple of positive ints such as (1, 2, 3); for the one batch size"
+     " 3 write (3,)"),
+], ids=["steps", "steps_huge", "params_learn_steps", "seed_huge", "seed_negative", "device",
+        "memory_huge", "flops_huge", "params_fraction", "params_float", "flops_fraction",
+        "batch_sizes_int"])
+def test_values_that_used_to_get_through_are_usage_errors_at_bind(name, args, kwargs, message):
+    if kwargs.get("device") == "absent index":
+        kwargs = {"device": _absent_device_index()}
+        message = message.format(index=kwargs["device"])
+    with pytest.raises(UsageError) as info:
+        all_checks()[name].bind(args, kwargs)
+    assert message in str(info.value) and _one_line(str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("name, args, kwargs, key, expected", [
+    ("model_overfits", (), {"steps": 10**6, "seed": 2**63 - 1}, "seed", 2**63 - 1),
+    ("model_overfits", (), {"steps": 200.0}, "steps", 200),
+    ("params_under", ("1.5M",), {}, "limit", 1_500_000),
+    ("params_under", (2.0,), {}, "limit", 2),
+    ("flops_under", ("4.1 GFLOPs",), {}, "limit", 4_100_000_000),
+    ("memory_under", (10**30,), {}, "limit", 10**30),
+    ("shapes_consistent", (), {"batch_sizes": (3,)}, "batch_sizes", (3,)),
+    ("grads_finite", (), {"device": "cuda:7"}, "device", "cuda:7"),
+], ids=["limits", "float_steps", "params_suffix", "params_float_whole", "flops", "memory_large",
+        "one_batch_size", "cuda_string"])
+def test_the_nearby_good_values_still_bind(name, args, kwargs, key, expected):
+    import torch
+
+    if kwargs.get("device") == "cuda:7" and torch.cuda.device_count() > 0:
+        pytest.skip("cuda:7 is refused on a machine with CUDA but fewer devices")
+    assert all_checks()[name].bind(args, kwargs)[key] == expected
+
+
+def test_an_empty_check_selection_is_a_usage_error():
+    import torch
+
+    from pytest_modelcheck import check_model
+    from pytest_modelcheck.api import plan_checks
+
+    with pytest.raises(UsageError, match=r"^checks=\[\]: an empty selection runs nothing"):
+        plan_checks([])
+    with pytest.raises(UsageError, match="an empty selection"):
+        check_model(torch.nn.Linear(2, 2), torch.ones(2, 2), checks=())
+    # a per-check dict selects that check: not empty
+    assert [s.name for s, _ in plan_checks([], params_under={"limit": "1M"})] == ["params_under"]
+
+
 # --------------------------------------------------------------------------- units
 
 UNITS = [
@@ -159,13 +231,20 @@ BAD_MARKERS = [
     ("flops_under", "limit={'a': 1}"),
     ("lr_schedule", "expected=42"),
     ("permutation_invariant", "dim='x'"),
+    ("model_overfits", "steps=10**12"),
+    ("model_overfits", "seed=2**70"),
+    ("memory_under", "10**400"),
+    ("params_under", "'1.5'"),
+    ("shapes_consistent", "batch_sizes=3"),
+    ("grads_finite", "device=1000"),
+    ("model_health", "checks=[]"),
 ]
 
 
 def test_a_bad_marker_argument_is_a_setup_error_without_traceback(healthy_project):
     healthy_project.makepyfile("import pytest\n" + "".join(
-        f"\n@pytest.mark.{marker}({args})\ndef test_{marker}(model, batch):\n    pass\n"
-        for marker, args in BAD_MARKERS))
+        f"\n@pytest.mark.{marker}({args})\ndef test_{i}_{marker}(model, batch):\n    pass\n"
+        for i, (marker, args) in enumerate(BAD_MARKERS)))
     result = healthy_project.runpytest("--modelcheck", "-p", "no:cacheprovider")
     result.assert_outcomes(errors=len(BAD_MARKERS))
     out = result.stdout.str()

@@ -271,3 +271,176 @@ def test_a_meta_model_is_counted_and_a_check_that_runs_it_says_why_it_cannot():
     assert params_under("1M", model=model, batch=batch).passed is True
     r = grads_finite(model=model, batch=batch)
     assert r.passed is False and "meta device" in r.headline
+
+
+# -- SystemExit and other BaseExceptions from the model (issue 11, item 3) -------------------
+class _OwnBaseException(BaseException):
+    """A library's control-flow exception that does not derive from Exception."""
+
+
+class Exits(nn.Module):
+    def __init__(self, exc):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.exc = exc
+
+    def forward(self, x):
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc, named", [
+    (SystemExit(3), "observed SystemExit (sys.exit(3)) raised while it ran"),
+    (_OwnBaseException("stop here"), "observed _OwnBaseException: stop here raised while it ran"),
+], ids=["SystemExit", "BaseException"])
+def test_a_base_exception_from_the_forward_is_a_failed_check_naming_it(exc, named):
+    r = grads_finite(model=Exits(exc), batch=(torch.ones(2, 3), torch.ones(2, 2)))
+    assert r.passed is False and named in r.headline, r.headline
+    assert r.metrics["error"] == type(exc).__name__
+    assert "in forward" in r.details  # where it came from
+
+
+def test_keyboard_interrupt_from_the_forward_still_stops():
+    with pytest.raises(KeyboardInterrupt):
+        grads_finite(model=Exits(KeyboardInterrupt()), batch=(torch.ones(2, 3), torch.ones(2, 2)))
+
+
+def test_sys_exit_in_a_forward_fails_one_check_and_the_others_run(pytester):
+    pytester.makeconftest("""
+import sys
+import pytest
+import torch
+from torch import nn
+
+class ExitsWhenTraining(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        if torch.is_grad_enabled():  # grads_finite's backward pass; shapes run without grad
+            sys.exit(3)
+        return self.lin(x)
+
+@pytest.fixture
+def model():
+    return ExitsWhenTraining()
+
+@pytest.fixture
+def batch():
+    return torch.ones(4, 3), torch.ones(4, 2)
+""")
+    pytester.makepyfile("""
+import pytest
+
+@pytest.mark.grads_finite
+@pytest.mark.shapes_consistent(out=("B", 2))
+def test_exits():
+    pass
+
+def test_next():
+    pass
+""")
+    result = pytester.runpytest("--modelcheck", "--modelcheck-json=report.json", "-p",
+                                "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*observed SystemExit (sys.exit(3)) raised while it ran*",
+                                 "*model health summary*"])
+    import json
+
+    doc = json.loads((pytester.path / "report.json").read_text())
+    (test,) = [t for t in doc["tests"] if t["nodeid"].endswith("test_exits")]
+    assert {r["check"]: r["status"] for r in test["results"]} == {
+        "grads_finite": "failed", "shapes_consistent": "passed"}
+
+
+# -- an outer SIGALRM deadline is never pushed back (issue 11, item 4) -----------------------
+class Sleeps(nn.Module):
+    """Each forward sleeps; shapes_consistent runs it once per batch size (1, 2, 3)."""
+
+    def __init__(self, seconds):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.lin(x)
+
+
+def _outer_alarm(seconds):
+    """A user's (or pytest-timeout's) own SIGALRM deadline; returns the delivery times."""
+    import signal
+
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda signum, frame: fired.append(time.monotonic()))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    return fired, previous
+
+
+def _run_sleepy(seconds):
+    from pytest_modelcheck.checks import all_checks
+
+    spec = all_checks()["shapes_consistent"]
+    return spec.run(spec.bind((), {"out": ("B", 2)}), model=Sleeps(seconds),
+                    batch=torch.ones(2, 3), timeout=60)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="POSIX timers")
+def test_an_outer_alarm_due_after_the_check_keeps_its_deadline():
+    """A 2 s alarm armed before a check of at least 1.5 s fires at 2 s, not at 3.5 s."""
+    import signal
+
+    start = time.monotonic()
+    fired, previous = _outer_alarm(2.0)
+    try:
+        r = _run_sleepy(0.5)
+        check_end = time.monotonic() - start
+        while not fired and time.monotonic() - start < 10:
+            time.sleep(0.01)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert r.passed, r.headline
+    assert check_end >= 1.5  # three 0.5 s forwards at least
+    assert len(fired) == 1
+    # on time, with room for a loaded machine; pushed back it would be 2 + 1.5 s or later
+    assert 1.95 <= fired[0] - start < 2.9, (fired[0] - start, check_end)
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="POSIX timers")
+def test_an_outer_alarm_due_during_the_check_is_delivered_then_and_the_check_goes_on():
+    import signal
+
+    start = time.monotonic()
+    fired, previous = _outer_alarm(0.3)
+    try:
+        r = _run_sleepy(0.5)
+        check_end = time.monotonic() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert r.passed, r.headline  # the handler returned: the check carried on under its budget
+    assert check_end >= 1.5
+    assert len(fired) == 1
+    assert 0.25 <= fired[0] - start < 1.2, fired[0] - start  # not at the end of the check
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)  # delivered: not armed again
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="POSIX timers")
+def test_the_check_budget_still_holds_after_an_outer_alarm_was_delivered():
+    import signal
+
+    from pytest_modelcheck.core.guard import CheckTimeout, time_budget
+
+    start = time.monotonic()
+    fired, previous = _outer_alarm(0.2)
+    try:
+        with pytest.raises(CheckTimeout):
+            with time_budget(1.0):
+                time.sleep(30)
+        stopped = time.monotonic() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(fired) == 1 and fired[0] - start < 0.9
+    assert 0.95 <= stopped < 5

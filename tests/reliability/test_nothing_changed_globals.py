@@ -15,6 +15,7 @@ configurations, same ``Subject``) to what that file does not compare:
   flags and cache, the Python, NumPy, torch CPU (and CUDA, when available) RNG states.
 """
 import importlib.util
+import os
 import pathlib
 import random
 
@@ -75,6 +76,7 @@ def _settings():
         "python_rng": random.getstate(),
         "numpy_rng": repr(np.random.get_state()),
         "torch_rng": torch.get_rng_state().tolist(),
+        "environ": dict(os.environ),
     }
     if torch.cuda.is_available():
         state["cuda_rng"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
@@ -138,7 +140,8 @@ def _changes(name, which):
                if before[0][(mod, attr)] != after[0].get((mod, attr))]
     changed += [f"global module hooks: {k}" for k in before[1] if before[1][k] != after[1].get(k)]
     changed += [f"setting: {k} {before[2][k]!r} -> {after[2][k]!r}"
-                if "rng" not in k else f"setting: {k}" for k in before[2] if before[2][k] != after[2][k]]
+                if "rng" not in k and k != "environ" else f"setting: {k}"
+                for k in before[2] if before[2][k] != after[2][k]]
     return result, changed
 
 
@@ -164,8 +167,9 @@ def test_check_leaves_hooks_and_torch_settings_unchanged(name, which, moved_sett
     (lambda m: torch.set_autocast_enabled("cpu", True), "setting: autocast_cpu False -> True"),
     (lambda m: torch.autograd.set_detect_anomaly(True), "setting: anomaly False -> True"),
     (lambda m: torch.rand(1), "setting: torch_rng"),
+    (lambda m: os.environ.__setitem__("MODELCHECK_TEST_FAKE_CHECK", "1"), "setting: environ"),
 ], ids=["hook_removed", "hook_added", "global_hook", "precision", "threads", "warn_only",
-        "autocast_dtype", "autocast_enabled", "anomaly", "rng"])
+        "autocast_dtype", "autocast_enabled", "anomaly", "rng", "environ"])
 def test_the_comparison_notices_each_kind_of_change(change, expected, moved_settings, monkeypatch):
     """The snapshot is sensitive: a fake check that makes one change is caught, by name."""
     from pytest_modelcheck.core.result import CheckResult
@@ -181,6 +185,7 @@ def test_the_comparison_notices_each_kind_of_change(change, expected, moved_sett
     try:
         _, changed = _changes("fake", 0)
     finally:
+        os.environ.pop("MODELCHECK_TEST_FAKE_CHECK", None)
         torch.set_autocast_enabled("cpu", False)
         torch.autograd.set_detect_anomaly(anomaly)
     assert expected in changed
@@ -223,3 +228,44 @@ def test_settings_changed_by_the_model_itself_are_put_back(name, moved_settings)
         torch.set_autocast_cache_enabled(True)
         torch.autograd.set_detect_anomaly(False)
     assert [k for k in before if before[k] != after[k]] == []
+
+
+class EnvironVandal(torch.nn.Module):
+    """A forward that sets, changes and deletes environment variables (as a library's
+    import-time configuration does: CUDA_VISIBLE_DEVICES, OMP_NUM_THREADS, HF_HOME...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        os.environ["MODELCHECK_TEST_ADDED"] = "added by the forward"
+        os.environ["MODELCHECK_TEST_CHANGED"] = "changed by the forward"
+        os.environ.pop("MODELCHECK_TEST_DELETED", None)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("name", ["grads_finite", "shapes_consistent"])
+def test_environment_changed_by_the_model_is_put_back(name, monkeypatch):
+    """``os.environ`` after the check is exactly what it was before (and so is the C
+    environment that subprocesses inherit): added, changed and deleted variables undone."""
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("MODELCHECK_TEST_CHANGED", "original")
+    monkeypatch.setenv("MODELCHECK_TEST_DELETED", "still here")
+    monkeypatch.delenv("MODELCHECK_TEST_ADDED", raising=False)
+    before = dict(os.environ)
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g))
+    try:
+        all_checks()[name](model=EnvironVandal(), batch=batch)
+        after = dict(os.environ)
+        child = subprocess.run(
+            [sys.executable, "-c", "import os; print(*(os.environ.get(f'MODELCHECK_TEST_{k}')"
+             " for k in ('CHANGED', 'DELETED', 'ADDED')), sep='|')"],
+            capture_output=True, text=True, check=True).stdout.strip().split("|")
+    finally:
+        os.environ.pop("MODELCHECK_TEST_ADDED", None)
+    assert after == before
+    assert child == ["original", "still here", "None"]
