@@ -444,3 +444,26 @@ def test_the_check_budget_still_holds_after_an_outer_alarm_was_delivered():
         signal.signal(signal.SIGALRM, previous)
     assert len(fired) == 1 and fired[0] - start < 0.9
     assert 0.95 <= stopped < 5
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "setitimer"), reason="POSIX timers")
+def test_an_outer_timeout_that_fails_the_test_is_not_turned_into_a_check_result():
+    """pytest-timeout's signal method: its SIGALRM handler calls ``pytest.fail("Timeout")``.
+    Inside a check that is delivered on time and propagates (the test fails as a timeout),
+    instead of waiting for the check to end or becoming a failed check."""
+    import signal
+
+    def pytest_timeout_like(signum, frame):
+        pytest.fail("Timeout >0.3s")
+
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGALRM, pytest_timeout_like)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    try:
+        with pytest.raises(pytest.fail.Exception, match="Timeout"):
+            _run_sleepy(1.0)
+        stopped = time.monotonic() - start
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert stopped < 1.5, stopped  # the forward sleeps 1 s per batch size: 3 s unstopped
