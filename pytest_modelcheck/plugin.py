@@ -27,6 +27,7 @@ class SessionState:
     enabled: bool
     json_path: Optional[str]
     timeout: Optional[float] = None
+    isolate: str = "off"            # crash isolation: off, auto (fork where safe) or spawn
     baseline: Any = None            # the loaded Baseline to compare against
     fingerprint: Optional[dict] = None
     save_baseline: Optional[str] = None
@@ -76,6 +77,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     " that overruns fails and the session goes on. Default: none"
                     " (ini: modelcheck_timeout).")
     parser.addini("modelcheck_timeout", "Time budget of one check. Default: none.", default="")
+    group.addoption("--modelcheck-isolate", nargs="?", const="auto", default=None,
+                    dest="modelcheck_isolate", metavar="MODE",
+                    help="Run each check in a child process, so that a model that segfaults,"
+                         " exits, aborts or hangs fails that check and the session goes on:"
+                         " 'auto' (the bare option) forks where safe and spawns a fresh"
+                         " interpreter once CUDA is initialised, 'spawn' always spawns, 'off'"
+                         " runs in the test process. Write it as --modelcheck-isolate=MODE."
+                         " Default: off (ini: modelcheck_isolate).")
+    parser.addini("modelcheck_isolate", "Crash isolation of checks: off, auto or spawn."
+                  " Default: off.", default="")
     group.addoption("--modelcheck-save-baseline", nargs="?", const=DEFAULT_BASELINE, default=None,
                     dest="modelcheck_save_baseline", metavar="PATH",
                     help="Record every model test's metrics into PATH (JSON, meant to be"
@@ -137,6 +148,13 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration up to"
                                     f" 1e7 s (about 115 days), such as '90s', got {timeout!r}")
     state = SessionState(bool(_option(config, "modelcheck")), json_path, timeout)
+    from .core.sandbox import validate_isolate
+
+    try:
+        state.isolate = validate_isolate(_option(config, "modelcheck_isolate"))
+    except UsageError as exc:
+        raise pytest.UsageError(f"--modelcheck-isolate / modelcheck_isolate: {exc} (write"
+                                f" --modelcheck-isolate=MODE before the test paths)") from None
     state.save_baseline = _option(config, "modelcheck_save_baseline") or None
     state.markdown_path = _option(config, "modelcheck_markdown") or None
     state.html_path = _option(config, "modelcheck_html") or None
@@ -403,6 +421,33 @@ def _record_model(item: pytest.Item, model: Any, batch: Any = None) -> None:
     item.user_properties.append((MODEL_PROPERTY, model_facts(model, batch, timeout=timeout)))
 
 
+def _run_check(item: pytest.Item, spec: CheckSpec, values: dict, model: Any, batch: Any,
+               loss: Any, device: Any) -> CheckResult:
+    """One check of a test, in a child process under ``--modelcheck-isolate`` (the model facts
+    of the summary are taken there too, so that the forward never runs in the test process);
+    the first one also records the model facts. UsageError propagates."""
+    state = item.config.stash[session_key]
+    if state.isolate == "off":
+        _record_model(item, model, batch)
+        return spec.run(values, model=model, batch=batch, loss=loss, device=device,
+                        timeout=state.timeout)
+    from .core.sandbox import run_check_isolated
+
+    want = not any(k == MODEL_PROPERTY for k, _ in item.user_properties)
+    result, facts = run_check_isolated(spec, values, model=model, batch=batch, loss=loss,
+                                       device=device, timeout=state.timeout, mode=state.isolate,
+                                       facts=want, where=item.nodeid)
+    if want:
+        if facts is None:  # the child died first: what needs no forward
+            from .core.facts import model_facts
+
+            facts = model_facts(model)
+            if batch is not None:
+                facts.update(flops=None, macs=None)
+        item.user_properties.append((MODEL_PROPERTY, facts))
+    return result
+
+
 def _device(config: pytest.Config) -> Optional[str]:
     return _option(config, "modelcheck_device") or None
 
@@ -427,11 +472,9 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     results = []
     device = _device(item.config)
     for s in subjects:
-        _record_model(item, s.model, s.batch)
         for spec, values in s.marker.plans:
             try:
-                result = spec.run(values, model=s.model, batch=s.batch, loss=s.loss,
-                                  device=device, timeout=item.config.stash[session_key].timeout)
+                result = _run_check(item, spec, values, s.model, s.batch, s.loss, device)
             except UsageError as exc:
                 _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
             _record(item, result)
@@ -512,11 +555,9 @@ class ModelCheck:
         model, batch, loss = self._subject(model, batch, loss)
         try:
             values = spec.bind(args, kwargs)
-            result = spec.run(values, model=model, batch=batch, loss=loss, device=device,
-                              timeout=self._request.config.stash[session_key].timeout)
+            result = _run_check(self._request.node, spec, values, model, batch, loss, device)
         except UsageError as exc:
             _usage_failure(f"modelcheck.{spec.name}", exc)
-        _record_model(self._request.node, model, batch)
         _record(self._request.node, result)
         if result.passed is False:
             _report_details(self._request.node, [result])

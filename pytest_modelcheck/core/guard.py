@@ -38,7 +38,8 @@ def time_budget(seconds: Optional[float]) -> Iterator[None]:
     """
     if not seconds or threading.current_thread() is not threading.main_thread() \
             or not hasattr(signal, "setitimer"):
-        yield
+        with budget_watchdog(seconds):  # no alarm here: the watchdog thread alone
+            yield
         return
 
     # An outer SIGALRM deadline (pytest-timeout's signal method, a user's signal.alarm or
@@ -70,7 +71,8 @@ def time_budget(seconds: Optional[float]) -> Iterator[None]:
     if outer["due"] is not None and outer["due"] < deadline:
         arm()
     try:
-        yield
+        with budget_watchdog(seconds):  # the backstop when the model defeats the alarm
+            yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
@@ -128,3 +130,100 @@ def release_memory() -> Optional[int]:
         torch.cuda.empty_cache()
         return peak
     return None
+
+
+class BudgetOverrun(CheckTimeout):
+    """The time budget was overrun although its alarm was due: the body ignored SIGALRM or
+    replaced its handler. Raised by ``budget_watchdog``'s thread (as an asynchronous exception,
+    hence no arguments) or when the body returns late.
+
+    >>> str(BudgetOverrun())
+    'ran past its time budget: SIGALRM was ignored or its handler replaced (stopped by the watchdog thread)'
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*(args or ("ran past its time budget: SIGALRM was ignored or its handler"
+                                    " replaced (stopped by the watchdog thread)",)))
+
+
+def watchdog_grace(seconds: float) -> float:
+    """How long past its budget a body may run before the watchdog thread acts: 1 s + 10%.
+
+    >>> watchdog_grace(3)
+    1.3
+    """
+    return round(min(1.0 + 0.1 * seconds, 30.0), 3)
+
+
+@contextlib.contextmanager
+def budget_watchdog(seconds: Optional[float], grace: Optional[float] = None) -> Iterator[None]:
+    """The time budget's backstop, which no signal handler can switch off: a thread.
+
+    When the body is still running ``seconds + grace`` after it started (the SIGALRM that
+    ``time_budget`` arms was ignored, its handler replaced by the model, or the body is off the
+    main thread), the thread raises ``BudgetOverrun`` in the body's thread: an asynchronous
+    exception, seen at the next Python bytecode (a busy loop, a Python signal handler woken by a
+    SIGALRM the thread sends when one is installed). A body blocked in native code with SIGALRM
+    ignored cannot be interrupted in-process; when it returns late, ``BudgetOverrun`` is raised
+    on exit, so the overrun still fails the check (crash isolation, ``--modelcheck-isolate``,
+    also stops it). Nothing is left pending after the block.
+
+    >>> import time
+    >>> try:
+    ...     with budget_watchdog(0.05, grace=0.05):
+    ...         while True:  # a busy loop no alarm interrupts
+    ...             pass
+    ... except BudgetOverrun:
+    ...     print("stopped")
+    stopped
+    """
+    if not seconds:
+        yield
+        return
+    import ctypes
+
+    limit = seconds + (watchdog_grace(seconds) if grace is None else grace)
+    target = threading.get_ident()
+    on_main = threading.current_thread() is threading.main_thread()
+    lock = threading.Lock()
+    state = {"running": True, "fired": False}
+    done = threading.Event()
+    start = time.monotonic()
+
+    def set_async(exc: Any) -> None:
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target),
+                                                   ctypes.py_object(exc) if exc else None)
+
+    def watch() -> None:
+        if done.wait(limit):
+            return
+        with lock:
+            if not state["running"]:
+                return
+            state["fired"] = True
+            set_async(BudgetOverrun)
+            # a Python-level SIGALRM handler (the model's own) runs bytecode, so the pending
+            # exception is raised in it and a sleep is cut short; never poke SIG_DFL/SIG_IGN
+            if on_main and callable(signal.getsignal(signal.SIGALRM)) \
+                    and hasattr(signal, "pthread_kill"):
+                try:
+                    signal.pthread_kill(target, signal.SIGALRM)
+                except (OSError, ValueError):
+                    pass
+
+    thread = threading.Thread(target=watch, name="modelcheck-budget-watchdog", daemon=True)
+    thread.start()
+    returned = False
+    try:
+        yield
+        returned = True
+    finally:
+        with lock:
+            state["running"] = False
+            if state["fired"]:
+                set_async(None)  # clear one not yet raised: it must not land in our caller
+        done.set()
+        thread.join()
+    if returned and time.monotonic() - start > limit:
+        raise BudgetOverrun(f"ran for {time.monotonic() - start:.1f} s, past its time budget:"
+                            f" SIGALRM was ignored or its handler replaced (seen when it returned)")
