@@ -303,6 +303,21 @@ def test_ini_key_turns_isolation_on(pytester):
     result.stdout.fnmatch_lines(["*observed the process exit with status 3*"])
 
 
+@linux_only
+def test_the_modelcheck_fixture_is_isolated_too(pytester):
+    pytester.makeconftest(CRASHY_CONFTEST)
+    pytester.makepyfile("""
+        def test_fixture(modelcheck, segfaults):
+            modelcheck.grads_finite(model=segfaults)
+        def test_after(modelcheck):
+            assert modelcheck.grads_finite().passed
+    """)
+    result = pytester.runpytest("--modelcheck", "--modelcheck-isolate=auto")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*observed the process killed by SIGSEGV while running"
+                                 " grads_finite*"])
+
+
 def test_help_names_the_option_and_its_default(pytester):
     result = pytester.runpytest("--help")
     result.stdout.fnmatch_lines(["*--modelcheck-isolate*"])
