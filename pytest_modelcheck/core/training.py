@@ -93,6 +93,7 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
     >>> import torch
     >>> from pytest_modelcheck.core.losses import resolve_loss
     >>> m = torch.nn.Linear(4, 1)
+    >>> _ = torch.nn.init.constant_(m.weight, 0.5)   # output 2 + bias, far from the target 0
     >>> b = Batch.from_user((torch.ones(8, 4), torch.zeros(8, 1)))
     >>> run = train_steps(m, b, resolve_loss("mse", b), steps=20, lr=0.05)
     >>> run.best < run.initial
