@@ -4,6 +4,10 @@ the timed-regression rule used to gate merges.
 The rule is airspeed velocity's (asv): a timing has regressed when the ratio of the medians is
 beyond ``1 + threshold`` *and* a Mann-Whitney U test says the two samples differ (p below a
 small level). The ratio alone is fooled by noise; the test alone flags tiny, irrelevant changes.
+On top of asv's rule, the bootstrap interval of the ratio must lie wholly beyond the threshold:
+a test can say "the samples differ" while the size of the difference is unknown (a few outliers,
+a bimodal sample), and then the ratio's interval reaches back inside the threshold. Such a ratio
+is beyond the threshold but not established: ``'inconclusive'``, never ``'regressed'``.
 
 Only numpy and the standard library are used (no scipy). Nothing here imports torch or pytest.
 """
@@ -146,7 +150,9 @@ class Verdict:
     """The outcome of comparing two timing samples (seconds, lower is better).
 
     ``ratio`` is ``median(new) / median(old)``; ``ci`` its bootstrap interval; ``p_value`` the
-    two-sided Mann-Whitney p. ``regressed`` / ``improved`` follow the asv rule.
+    two-sided Mann-Whitney p. ``regressed`` / ``improved`` follow the rule of
+    :func:`timed_regression`; ``inconclusive`` is a ratio beyond the threshold that the rule
+    does not establish, and ``reason`` says why (``""`` otherwise).
 
     >>> v = timed_regression([1.0] * 5 + [1.1] * 5, [1.0] * 5 + [1.1] * 5)
     >>> (v.regressed, v.improved, v.ratio)
@@ -163,10 +169,17 @@ class Verdict:
     new_median: float
     n_old: int
     n_new: int
+    inconclusive: bool = False
+    reason: str = ""
 
     @property
     def verdict(self) -> str:
-        return "regressed" if self.regressed else "improved" if self.improved else "same"
+        """'regressed', 'improved', 'inconclusive' or 'same'."""
+        if self.regressed:
+            return "regressed"
+        if self.improved:
+            return "improved"
+        return "inconclusive" if self.inconclusive else "same"
 
     def describe(self) -> str:
         """One line: ratio, its interval and the test's p-value."""
@@ -180,11 +193,18 @@ def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float],
                      min_delta: float = 0.0) -> Verdict:
     """Has ``new_samples`` (times, lower is better) regressed against ``old_samples``?
 
-    Regressed when ``median(new) / median(old) > 1 + threshold`` and the Mann-Whitney p-value
-    is below ``p``; improved when the ratio is below ``1 / (1 + threshold)`` with the same test.
-    Either also needs the medians to differ by more than ``min_delta`` (the resolution of the
-    clock and the machine: a few microseconds of a tiny forward move with the load of a shared
-    runner from one session to the next, and the test cannot see a between-session shift).
+    Regressed when all of these hold: ``median(new) / median(old) > 1 + threshold``; the
+    Mann-Whitney p-value is below ``p``; the lower bound of the 99% bootstrap interval of the
+    ratio (:func:`bootstrap_ratio_ci`) is above ``1 + threshold`` too, so the slowdown is
+    established and not only its existence (an interval such as 0.83..3.23 says the samples
+    differ but not by how much); and the medians differ by more than ``min_delta`` (the
+    resolution of the clock and the machine: a few microseconds of a tiny forward move with the
+    load of a shared runner from one session to the next, and the test cannot see a
+    between-session shift). Improved is the mirror image: ratio below ``1 / (1 + threshold)``,
+    the same test, the interval's upper bound below ``1 / (1 + threshold)``.
+
+    A ratio beyond the threshold (and beyond ``min_delta``) that misses the test or whose
+    interval reaches back inside the threshold is ``'inconclusive'``, with the reason.
     With few samples the test cannot reach a small ``p`` (3 against 3 gives at best p=0.1), so
     a gate needs enough runs: 10 against 10 reach p=1.1e-5.
 
@@ -195,6 +215,9 @@ def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float],
     'same'
     >>> timed_regression(old, [t * 1.3 for t in old], min_delta=0.5).verdict  # 0.3 s: below it
     'same'
+    >>> v = timed_regression(old, [t * 1.3 for t in old[:5]] + [t * 1.02 for t in old[5:]])
+    >>> v.verdict, v.ci[0] < 1.1  # half the runs slower: significant, size unknown
+    ('inconclusive', True)
     """
     import statistics
 
@@ -209,7 +232,19 @@ def timed_regression(old_samples: Sequence[float], new_samples: Sequence[float],
     u, pv = mann_whitney_u(old, new)
     ci = bootstrap_ratio_ci(old, new)
     significant = pv < p
-    return Verdict(regressed=significant and ratio > 1 + threshold and mn - mo > min_delta,
-                   improved=significant and ratio < 1 / (1 + threshold) and mo - mn > min_delta,
-                   ratio=ratio, p_value=pv, ci=ci, u=u, old_median=mo, new_median=mn,
-                   n_old=len(old), n_new=len(new))
+    up, down = 1 + threshold, 1 / (1 + threshold)
+    slower = ratio > up and mn - mo > min_delta
+    faster = ratio < down and mo - mn > min_delta
+    regressed = slower and significant and ci[0] > up
+    improved = faster and significant and ci[1] < down
+    reason = ""
+    if (slower and not regressed) or (faster and not improved):
+        if not significant:
+            reason = f"Mann-Whitney p={pv:.2g} is not below {p:g}"
+        else:
+            bound = up if slower else down
+            reason = (f"the 99% CI of the ratio {ci[0]:.3f}..{ci[1]:.3f} includes the"
+                      f" threshold x{bound:.3f}")
+    return Verdict(regressed=regressed, improved=improved, ratio=ratio, p_value=pv, ci=ci, u=u,
+                   old_median=mo, new_median=mn, n_old=len(old), n_new=len(new),
+                   inconclusive=bool(reason), reason=reason)

@@ -132,12 +132,57 @@ def test_aa_simulation_no_false_alarms():
 
 
 def test_slowdown_simulation_detected():
-    """A 25% slowdown, 30 samples each side, 10% lognormal spread: detected in >= 95%."""
+    """A 25% slowdown, 30 samples each side, 10% lognormal spread, threshold 10%: detected in
+    >= 85%. (The 99% interval of the ratio must clear x1.10 as well: the price of never calling
+    'regressed' what the interval does not establish; the asv rule alone found 100%.) The
+    misses are 'inconclusive', never 'same'."""
     rng = np.random.default_rng(7)
-    found = 0
+    found = inconclusive = 0
     trials = 100
     for _ in range(trials):
         a = rng.lognormal(np.log(0.01), 0.1, 30)
         b = 1.25 * rng.lognormal(np.log(0.01), 0.1, 30)
-        found += timed_regression(a, b).regressed
-    assert found >= 0.95 * trials
+        v = timed_regression(a, b)
+        found += v.regressed
+        inconclusive += v.verdict == "inconclusive"
+    assert found >= 0.85 * trials and found + inconclusive == trials
+
+
+def test_slowdown_of_25_percent_against_a_20_percent_threshold_with_tight_samples():
+    """The gate's default: threshold 20% for throughput times. 30 runs with 2% spread (an idle
+    machine): a 25% slowdown is found every time; its interval clears x1.20."""
+    rng = np.random.default_rng(11)
+    for _ in range(50):
+        a = rng.lognormal(np.log(0.01), 0.02, 30)
+        b = 1.25 * rng.lognormal(np.log(0.01), 0.02, 30)
+        v = timed_regression(a, b, threshold=0.20)
+        assert v.regressed and v.ci[0] > 1.20, v.describe()
+
+
+# The shape of a serial baseline compared under `pytest -n 2` on a loaded 2-core runner: the
+# new run's times jump between an idle core (~x1) and a shared one (~x3), and the baseline has
+# two slow outliers. Reported: x3.096 (99% CI 0.826..3.226), significant, 'regressed'. Here:
+# x3.10 (99% CI 0.913..3.152), p=0.00056.
+BUG_OLD = [1.0 + 0.002 * i for i in range(8)] + [1.22, 1.23]
+BUG_NEW = [1.01 + 0.002 * i for i in range(6)] + [3.12 + 0.01 * i for i in range(9)]
+
+
+def test_interval_including_the_threshold_is_inconclusive_not_regressed():
+    v = timed_regression(BUG_OLD, BUG_NEW, threshold=0.20)
+    assert v.ratio == pytest.approx(3.10, abs=0.01)
+    assert v.p_value < 0.002  # "the samples differ" ...
+    assert v.ci[0] < 1.20 < v.ratio  # ... but not by an established amount
+    assert not v.regressed and v.verdict == "inconclusive"
+    assert "includes the threshold x1.200" in v.reason
+
+
+def test_improvement_needs_the_interval_too():
+    v = timed_regression(BUG_NEW, BUG_OLD, threshold=0.20)
+    assert not v.improved and v.verdict == "inconclusive"
+
+
+def test_ratio_beyond_threshold_without_significance_is_inconclusive():
+    old = [1.0, 1.1] * 3
+    v = timed_regression(old, [t * 1.3 for t in old])  # 6 vs 6: p >= 0.0022
+    assert v.verdict == "inconclusive" and "not below 0.002" in v.reason
+    assert timed_regression(old, old).verdict == "same" and timed_regression(old, old).reason == ""
