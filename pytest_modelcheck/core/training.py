@@ -50,13 +50,56 @@ def make_optimizer(optimizer: Any, params: Any, lr: float) -> Any:
     return cls(params, lr=lr, **kwargs)
 
 
-def grad_norm(model: Any) -> float:
-    """Global L2 norm of all gradients (0.0 when there are none)."""
-    total = 0.0
+def grad_norm_tensor(model: Any) -> Any:
+    """Global L2 norm of all gradients as a 0-d float64 tensor, without a host sync (None when
+    there is no gradient): one fused ``torch._foreach_norm`` per device, half-precision
+    gradients accumulated in float32 as ``grad_norm`` does.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 1, bias=False)
+    >>> m.weight.grad = torch.tensor([[3.0, 4.0]])
+    >>> grad_norm_tensor(m)
+    tensor(5., dtype=torch.float64)
+    """
+    import torch
+
+    by_device: dict = {}
     for p in model.parameters():
-        if p.grad is not None:
-            total += float(p.grad.detach().float().pow(2).sum())
-    return math.sqrt(total)
+        g = p.grad
+        if g is None:
+            continue
+        g = g.detach()
+        if g.is_sparse:
+            g = g.coalesce().values()
+        if g.is_complex():
+            g = g.real  # as grad_norm's .float() reads a complex gradient
+        by_device.setdefault(g.device, []).append(g)
+    if not by_device:
+        return None
+    parts = []
+    for grads in by_device.values():
+        low = [g.dtype in (torch.float16, torch.bfloat16) for g in grads]
+        if any(low):
+            grads = [g.float() if lo else g for g, lo in zip(grads, low)]
+        norms = torch._foreach_norm(grads, 2)
+        parts.append(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+    first = parts[0].device
+    return torch.linalg.vector_norm(torch.stack([t.to(first) for t in parts]))
+
+
+def grad_norm(model: Any) -> float:
+    """Global L2 norm of all gradients (0.0 when there are none).
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 1, bias=False)
+    >>> grad_norm(m)
+    0.0
+    >>> m.weight.grad = torch.tensor([[3.0, 4.0]])
+    >>> grad_norm(m)
+    5.0
+    """
+    norm = grad_norm_tensor(model)
+    return 0.0 if norm is None else float(norm)
 
 
 @dataclass
@@ -83,12 +126,25 @@ class TrainingRun:
         return self.losses[-1] if self.losses else math.nan
 
 
+#: Steps between two reads of the losses and gradient norms back to the host (one ``.tolist()``
+#: for all of them): the training loop itself never waits for the device.
+SYNC_EVERY = 8
+
+
 def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: Any = "adam",
                 lr: float = 1e-3, seed: int = 0,
                 on_step: Optional[Callable[[int, float], None]] = None,
-                stop: Optional[Callable[[list], bool]] = None) -> TrainingRun:
+                stop: Optional[Callable[[list], bool]] = None,
+                sync_every: int = SYNC_EVERY) -> TrainingRun:
     """Train ``model`` in place for ``steps`` steps on one batch; stops early on a non-finite loss
     or when ``stop(losses)`` returns True after a step.
+
+    The loss, its terms and the global gradient norm of each step stay on the device; they are
+    read back together after the first step and then every ``sync_every`` steps, and ``stop``
+    and ``on_step`` are called then, step by step, in order. The returned run is the one a
+    step-by-step loop gives: it ends at the first non-finite loss (recorded, no gradient norm
+    for it) or at the first step where ``stop`` holds, and the records after it are dropped. The
+    model itself may have taken up to ``sync_every - 1`` more updates than the run records.
 
     >>> import torch
     >>> from pytest_modelcheck.core.losses import resolve_loss
@@ -98,38 +154,90 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
     >>> run = train_steps(m, b, resolve_loss("mse", b), steps=20, lr=0.05)
     >>> run.best < run.initial
     True
+    >>> short = train_steps(torch.nn.Linear(4, 1), b, resolve_loss("mse", b), steps=20,
+    ...                     stop=lambda losses: len(losses) == 3)
+    >>> len(short.losses), len(short.grad_norms)
+    (3, 3)
     """
     import torch
 
+    if not (isinstance(sync_every, int) and sync_every >= 1):
+        raise UsageError(f"sync_every={sync_every!r}: expected a positive integer")
     torch.manual_seed(seed)
     model.train()
     opt = make_optimizer(optimizer, model.parameters(), lr)
     run = TrainingRun()
-    for step in range(steps):
-        opt.zero_grad(set_to_none=True)
-        out = run_forward(model, batch)
-        total, terms = loss.compute(out, batch, model)
-        value = float(total.detach())
-        run.losses.append(value)
-        for k, v in terms.items():
-            run.terms.setdefault(k, []).append(float(v.detach()))
-        run.lrs.append(float(opt.param_groups[0]["lr"]))
-        if not math.isfinite(value):
-            run.stopped = f"loss became {value} at step {step}"
-            break
-        if not total.requires_grad:
-            from .errors import ModelError
+    # (step, loss, {term: value}, lr, grad norm or None, update done): device tensors, unread
+    pending: list = []
+    error = None
 
-            raise ModelError("the loss does not require grad: the forward detaches its output"
-                             " (.detach(), torch.no_grad(), set_grad_enabled(False)) or no"
-                             " trainable parameter reaches it")
-        total.backward()
-        run.grad_norms.append(grad_norm(model))
-        opt.step()
-        if on_step is not None:
-            on_step(step, value)
-        if stop is not None and stop(run.losses):
-            break
+    def flush() -> bool:
+        """Read the pending steps back and record them; True when the run ends at one of them."""
+        if not pending:
+            return False
+        scalars = []
+        for _, total, terms, _, norm, _ in pending:
+            scalars.append(total.reshape(()))
+            scalars += [v.reshape(()) for v in terms.values()]
+            if norm is not None:
+                scalars.append(norm)
+        device = scalars[0].device
+        values = iter(torch.stack([t.to(device=device, dtype=torch.float64)
+                                   for t in scalars]).tolist())
+        steps_read, pending[:] = list(pending), []
+        for step, _, terms, step_lr, norm, updated in steps_read:
+            value = next(values)
+            run.losses.append(value)
+            for k in terms:
+                run.terms.setdefault(k, []).append(next(values))
+            run.lrs.append(step_lr)
+            if not math.isfinite(value):
+                run.stopped = f"loss became {value} at step {step}"
+                return True
+            if not updated:  # the step failed after a finite loss: its error is the run's
+                return False
+            run.grad_norms.append(0.0 if norm is None else next(values))
+            if on_step is not None:
+                on_step(step, value)
+            if stop is not None and stop(run.losses):
+                return True
+        return False
+
+    for step in range(steps):
+        entry = None
+        try:
+            opt.zero_grad(set_to_none=True)
+            out = run_forward(model, batch)
+            total, terms = loss.compute(out, batch, model)
+            entry = (step, total.detach(), {k: v.detach() for k, v in terms.items()},
+                     float(opt.param_groups[0]["lr"]), None, False)
+            if not total.requires_grad:
+                pending.append(entry)
+                if flush():  # a non-finite loss ends the run before its missing gradient matters
+                    return run
+                from .errors import ModelError
+
+                error = ModelError("the loss does not require grad: the forward detaches its"
+                                   " output (.detach(), torch.no_grad(), set_grad_enabled(False))"
+                                   " or no trainable parameter reaches it")
+                break
+            total.backward()
+            norm = grad_norm_tensor(model)
+            opt.step()
+            pending.append(entry[:4] + (norm, True))
+        except Exception:
+            # An error in a step after an unread non-finite loss or stop, or in the backward of
+            # a non-finite loss, comes from work the step-by-step loop never did: not the run's.
+            if entry is not None and (not pending or pending[-1][0] != step):
+                pending.append(entry)
+            if flush():
+                return run
+            raise
+        if (step == 0 or len(pending) >= sync_every) and flush():
+            return run
+    if error is not None:
+        raise error
+    flush()
     return run
 
 
