@@ -8,7 +8,11 @@ reported. Metrics are of two kinds (see :data:`METRIC_KINDS`):
   compared exactly, or within an explicit relative tolerance;
 * **timed** (per-run latencies, memory measured on the device): they vary from run to run and
   from machine to machine, so they are compared statistically (:func:`~.stats.timed_regression`)
-  and only against a baseline saved on a machine with the same fingerprint.
+  and only against a baseline saved on a machine with the same fingerprint. Each timed metric
+  also records the parallelism it was measured under (torch threads, pytest-xdist workers) and
+  the machine's load per core; a timing from another parallelism is not judged ('skipped:
+  other parallelism'), and one that a loaded session or an unknown parallelism could explain is
+  'inconclusive' instead of 'regressed' (:func:`compare`).
 
 Saving merges into an existing file under an exclusive lock (``fcntl.flock`` on a lock file
 in the temporary directory named after the baseline's real path, so that none is left beside
@@ -174,12 +178,39 @@ def _value_problem(value: Any, depth: int = 0) -> Optional[str]:
     return f"holds a {type(value).__name__}"
 
 
+def _context_problem(entry: dict) -> Optional[str]:
+    """Why the optional measuring context of a timed metric (``parallelism``,
+    ``load_per_core``) is malformed, or None. Absent keys are fine: older files lack them.
+
+    >>> _context_problem({"parallelism": {"threads": 2, "xdist_workers": None}})
+    >>> _context_problem({"parallelism": {"threads": 0}, "load_per_core": 0.5})
+    'has parallelism threads 0, expected a count >= 1 or null'
+    """
+    par = entry.get("parallelism")
+    if par is not None:
+        if not isinstance(par, dict):
+            return f"has parallelism {_show(par)}, expected an object"
+        for key, v in par.items():
+            if key not in PARALLELISM:
+                return f"has parallelism key {_show(key)}, expected {' or '.join(PARALLELISM)}"
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                return f"has parallelism {key} {_show(v)}, expected a count >= 1 or null"
+    load = entry.get("load_per_core")
+    if load is not None and (isinstance(load, bool) or not isinstance(load, (int, float))
+                             or not math.isfinite(load) or load < 0):
+        return f"has load_per_core {_show(load)}, expected a number >= 0 or null"
+    return None
+
+
 def _metric_problem(entry: Any) -> Optional[str]:
     """Why one stored metric (``{"kind", "value" | "samples"}``) is malformed, or None."""
     if not isinstance(entry, dict):
         return f"is a {type(entry).__name__}, expected an object"
     if entry.get("kind") not in _KINDS:
         return f"has kind {_show(entry.get('kind'))}, expected one of {', '.join(_KINDS)}"
+    problem = _context_problem(entry)
+    if problem:
+        return problem
     if "samples" in entry:
         samples = entry["samples"]
         if not (isinstance(samples, list) and samples and all(
@@ -288,6 +319,20 @@ MEASURED_MEMORY = MetricKind("timed", tolerance=0.05, unit="bytes")
 #: Timed medians closer than this (seconds per run) are never a regression: below it, a tiny
 #: forward's time follows the load of a shared runner from one session to the next.
 TIMED_RESOLUTION_S = 50e-6
+#: The parallelism a timed metric records (``{"threads": n, "xdist_workers": n}``, null when
+#: unknown): torch intra-op threads and pytest-xdist workers of the session that timed it.
+PARALLELISM = ("threads", "xdist_workers")
+#: Loads per core (mean of the 1-minute load average before and after the timing, divided by
+#: the cores) of the two sessions that differ by more than this make a timed regression
+#: 'inconclusive': half a core's worth of other runnable work per core changes how often a
+#: timing loop is descheduled, by more than the calibration run (taken at another moment)
+#: can correct. An idle runner's sessions differ by far less (a pytest process alone is
+#: 1/cores); one extra busy process on a 2-core machine is exactly 0.5, and with the pytest
+#: process it reaches :data:`OVERSUBSCRIBED_LOAD`.
+LOAD_MARGIN = 0.5
+#: A session whose load per core reached this had more runnable tasks than cores: every
+#: timing of it may have waited for a core, so its regressions are 'inconclusive'.
+OVERSUBSCRIBED_LOAD = 1.0
 
 
 def metric_kind(check: str, key: str, estimated: bool = True) -> Optional[MetricKind]:
@@ -346,6 +391,41 @@ def machine_fingerprint() -> dict:
     return facts
 
 
+def _count(value: Any) -> Optional[int]:
+    """A count >= 1 from a metric (an int, or its text as an environment variable gives it),
+    else None."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None
+
+
+def _measured_under(metrics: dict) -> dict:
+    """The context a timing was measured under, from the same result's metrics:
+    ``parallelism`` (torch threads, xdist workers; null when not reported) and
+    ``load_per_core`` (mean of ``load_before`` and ``load_after`` over ``cores``). Keys the
+    result does not report are left out (unknown).
+
+    >>> _measured_under({"threads": 2, "xdist_workers": "1", "load_before": 0.5,
+    ...                  "load_after": 1.5, "cores": 4})
+    {'parallelism': {'threads': 2, 'xdist_workers': 1}, 'load_per_core': 0.25}
+    >>> _measured_under({"times_s": [0.1]})
+    {}
+    """
+    out: dict = {}
+    par = {key: _count(metrics.get(key)) for key in PARALLELISM}
+    if any(v is not None for v in par.values()):
+        out["parallelism"] = par
+    loads = [v for v in (metrics.get("load_before"), metrics.get("load_after"))
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+             and v >= 0]
+    cores = _count(metrics.get("cores"))
+    if loads and cores:
+        out["load_per_core"] = round(sum(loads) / len(loads) / cores, 4)
+    return out
+
+
 def _flatten(check: str, metrics: dict, estimated: bool) -> dict:
     """``{"check.key": {"kind", "value" | "samples"}}`` for the baselined metrics of a result."""
     out = {}
@@ -363,7 +443,7 @@ def _flatten(check: str, metrics: dict, estimated: bool) -> dict:
             samples = [float(v) for v in value if isinstance(v, (int, float))
                        or v in NON_FINITE_TEXT]
             if samples:
-                out[name] = {"kind": "timed", "samples": samples}
+                out[name] = {"kind": "timed", "samples": samples, **_measured_under(metrics)}
         elif kind.kind == "timed":
             out[name] = {"kind": "timed", "value": value}
         else:
@@ -518,9 +598,12 @@ class Baseline:
 class Comparison:
     """One metric of one test, baseline against now.
 
-    ``verdict`` is 'regressed', 'improved', 'same', 'new' or 'skipped: other machine';
-    ``change`` is the relative change of the value (of the median for timed metrics);
-    ``detail`` says how it was decided.
+    ``verdict`` is 'regressed', 'improved', 'same', 'new', 'inconclusive' (a timed change
+    beyond the threshold that is not established: its interval reaches inside the threshold,
+    or the load or an unknown parallelism may explain it; reported, does not fail the gate),
+    'skipped: other machine' or 'skipped: other parallelism' (timed under other torch threads
+    or xdist workers: not judged); ``change`` is the relative change of the value (of the
+    median for timed metrics); ``detail`` says how it was decided.
 
     >>> c = Comparison("t.py::a", "flops_under.flops", "deterministic", 100, 110, 0.1, "regressed")
     >>> c.line()
@@ -665,6 +748,90 @@ def _calibrated(name: str, old_entry: dict, entry: dict, mine: dict, metrics: di
             f" x{mo / mn:.2f} the baseline session's speed)")
 
 
+def _parallelism_text(par: dict) -> str:
+    """``'2 xdist workers x 1 thread'`` (``?`` for what is unknown)."""
+    parts = []
+    for key, noun in (("xdist_workers", "xdist worker"), ("threads", "thread")):
+        n = par.get(key)
+        parts.append(f"? {noun}s" if n is None else f"{n} {noun}{'' if n == 1 else 's'}")
+    return " x ".join(parts)
+
+
+def _other_parallelism(old_entry: dict, entry: dict) -> str:
+    """Why a timing is not judged against its baseline: both sides know a parallelism fact
+    (torch threads, xdist workers) and it differs; ``""`` otherwise.
+
+    Refused rather than normalised: the calibration run measures the session's speed with one
+    thread at one moment, while xdist workers on shared cores and another thread count change
+    each timing by an amount that varies from run to run (a worker's neighbour is busy, then
+    idle); a serial baseline compared under ``-n 2`` on 2 loaded cores read x3.1 on an
+    unchanged model. No correction of it is safe from false alarms.
+
+    >>> _other_parallelism({"parallelism": {"threads": 2, "xdist_workers": 1}},
+    ...                    {"parallelism": {"threads": 1, "xdist_workers": 2}})[:70]
+    'baseline timed with 1 xdist worker x 2 threads, this run 2 xdist worke'
+    >>> _other_parallelism({}, {"parallelism": {"threads": 1, "xdist_workers": 2}})
+    ''
+    """
+    po, pn = old_entry.get("parallelism") or {}, entry.get("parallelism") or {}
+    if not any(po.get(k) is not None and pn.get(k) is not None and po[k] != pn[k]
+               for k in PARALLELISM):
+        return ""
+    return (f"baseline timed with {_parallelism_text(po)}, this run {_parallelism_text(pn)};"
+            f" not comparable: save a baseline under the same -n / --modelcheck-threads")
+
+
+def _doubts(old_entry: dict, entry: dict, v: Any, tol: float) -> str:
+    """Why a would-be 'regressed' or 'improved' timing (``v``) is not trusted, ``""`` when it
+    is: the compare is then 'inconclusive', which does not fail the gate.
+
+    * one side's parallelism is unknown (a baseline saved by an older version) and the other
+      side ran under more than one xdist worker: the difference may be the parallelism;
+    * a session was oversubscribed (load per core >= :data:`OVERSUBSCRIBED_LOAD`), or the two
+      sessions' loads per core differ by more than :data:`LOAD_MARGIN`; unless the ratio's
+      interval is beyond what the load can explain. A timing loop that shares its core with
+      the other runnable tasks is stretched by up to ``1 + load per core`` (each of them
+      takes its time slice), and the calibration run, taken at another moment, need not see
+      the same share. So a slowdown whose 99% lower bound exceeds ``(1 + threshold) *
+      (1 + the larger load per core)`` cannot be the load alone and stays 'regressed' (at
+      load 1.0 and a 20% threshold: beyond x2.4); anything less is 'inconclusive'.
+
+    >>> from pytest_modelcheck.core.stats import timed_regression
+    >>> v = timed_regression([1.0, 1.01] * 5, [1.5, 1.51] * 5, threshold=0.2)
+    >>> _doubts({"load_per_core": 0.2}, {"load_per_core": 0.3}, v, 0.2)
+    ''
+    >>> _doubts({"load_per_core": 0.2}, {"load_per_core": 1.4}, v, 0.2)
+    'loaded machine: load per core 0.20 for the baseline, 1.40 for this run (this run oversubscribed; the sessions differ by more than 0.5); a slowdown within x2.88 may be the load'
+    """
+    if not (v.regressed or v.improved):
+        return ""
+    reasons = []
+    po, pn = old_entry.get("parallelism"), entry.get("parallelism")
+    if (po is None) != (pn is None):
+        known, unknown = ("this run", "the baseline") if po is None else ("the baseline",
+                                                                          "this run")
+        if ((po or pn).get("xdist_workers") or 1) > 1:
+            reasons.append(f"{unknown} did not record its parallelism (an older version) and"
+                           f" {known} ran with {_parallelism_text(po or pn)}; save a baseline"
+                           f" under the same -n / --modelcheck-threads")
+    lo, ln = old_entry.get("load_per_core"), entry.get("load_per_core")
+    why = [f"{who} oversubscribed" for who, load in (("the baseline", lo), ("this run", ln))
+           if load is not None and load >= OVERSUBSCRIBED_LOAD]
+    if lo is not None and ln is not None and abs(ln - lo) > LOAD_MARGIN:
+        why.append(f"the sessions differ by more than {LOAD_MARGIN:g}")
+    if why:
+        worst = max(load for load in (lo, ln) if load is not None)
+        allowance = (1 + tol) * (1 + worst)
+        beyond = v.ci[0] > allowance if v.regressed else v.ci[1] < 1 / allowance
+        if not beyond:
+            shown = lambda x: "unknown" if x is None else f"{x:.2f}"  # noqa: E731
+            reasons.append(f"loaded machine: load per core {shown(lo)} for the baseline,"
+                           f" {shown(ln)} for this run ({'; '.join(why)}); a"
+                           f" {'slowdown' if v.regressed else 'speed-up'} within"
+                           f" x{allowance:.2f} may be the load")
+    return "; ".join(reasons)
+
+
 def _shown(entry: dict) -> Any:
     """The value of a stored metric as shown: the median of its samples (when they are all
     finite), else the value or the samples."""
@@ -680,7 +847,9 @@ def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
 
     Deterministic metrics are compared against this machine's entry, or else the most recently
     saved entry of any machine; timed ones only against this machine (else 'skipped: other
-    machine'). A non-finite value (NaN, Infinity) on either side is 'regressed', with the
+    machine') and under the same parallelism (else 'skipped: other parallelism'); a timed
+    change beyond the threshold that its interval, the sessions' loads or an unknown
+    parallelism leave open is 'inconclusive' (see :func:`_doubts`). A non-finite value (NaN, Infinity) on either side is 'regressed', with the
     reason in ``detail``: the gate cannot vouch for it. ``tolerances`` maps ``"check.key"``
     (or ``(check, key)``, or a kind ``"deterministic"`` / ``"timed"``) to a relative
     tolerance (timed: the ratio threshold).
@@ -721,15 +890,23 @@ def compare(baseline: Baseline, rows: list, fingerprint: dict, *,
                     out.append(Comparison(nodeid, name, "timed", _shown(old_entry),
                                           _shown(entry), None, "regressed", bad))
                 elif "samples" in entry and "samples" in old_entry:
+                    old_m = statistics.median(old_entry["samples"])
+                    new_m = statistics.median(entry["samples"])
+                    other = _other_parallelism(old_entry, entry)
+                    if other:  # not judged: see _other_parallelism
+                        out.append(Comparison(nodeid, name, "timed", old_m, new_m, None,
+                                              "skipped: other parallelism", other))
+                        continue
                     old_s, new_s, scale, note = _calibrated(name, old_entry, entry, mine, metrics)
                     v = timed_regression(old_s, new_s, threshold=tol,
                                          min_delta=TIMED_RESOLUTION_S / scale
                                          if kind.unit == "seconds" else 0.0)
-                    out.append(Comparison(nodeid, name, "timed",
-                                          statistics.median(old_entry["samples"]),
-                                          statistics.median(entry["samples"]),
-                                          v.ratio - 1, v.verdict,
-                                          (_ratio_text(v) if note else v.describe()) + note))
+                    verdict, detail = v.verdict, (_ratio_text(v) if note else v.describe()) + note
+                    doubt = v.reason or _doubts(old_entry, entry, v, tol)
+                    if doubt:
+                        verdict, detail = "inconclusive", f"{doubt}; {detail}"
+                    out.append(Comparison(nodeid, name, "timed", old_m, new_m, v.ratio - 1,
+                                          verdict, detail))
                 else:  # one measured value each: a relative tolerance, same machine only
                     old = old_entry.get("value")
                     verdict = _deterministic(old, new, kind, tol)
