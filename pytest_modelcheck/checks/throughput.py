@@ -1,6 +1,8 @@
 """throughput_at_least: samples per second of inference (or training steps) above a floor."""
 from __future__ import annotations
 
+import math
+import os
 from typing import Any, Callable, Optional
 
 from ..core.errors import UsageError
@@ -9,10 +11,12 @@ from .registry import check
 
 # Seam for tests: a fake clock replaces time.perf_counter (never set in normal use).
 TIMER: Optional[Callable[[], float]] = None
+# Seam for tests: a fake ``() -> (1-minute load average, cores)`` replaces the machine's.
+LOAD: Optional[Callable[[], tuple]] = None
 
 
 def _validate(rate: Any, phase: Any = "inference", batch_size: Any = None, warmup: Any = 3,
-              min_runs: Any = 10, max_time: Any = 10.0) -> dict:
+              min_runs: Any = 10, max_time: Any = 10.0, strict: Any = False) -> dict:
     from ..core.units import UnitError, parse_duration, parse_rate
 
     try:
@@ -30,32 +34,108 @@ def _validate(rate: Any, phase: Any = "inference", batch_size: Any = None, warmu
         seconds = parse_duration(max_time)
     except UnitError as exc:
         raise UsageError(f"max_time={max_time!r}: {exc}") from None
+    if not isinstance(strict, bool):
+        raise UsageError(f"strict={strict!r}: expected True or False")
     return {"rate": value, "phase": phase, "batch_size": batch_size, "warmup": warmup,
-            "min_runs": min_runs, "max_time": seconds}
+            "min_runs": min_runs, "max_time": seconds, "strict": strict}
+
+
+def _percent(x: float) -> str:
+    """A relative spread with two significant digits below 10% (``0.34%``), none above."""
+    value = x * 100
+    if value == 0 or value >= 10 or not math.isfinite(value):
+        return f"{value:.0f}%"
+    if value < 0.001:
+        return "<0.001%"
+    return f"{value:.2g}%"
+
+
+def _rates(*values: float) -> list:
+    """Rates formatted alike; distinct values get as many more digits as it takes to differ
+    in print (``2.671k`` vs ``2.674k``, not ``2.67k`` twice)."""
+    from ..core.units import format_rate
+
+    texts = [format_rate(v) if math.isfinite(v) else "inf samples/s" for v in values]
+    for i, a in enumerate(values):
+        for j in range(i + 1, len(values)):
+            b = values[j]
+            if a == b or texts[i] != texts[j] or not math.isfinite(a):
+                continue
+            number, unit = texts[i].split(" ", 1)
+            scale = {"k": 1e3, "M": 1e6, "G": 1e9}.get(number[-1:], 1.0)
+            suffix = number[-1] if scale != 1.0 else ""
+            for decimals in range(3, 10):
+                ta, tb = (f"{v / scale:.{decimals}f}{suffix} {unit}" for v in (a, b))
+                if ta != tb:
+                    texts[i], texts[j] = ta, tb
+                    break
+    return texts
+
+
+def _span(low: float, high: float) -> str:
+    """``64 .. 384 samples/s``: two rates told apart, the unit once."""
+    a, b = _rates(low, high)
+    unit = " samples/s"
+    return f"{a[:-len(unit)] if a.endswith(unit) and b.endswith(unit) else a} .. {b}"
+
+
+def _load_text(m: Any) -> str:
+    """``load 3.52 -> 3.61 on 2 cores, 2 torch threads``."""
+    if m.load_before is None and m.load_after is None:
+        load = f"load unknown, {m.cores} cores"
+    else:
+        seen = [f"{x:.2f}" if x is not None else "?" for x in (m.load_before, m.load_after)]
+        load = f"load {seen[0]} -> {seen[1]} on {m.cores} cores"
+    threads = "torch threads unknown" if m.threads is None else (
+        f"{m.threads} torch thread" + ("s" if m.threads != 1 else ""))
+    return f"{load}, {threads}"
+
+
+def _xdist_workers() -> int:
+    try:
+        return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    except ValueError:
+        return 1
 
 
 @check(default=False, validate=_validate)
 def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = None, warmup: Any = 3,
-                        min_runs: Any = 10, max_time: Any = 10.0, *, model: Any, batch: Any,
-                        loss: Any = None, device: Any = None) -> CheckResult:
+                        min_runs: Any = 10, max_time: Any = 10.0, strict: Any = False, *,
+                        model: Any, batch: Any, loss: Any = None,
+                        device: Any = None) -> CheckResult:
     """Median samples/s of inference (or phase='train' steps) is at least `rate` (e.g. '500 samples/s').
 
-    Warm-up runs first; each run is synchronized with the device (CUDA events on GPU); a noisy
-    measurement (IQR above 10% of the median) gets more runs before it may fail. Runs on a copy.
+    Warm-up runs first; each run is timed on its own and synchronized with the device (CUDA
+    events on GPU). Runs on a copy. The measurement records the machine's load (1-minute load
+    average before and after, cores), torch's thread count and the pytest-xdist worker count.
+
+    Three outcomes, from an interval ``lo .. hi`` for the sustained rate
+    (:attr:`~pytest_modelcheck.core.timing.ThroughputMeasurement.samples_per_s_interval`):
+
+    - passed: the median rate reaches `rate`;
+    - failed: even ``hi`` -- the rate of the fastest tenth of the runs (a 95% confidence bound),
+      scaled up by ``load / cores`` when the machine was oversubscribed -- is below `rate`;
+    - inconclusive otherwise: the median is below `rate` but the fast runs reach it, as on a
+      busy shared runner (other processes only ever add time to a run). The check passes with
+      ``metrics["inconclusive"] = True`` and a headline starting ``inconclusive:``; with
+      ``strict=True`` (for dedicated runners) it fails instead.
+
+    Before deciding, a noisy (IQR above 10% of the median) or unsettled measurement gets more
+    runs, within `max_time` seconds of timed runs.
 
     >>> import torch
-    >>> throughput_at_least("1 samples/s", model=torch.nn.Linear(4, 2),
-    ...                     batch=torch.zeros(8, 4)).passed
-    True
+    >>> r = throughput_at_least("1 samples/s", model=torch.nn.Linear(4, 2),
+    ...                         batch=torch.zeros(8, 4))
+    >>> r.passed, r.metrics["inconclusive"], r.metrics["threads"] == torch.get_num_threads()
+    (True, False, True)
     """
     import torch
 
     from ..core.batch import copy_model
     from ..core.forward import run_forward
     from ..core.losses import resolve_loss
-    from ..core.timing import measure_throughput
+    from ..core.timing import calibration_times, measure_throughput, median_ranks
     from ..core.training import make_optimizer
-    from ..core.units import format_rate
 
     work = copy_model(model).to(device)
     data = (batch.resized(batch_size) if batch_size else batch.clone()).to(device)
@@ -78,29 +158,75 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
             total.backward()
             opt.step()
 
+    # Each run is timed on its own (two clock readings around one step), so the spread and the
+    # interval below are over independent runs. `floor=rate` keeps measuring (within max_time)
+    # while the verdict is unsettled.
     m = measure_throughput(step, n, warmup=warmup, min_runs=min_runs,
                            max_runs=max(min_runs, 200), max_time=max_time, timer=TIMER,
-                           device=str(device))
-    from ..core.timing import calibration_times
-
+                           device=str(device), load=LOAD, floor=rate)
     calibration = calibration_times(runs=20)  # this session's speed, for the baseline gate
-    lo, hi = m.samples_per_s_range
-    spread = f"IQR {m.spread:.0%} of the median over {m.runs} runs"
+
+    # The verdict. Other processes only ever add time to a run, so on a busy machine the median
+    # understates the model while its fastest runs still show it: `hi` is the rate of the
+    # fastest tenth of the runs (a 95% lower confidence bound of the 10th-percentile run time,
+    # distribution-free), times load/cores when the machine was oversubscribed. Below `hi` the
+    # model is too slow even judged by its best runs with the load taken out: a failure the
+    # measurement supports with confidence. Between the median and `hi` this machine cannot
+    # tell a slow model from a busy runner: inconclusive, not failed (unless strict=True).
+    verdict = m.verdict(rate)
+    inconclusive = verdict == "inconclusive"
+    passed = verdict == "passed" or (inconclusive and not strict)
+    lo, hi = m.samples_per_s_interval
+    q3_rate, q1_rate = m.samples_per_s_range
+    r, coverage = m.fast_rank
+    _, k = median_ranks(m.runs, m.confidence)
+    floor_text, median_text, lo_text, hi_text = _rates(rate, m.samples_per_s, lo, hi)
+    interval = _span(lo, hi)
+    spread = f"IQR {_percent(m.spread)} of the median over {m.runs} runs"
+    conditions = _load_text(m)
+    xdist = _xdist_workers()
     metrics = {"samples_per_s": m.samples_per_s, "rate": rate, "batch_size": n, "phase": phase,
                "spread": m.spread, "runs": m.runs, "noisy": m.noisy, "extended": m.extended,
                "median_s": m.stats.median, "method": m.method, "times_s": m.stats.times[:200],
-               "calibration_s": calibration}
+               "calibration_s": calibration,
+               "interval_samples_per_s": [lo, hi], "fast_samples_per_s": m.fast_samples_per_s,
+               "fast_confidence": coverage, "load_allowance": m.load_allowance,
+               "threads": m.threads, "xdist_workers": xdist, "load_before": m.load_before,
+               "load_after": m.load_after, "cores": m.cores,
+               "verdict": verdict, "inconclusive": inconclusive, "strict": strict}
     details = (f"batch size {n}, {phase}, {m.method}: median {m.stats.median * 1e3:.3f} ms per batch,"
-               f" samples/s range (q3..q1 times) {format_rate(lo)} .. {format_rate(hi)};"
-               f" {spread}" + ("; still noisy after extension" if m.noisy else ""))
+               f" samples/s range (q3..q1 times) {' .. '.join(_rates(q3_rate, q1_rate))}; {spread}"
+               + ("; still noisy after extension" if m.noisy else "")
+               + f"\nconditions: {conditions}, {xdist} xdist worker" + ("s" if xdist != 1 else "")
+               + f"\ninterval {interval}: from {lo_text}, the 95% lower bound of the"
+               f" median rate (run {k} of {m.runs} by time), to {hi_text}, the fast runs (run {r}"
+               f" of {m.runs} by time: {coverage:.0%} confident that 90% of the runs were no"
+               f" faster)"
+               + (f" x {m.load_allowance:.2f} for the load" if m.load_allowance > 1 else ""))
     what = "inference" if phase == "inference" else "training"
-    if m.samples_per_s >= rate:
+    expected = f"expected {what} throughput >= {floor_text}"
+    if verdict == "passed":
         return CheckResult("throughput_at_least", True,
-                           f"expected {what} throughput >= {format_rate(rate)}, observed"
-                           f" {format_rate(m.samples_per_s)} ({spread})", details, metrics)
+                           f"{expected}, observed {median_text} ({spread})", details, metrics)
+    if inconclusive:
+        measured = (f"{expected}, observed {median_text}, interval {interval} over"
+                    f" {m.runs} runs, {conditions}")
+        if strict:
+            return CheckResult(
+                "throughput_at_least", False,
+                f"inconclusive, failed because strict=True: {measured}; the fast runs reach the"
+                " floor but the median does not", details
+                + "\nadvice: strict=True fails measurements a busy machine leaves undecided;"
+                " run on a dedicated runner, give more max_time, or drop strict=True on shared"
+                " runners", metrics)
+        return CheckResult(
+            "throughput_at_least", True,
+            f"inconclusive: {measured}; this machine cannot tell a slow model from a busy one:"
+            " use a dedicated runner, more max_time, or strict=True to fail instead",
+            details, metrics)
     hint = ("\nremedy: look for Python loops over samples and host syncs (.item(), .cpu()) in"
             " forward; larger batch sizes amortize per-call overhead")
     return CheckResult("throughput_at_least", False,
-                       f"expected {what} throughput >= {format_rate(rate)}, observed"
-                       f" {format_rate(m.samples_per_s)} ({spread}"
+                       f"{expected}, observed {median_text}, at most {hi_text} ({spread}"
                        + (", noisy" if m.noisy else "") + ")", details + hint, metrics)
+

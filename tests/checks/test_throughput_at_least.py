@@ -1,14 +1,22 @@
 """throughput_at_least on a fake clock: pass/fail thresholds, noise extension, phases, usage errors.
 
 Every timing here comes from the FakeClock installed through the check's ``TIMER`` seam
-(see conftest.py), so no assertion depends on how fast this machine is.
+(see conftest.py), and the machine's load from the ``LOAD`` seam (a quiet machine unless a test
+says otherwise), so no assertion depends on how fast or how busy this machine is.
 """
 import pytest
 import torch
 from torch import nn
 
+import pytest_modelcheck.checks.throughput as throughput_module
 from pytest_modelcheck import UsageError
 from pytest_modelcheck.checks import throughput_at_least
+
+
+@pytest.fixture(autouse=True)
+def quiet_machine(monkeypatch):
+    """Load 1.0 on 2 cores: no load allowance (1 / 2 < 1)."""
+    monkeypatch.setattr(throughput_module, "LOAD", lambda: (1.0, 2))
 
 
 class Recorder(nn.Module):
@@ -56,8 +64,12 @@ def test_steady_clock_fails_above_the_observed_rate(fake_timer, model, batch):
     fake_timer(then=0.25)
     r = throughput_at_least("200 samples/s", model=model, batch=batch)
     assert r.passed is False
-    assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s"
-                          " (IQR 0% of the median over 10 runs)")
+    # every run is 128 samples/s < 200, on a quiet machine: a failure, once there are runs enough
+    # for the fast-run bound to be 95% confident (1 - 0.9**n >= 0.95 needs n >= 29):
+    # 10 -> 20 (88%) -> 40 runs (98.5%), which also reaches max_time = 10 s
+    assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s,"
+                          " at most 128 samples/s (IQR 0% of the median over 40 runs)")
+    assert r.metrics["verdict"] == "failed" and r.metrics["inconclusive"] is False
     assert "median 250.000 ms per batch" in r.details
     assert "remedy:" in r.details
 
@@ -144,9 +156,10 @@ def test_still_noisy_failure_prints_the_spread(fake_timer, model, batch):
     # 10 runs: IQR 67% -> 20 runs (7.5 s measured): still 67% -> up to 20 more, cut at 10 s:
     # runs 21..27 alternate 0.25/0.5 and the 27th brings the total to exactly 10.0 s.
     # 27 runs = 14 x 0.25 + 13 x 0.5: median 0.25 (sorted index 13), q1 0.25, q3 0.5 -> IQR 100%
+    # the fastest run is 0.25 s = 128 samples/s < 200 on a quiet machine: failed
     assert r.passed is False
-    assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s"
-                          " (IQR 100% of the median over 27 runs, noisy)")
+    assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s,"
+                          " at most 128 samples/s (IQR 100% of the median over 27 runs, noisy)")
     assert r.metrics["extended"] is True and r.metrics["noisy"] is True
     assert r.metrics["spread"] == 1.0
     assert r.metrics["times_s"] == [0.25, 0.5] * 13 + [0.25]
@@ -203,6 +216,7 @@ def test_marker_with_a_fake_clock(healthy_project):
         def quarter_second_runs(monkeypatch):
             # every reading is 0.25 s after the previous one: each timed run takes 0.25 s
             monkeypatch.setattr(throughput, "TIMER", itertools.count(0.0, 0.25).__next__)
+            monkeypatch.setattr(throughput, "LOAD", lambda: (1.0, 2))  # a quiet machine
 
         # the healthy batch holds 16 samples: 16 / 0.25 s = 64 samples/s
         @pytest.mark.throughput_at_least("50 samples/s")
@@ -219,7 +233,7 @@ def test_marker_with_a_fake_clock(healthy_project):
         "*_ test_too_slow _*",
         "1 model check failed:",
         "  ?throughput_at_least? expected inference throughput >= 100 samples/s, observed"
-        " 64 samples/s (IQR 0% of the median over 10 runs)",
+        " 64 samples/s, at most 64 samples/s (IQR 0% of the median over 40 runs)",
         "*Captured modelcheck call*",
         "*batch size 16, inference, perf_counter: median 250.000 ms per batch*",
         "FAILED *::test_too_slow*",
