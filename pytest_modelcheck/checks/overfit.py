@@ -44,6 +44,13 @@ RETRY_LR_FACTOR = 1 / 3  # a failed fit is tried once more at this fraction of t
 #: A run that hits the step cap passes as a slow fit when its loss has come down to this
 #: fraction of the initial one and still falls steadily over the last fifth of the run.
 SLOW_FIT_RATIO = 0.6
+#: A run stops as soon as the goal is met, but not before this many steps: the verdict is then
+#: settled (the best loss only falls), and the steps up to here still let a fit that diverges
+#: right after dipping below the goal (a step size at the edge of stability, a division that
+#: fitting drives to zero) show its non-finite loss, which fails the check. Ten small steps
+#: are a fraction of the default 100; the losses are read back after steps 0, 8 and 16
+#: (``core.training.SYNC_EVERY``), so a stop at 10 costs at most 7 unrecorded updates.
+MIN_STEPS = 10
 
 
 def _slow_but_learning(losses: list, cap: int, initial: float) -> bool:
@@ -182,13 +189,24 @@ def _steps(run: Any, steps: int) -> str:
     return f"{steps} steps" if n <= steps else f"{n} steps (extended from {steps}: loss still falling)"
 
 
+def _goal_step(losses: list, goal: float) -> Any:
+    """The first step whose loss is at or below the goal (None when none is)."""
+    return next((i for i, v in enumerate(losses) if v <= goal), None)
+
+
+def _met(losses: list, goal: float, steps: int) -> str:
+    k = _goal_step(losses, goal)
+    return f"goal met at step {k} of up to {steps}" if k < steps else f"goal met at step {k}"
+
+
 @check(default=True, validate=_validate)
 def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
                    target: Any = None, chance_level: Any = None, seed: Any = 0, *, model: Any,
                    batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
     """A seeded copy trained on the one batch gets its loss below target_ratio x initial (or target).
 
-    When the goal is not met after ``steps`` steps, training goes on (up to 3x) while the loss is
+    Training stops as soon as the goal is met (after at least ``MIN_STEPS``, 10, steps); the
+    headline says at which step. When the goal is not met after ``steps`` steps, training goes on (up to 3x) while the loss is
     still clearly falling, so a slow but healthy model is not flagged; a run that still falls
     short is repeated once at a third of ``lr`` (a step size too large for the architecture is
     not a bug of the model; the pass then says to lower the learning rate).
@@ -220,13 +238,16 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         probe = run_forward(copy_model(work).eval(), data)
     lossfn = resolve_loss(loss, data, probe)
     def done(losses: list) -> bool:
-        # Run `steps` steps; past them, go on (up to 3x) only while the goal is not met and the
-        # loss is still clearly falling, so a slow but healthy model is not flagged.
+        # Stop once the goal is met (after MIN_STEPS); else run `steps` steps and, past them, go
+        # on (up to 3x) only while the loss is still clearly falling, so a slow but healthy
+        # model is not flagged.
         n = len(losses)
+        goal_now = target if target is not None else target_ratio * losses[0]
+        if n >= min(MIN_STEPS, steps) and min(losses) <= goal_now:
+            return True
         if n < steps:
             return False
-        goal_now = target if target is not None else target_ratio * losses[0]
-        if min(losses) <= goal_now or steps < 20:  # too few steps to judge a trend
+        if steps < 20:  # too few steps to judge a trend
             return True
         window = max(5, n // 5)
         before, recent = min(losses[:-window]), min(losses[-window:])
@@ -240,7 +261,7 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
                  else f"loss <= {target_ratio:g} x initial {initial:.4g} = {goal:.4g}")
     curve = sparkline(run.losses)
     metrics = {"initial_loss": initial, "best_loss": best, "final_loss": final, "goal": goal,
-               "steps_run": len(run.losses), "optimizer": optimizer if isinstance(optimizer, str)
+               "steps_run": len(run.losses), "goal_met_at_step": _goal_step(run.losses, goal), "optimizer": optimizer if isinstance(optimizer, str)
                else getattr(optimizer, "__name__", "custom"), "lr": lr, "loss_fn": lossfn.name,
                "losses": [round(v, 6) if math.isfinite(v) else str(v) for v in run.losses],
                "chance_level": chance_level}
@@ -268,7 +289,8 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
                                                  " is not scaled down"]), metrics)
     if best <= goal:
         return CheckResult("model_overfits", True,
-                           f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g} {curve}",
+                           f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
+                           f" ({_met(run.losses, goal, steps)}) {curve}",
                            "\n".join(details), metrics)
     if target is None and _slow_but_learning(run.losses, 3 * steps, initial):
         return CheckResult("model_overfits", True,
@@ -282,14 +304,16 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     retry = train_steps(copy_model(model).to(device), data, lossfn, steps=3 * steps,
                         optimizer=optimizer, lr=retry_lr, seed=seed, stop=done)
     retry_goal = target if target is not None else target_ratio * retry.initial
-    metrics["retry"] = {"lr": retry_lr, "best_loss": retry.best, "steps_run": len(retry.losses)}
+    metrics["retry"] = {"lr": retry_lr, "best_loss": retry.best, "steps_run": len(retry.losses),
+                        "goal_met_at_step": _goal_step(retry.losses, retry_goal)}
     if not retry.stopped and math.isfinite(retry.best) and retry.best <= retry_goal:
         details.append(f"at lr={lr:g} the best loss was {best:.5g}; at lr={retry_lr:g}:"
                        f" {sparkline(retry.losses)} best {retry.best:.5g}")
         return CheckResult("model_overfits", True,
                            f"expected {goal_text} within {_steps(retry, steps)}, observed"
-                           f" {retry.best:.4g} at lr={retry_lr:g} (lr={lr:g} fell short at"
-                           f" {best:.4g}: lower the learning rate) {sparkline(retry.losses)}",
+                           f" {retry.best:.4g} at lr={retry_lr:g} ({_met(retry.losses, retry_goal, steps)};"
+                           f" lr={lr:g} fell short at {best:.4g}: lower the learning rate)"
+                           f" {sparkline(retry.losses)}",
                            "\n".join(details), dict(metrics, passed_at_lr=retry_lr))
     details.append(f"  a retry at lr={retry_lr:g} reached best {retry.best:.5g} too")
     at_chance = chance_level is not None and abs(final - chance_level) <= 0.05 * max(abs(chance_level), 1e-12)

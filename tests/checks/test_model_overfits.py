@@ -69,12 +69,14 @@ def test_healthy_mlp_overfits_one_batch():
 
 
 def test_sparkline_in_the_headline_follows_the_losses():
-    r = model_overfits(steps=30, lr=1e-2, model=_mlp(), batch=_batch())
+    r = model_overfits(steps=30, model=_mlp(), batch=_batch())  # lr 3e-3: a slow fit
     curve = _curve(r.headline)
+    n = r.metrics["steps_run"]
+    assert r.passed is True and n > 30  # extended while falling, stopped at the goal
     assert set(curve) <= BARS
-    assert len(curve) == 24  # 30 losses sampled down to the sparkline's width
+    assert len(curve) == 24  # n losses sampled down to the sparkline's width
     assert curve[0] == "█" and curve[-1] == "▁"  # falls from the initial loss to the best one
-    assert r.details.splitlines()[0] == f"loss curve (30 steps, adam lr=0.01): {curve}"
+    assert r.details.splitlines()[0] == f"loss curve ({n} steps, adam lr=0.003): {curve}"
 
 
 def test_metrics_hold_every_step_loss():
@@ -275,3 +277,32 @@ def test_marker_passes_on_healthy_and_fails_at_chance_level(healthy_project):
         "*hints:*",
         "FAILED *::test_zeroed*",
     ])
+
+
+# -- the run stops once the goal is met ------------------------------------------------------
+def test_run_stops_at_the_step_the_goal_is_met():
+    r = model_overfits(steps=100, lr=1e-2, model=_mlp(), batch=_batch())
+    m = r.metrics
+    k = m["goal_met_at_step"]
+    assert r.passed is True and 10 <= k < 100
+    assert m["steps_run"] == k + 1 == len(m["losses"])  # not the 100 allowed
+    assert all(v > m["goal"] for v in m["losses"][:k]) and m["losses"][k] <= round(m["goal"], 6)
+    assert f"observed {m['best_loss']:.4g} (goal met at step {k} of up to 100) " in r.headline
+
+
+def test_goal_met_at_once_still_runs_the_minimum_steps():
+    # a 0.95 x initial goal is met after one Adam step; the run goes on to MIN_STEPS (10)
+    from pytest_modelcheck.checks.overfit import MIN_STEPS
+
+    r = model_overfits(steps=100, lr=1e-2, target_ratio=0.95, model=_mlp(), batch=_batch())
+    assert r.passed is True and r.metrics["goal_met_at_step"] < MIN_STEPS
+    assert r.metrics["steps_run"] == MIN_STEPS == 10
+
+
+def test_a_fit_that_turns_nan_within_the_minimum_steps_fails():
+    # the goal (0.95 x initial) is met before step 4, where the loss turns NaN
+    r = model_overfits(steps=100, lr=1e-2, target_ratio=0.95, model=NaNAfterFourSteps(),
+                       batch=_batch())
+    assert r.passed is False
+    assert "loss became nan at step 4" in r.headline
+    assert r.metrics["goal_met_at_step"] is not None and r.metrics["goal_met_at_step"] < 4
