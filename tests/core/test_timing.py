@@ -508,3 +508,129 @@ def test_importing_timing_does_not_import_torch_or_pytest():
         timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
+
+
+# --------------------------------------------------------------------------- interval and verdict
+
+
+def test_median_ranks_by_hand():
+    # coverage of (t(j), t(n+1-j)) is 1 - 2 P(Bin(n, 1/2) <= j - 1)
+    # n = 10: j = 2 -> 1 - 2 * 11/1024 = 0.979; j = 3 -> 1 - 2 * 56/1024 = 0.891 < 0.95
+    assert timing.median_ranks(10) == (2, 9)
+    # n = 6: j = 1 -> 1 - 2/64 = 0.969; j = 2 -> 1 - 2 * 7/64 = 0.781
+    assert timing.median_ranks(6) == (1, 6)
+    # n = 5: even j = 1 covers only 1 - 2/32 = 0.9375: the extremes, below 95%
+    assert timing.median_ranks(5) == (1, 5)
+    assert timing.median_ranks(1) == (1, 1)
+    assert timing.median_ranks(10, confidence=0.8) == (3, 8)
+
+
+def test_fast_rank_by_hand():
+    # P(t(r) <= x_0.1) = P(Bin(n, 0.1) >= r); r = 1: 1 - 0.9**n, 95% from n = 29 on
+    assert timing.fast_rank(28) == (1, pytest.approx(1 - 0.9 ** 28))  # 0.948: best there is
+    assert timing.fast_rank(29) == (1, pytest.approx(1 - 0.9 ** 29))  # 0.953
+    # n = 50: P(Bin >= 2) = 1 - 0.9**50 - 50 * 0.1 * 0.9**49 = 0.966; P(Bin >= 3) = 0.888
+    r, coverage = timing.fast_rank(50)
+    assert r == 2 and coverage == pytest.approx(1 - 0.9 ** 50 - 5 * 0.9 ** 49)
+    assert timing.fast_rank(1) == (1, pytest.approx(0.1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(min_value=1, max_value=400))
+def test_ranks_are_valid_and_meet_the_confidence_when_they_can(n):
+    j, k = timing.median_ranks(n)
+    assert 1 <= j <= k == n + 1 - j <= n
+    r, coverage = timing.fast_rank(n)
+    assert 1 <= r <= max(1, n // 2)
+    assert coverage >= 0.95 or r == 1
+    assert (coverage >= 0.95) == (n >= 29)
+
+
+def quiet(load=1.0, cores=2):
+    return lambda: (load, cores)
+
+
+def test_interval_of_a_busy_run():
+    # runs: 0.125 s x 3, 0.25 s x 7 (32 samples): median 0.25 -> 128 samples/s
+    durations = [0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25]
+    result, _, _ = measure(durations, max_runs=10, load=quiet())
+    # lo: t(9) of 10 = 0.25 -> 128; hi: t(1) = 0.125 -> 256 (load 1 on 2 cores: no allowance)
+    assert result.samples_per_s_interval == (128.0, 256.0)
+    assert result.fast_samples_per_s == 256.0 and result.load_allowance == 1.0
+    assert result.verdict(128) == "passed"
+    assert result.verdict(200) == "inconclusive"
+    assert result.verdict(257) == "failed"
+    assert result.confident is False  # 10 runs: 65% < 95%
+
+
+def test_load_allowance_uses_the_higher_reading_over_the_cores():
+    calls = []
+
+    def load():
+        calls.append("load")
+        return [(3.0, 2), (5.0, 2)][len(calls) - 1]
+
+    result, _, _ = measure([0.25] * 10, load=load)
+    assert (result.load_before, result.load_after, result.cores) == (3.0, 5.0, 2)
+    assert result.load_allowance == 2.5  # 5 / 2
+    assert result.samples_per_s_interval == (128.0, 320.0)  # 128 x 2.5
+    assert calls == ["load", "load"]
+
+
+def test_unknown_load_gives_no_allowance():
+    result, _, _ = measure([0.25] * 10, load=lambda: (None, 4))
+    assert result.load_before is None and result.load_allowance == 1.0
+    assert "load_before" not in result.to_dict() and result.to_dict()["cores"] == 4
+
+
+def test_load_is_read_just_before_the_first_and_after_the_last_timed_run():
+    log = []
+    clock = ScriptedClock([0.25] * 3)
+
+    def timer():
+        log.append("clock")
+        return clock()
+
+    measure_throughput(CountingStep(log), 4, warmup=1, min_runs=3, max_runs=3, timer=timer,
+                       load=lambda: log.append("load") or (1.0, 2))
+    assert log == ["step", "load"] + ["clock", "step", "clock"] * 3 + ["load"]
+
+
+def test_threads_are_recorded():
+    torch = pytest.importorskip("torch")
+    result, _, _ = measure([0.25] * 10, load=quiet())
+    assert result.threads == torch.get_num_threads()
+    assert result.to_dict()["threads"] == torch.get_num_threads()
+
+
+def test_floor_extends_an_inconclusive_measurement():
+    # 10 runs as in test_interval_of_a_busy_run, then more of the same: inconclusive against
+    # 200 samples/s, so the runs double until max_runs
+    durations = [0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25] * 10
+    result, _, _ = measure(durations, max_runs=40, floor=200, load=quiet())
+    assert (result.runs, result.extended) == (40, True)  # 10 -> 20 -> 40
+    assert result.verdict(200) == "inconclusive"
+    without, _, _ = measure(durations, max_runs=40, noise=1.0, load=quiet())
+    assert (without.runs, without.extended) == (10, False)  # no floor: spread alone decides
+
+
+def test_floor_extends_a_failure_until_it_is_confident():
+    # steady 0.25 s = 128 samples/s against 200: failed, but 10 runs give 65% confidence
+    result, _, _ = measure([0.25] * 100, floor=200, load=quiet())
+    assert result.verdict(200) == "failed"
+    assert (result.runs, result.confident) == (40, True)  # 10 (65%) -> 20 (88%) -> 40 (98.5%)
+    passed, _, _ = measure([0.25] * 100, floor=100, load=quiet())
+    assert passed.runs == 10  # a pass needs no more runs
+
+
+def test_floor_and_load_are_validated():
+    with pytest.raises(ValueError):
+        measure([0.25] * 10, floor=-1)
+    with pytest.raises(TypeError):
+        measure([0.25] * 10, load=(1.0, 2))
+
+
+def test_machine_load_is_plausible():
+    load, cores = timing.machine_load()
+    assert isinstance(cores, int) and cores >= 1
+    assert load is None or load >= 0
