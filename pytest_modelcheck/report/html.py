@@ -27,6 +27,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:to
 h2,h3{overflow-wrap:anywhere}
 th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.regressed td{background:#fde2e1}tr.improved td{background:#e3f6e5}
+tr.inconclusive td{background:#fff4d6}tr.skipped-other td{color:#666}
 .passed{color:#17692b;font-weight:600}.failed{color:#b3261e;font-weight:600}
 .skipped{color:#777;font-weight:600}
 pre{background:#f7f7f7;padding:.5em;overflow-x:auto;font-size:.85em;margin:.3em 0 .8em}
@@ -128,7 +129,8 @@ def _comparison_table(comps: list) -> list:
            "<th>kind</th><th>how</th><th>verdict</th></tr>"]
     for c in comps:
         cells = comparison_cells(c)
-        cls = c.verdict if c.verdict in ("regressed", "improved") else ""
+        cls = c.verdict if c.verdict in ("regressed", "improved", "inconclusive") else (
+            "skipped-other" if c.verdict.startswith("skipped") else "")
         out.append(f'<tr class="{cls}">' + "".join(
             f'<td{" class=num" if i in (2, 3, 4) else ""}>{_e(v)}</td>'
             for i, v in enumerate(cells)) + f"<td>{_e(c.verdict)}</td></tr>")
@@ -166,7 +168,18 @@ def render_html(rows: list, comparisons: Optional[list] = None,
             out += _comparison_table(regressed)
         else:
             out.append('<div class="banner good">no regressions against the baseline</div>')
-        rest = [c for c in comps if c.verdict != "regressed"]
+        unsure = [c for c in comps if c.verdict == "inconclusive"]
+        if unsure:
+            out.append(f"<p>{len(unsure)} timed metric(s) inconclusive (a change beyond the"
+                       " threshold that the samples, the load or the parallelism do not"
+                       " establish; not failing):</p>")
+            out += _comparison_table(unsure)
+        skipped = [c for c in comps if c.verdict == "skipped: other parallelism"]
+        if skipped:
+            out.append(f"<p>{len(skipped)} timed metric(s) not compared: timed under another"
+                       " parallelism (torch threads, xdist workers) than the baseline; save a"
+                       " baseline under the same -n / --modelcheck-threads.</p>")
+        rest = [c for c in comps if c.verdict not in ("regressed", "inconclusive")]
         if rest:
             out.append("<details><summary>all other compared metrics"
                        f" ({len(rest)})</summary>")

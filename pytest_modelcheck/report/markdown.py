@@ -69,7 +69,8 @@ def comparison_cells(c) -> list:
 
 
 def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
-    """The job summary: regressions (when compared with a baseline), then model health.
+    """The job summary: regressions (when compared with a baseline), inconclusive timings
+    (reported, not failing), then model health.
 
     >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 1234},
     ...          "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
@@ -94,7 +95,9 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
     if comparisons is not None:
         regressed = [c for c in comparisons if c.verdict == "regressed"]
         improved = [c for c in comparisons if c.verdict == "improved"]
-        skipped = sum(1 for c in comparisons if c.verdict.startswith("skipped"))
+        unsure = [c for c in comparisons if c.verdict == "inconclusive"]
+        skipped = sum(1 for c in comparisons if c.verdict == "skipped: other machine")
+        other_par = sum(1 for c in comparisons if c.verdict == "skipped: other parallelism")
         new = sum(1 for c in comparisons if c.verdict == "new")
         header = ["test", "metric", "old", "new", "change", "kind", "how"]
         if regressed:
@@ -103,6 +106,11 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
             out += _table(header, [comparison_cells(c) for c in regressed]) + [""]
         else:
             out += ["### :white_check_mark: no regressions against the baseline", ""]
+        if unsure:
+            out += [f":warning: {len(unsure)} timed metric{'s' if len(unsure) != 1 else ''}"
+                    " inconclusive: a change beyond the threshold that the samples, the load"
+                    " or the parallelism do not establish (not failing).", ""]
+            out += _table(header, [comparison_cells(c) for c in unsure]) + [""]
         if improved:
             out += [f"<details><summary>{len(improved)} improved</summary>", ""]
             out += _table(header, [comparison_cells(c) for c in improved]) + ["", "</details>", ""]
@@ -111,6 +119,9 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
             notes.append(f"{new} new (not in the baseline)")
         if skipped:
             notes.append(f"{skipped} timed metrics skipped (baseline from another machine)")
+        if other_par:
+            notes.append(f"{other_par} timed metrics skipped (timed under another parallelism"
+                         " than the baseline: save it under the same -n / --modelcheck-threads)")
         out += ["; ".join(notes) + ".", ""]
     cells = [health_row(r) for r in rows]
     out += ["### Model health", ""]

@@ -97,3 +97,56 @@ def test_comparison_lines_wrap_instead_of_losing_the_change(pytester, monkeypatc
     lines = _wrap_comparison(c, 98)
     assert all(len(line) <= 98 for line in lines)
     assert "(+10.0%) regressed" in "".join(lines)
+
+
+TIMED = """
+import pytest
+@pytest.mark.throughput_at_least("1 samples/s", min_runs=10, max_time=2.0)
+@pytest.mark.params_under("1M")
+def test_speed(): pass
+"""
+
+
+def test_serial_baseline_compared_under_xdist_is_not_a_false_alarm(pytester):
+    """The reported false alarm: a baseline timed serially, compared under `-n 2` on an
+    unchanged model (x3 on a loaded 2-core runner). The timing is not judged across
+    parallelism; the deterministic metrics still are."""
+    pytest.importorskip("xdist")
+    pytester.makeconftest(CONFTEST)
+    pytester.makepyfile(TIMED)
+    pytester.runpytest("--modelcheck", "--modelcheck-save-baseline=base.json").assert_outcomes(
+        passed=1)
+    entry = json.loads((pytester.path / "base.json").read_text())["entries"]
+    (timing,) = [m["throughput_at_least.times_s"] for tests in entry.values()
+                 for m in tests.values()]
+    assert timing["parallelism"]["xdist_workers"] == 1 and "load_per_core" in timing
+    result = pytester.runpytest("--modelcheck", "-n", "2", "--modelcheck-baseline=base.json",
+                                "--modelcheck-markdown=sum.md", "--modelcheck-html=rep.html")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["baseline: * metrics compared, 0 regressed, * improved*"
+                                 "1 timed metrics not compared (other parallelism*"])
+    md = (pytester.path / "sum.md").read_text()
+    assert "no regressions against the baseline" in md and "another parallelism" in md
+    assert "other parallelism" in (pytester.path / "rep.html").read_text()
+
+
+def test_reports_show_inconclusive_and_other_parallelism_apart_from_regressions():
+    from pytest_modelcheck.core.baseline import Comparison
+    from pytest_modelcheck.report.html import render_html
+    from pytest_modelcheck.report.markdown import render_markdown
+
+    comps = [Comparison("t.py::a", "throughput_at_least.times_s", "timed", 1e-3, 3.1e-3, 2.1,
+                        "inconclusive", "the 99% CI of the ratio 0.913..3.152 includes the"
+                        " threshold x1.200"),
+             Comparison("t.py::b", "throughput_at_least.times_s", "timed", 1e-3, 3e-3, None,
+                        "skipped: other parallelism", "baseline timed with 1 xdist worker x 2"
+                        " threads, this run 2 xdist workers x 1 thread")]
+    md = render_markdown([], comps)
+    assert "no regressions against the baseline" in md and "regression" not in md.replace(
+        "no regressions", "")
+    assert ":warning: 1 timed metric inconclusive" in md and "includes the threshold" in md
+    assert "1 timed metrics skipped (timed under another parallelism" in md
+    page = render_html([], comps)
+    assert 'class="banner good"' in page and 'class="banner bad"' not in page
+    assert '<tr class="inconclusive">' in page and "1 timed metric(s) inconclusive" in page
+    assert "another parallelism" in page
