@@ -66,7 +66,8 @@ def plan_checks(checks: Any = "default", **declared: Any) -> list:
 
 
 def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "default",
-                device: Any = None, **declared: Any) -> HealthReport:
+                device: Any = None, threads: Any = "auto", budget: Any = None,
+                **declared: Any) -> HealthReport:
     """Run the named checks (or the default set) on ``model`` and an example ``batch``.
 
     ``declared`` holds what the user knows about the model, given once and routed to every
@@ -76,6 +77,12 @@ def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "defa
     default set. A failing check never raises; a usage error does
     (``UsageError``, one line). See the README for how ``batch`` is split into inputs and target.
 
+    ``threads`` is torch's CPU thread count while the checks run: ``"auto"`` (one thread for a
+    small model or a loaded machine, see ``core.threads.choose_threads``), ``"keep"`` or a
+    number; the process setting is put back afterwards and each result's
+    ``metrics["threads"]`` says what was used. ``budget`` (``"60s"``) bounds the time of all
+    checks together: once spent, the remaining checks are skipped and say so.
+
     >>> import torch
     >>> m = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     >>> batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
@@ -83,15 +90,62 @@ def check_model(model: Any, batch: Any, *, loss: Any = None, checks: Any = "defa
     >>> report.passed, [r.check for r in report.results][:2]
     (True, ['grads_finite', 'shapes_consistent'])
     """
+    from .checks.registry import CheckBudget, run_plans, validate_budget
     from .core.batch import Batch
     from .core.forward import count_parameters
+    from .core.threads import validate_threads
 
+    try:
+        threads = validate_threads(threads)
+    except UsageError as exc:
+        raise UsageError(f"threads={threads!r}: {exc}") from None
+    try:
+        seconds = validate_budget(budget)
+    except UsageError as exc:
+        raise UsageError(f"budget={budget!r}: {exc}") from None
     plans = plan_checks(checks, **declared)
     from .core.state import preserved_globals
 
     with preserved_globals():  # calling a batch factory must not move the caller's RNG
         data = Batch.from_user(batch, model=model)
     report = HealthReport(model_name=type(model).__name__, parameters=count_parameters(model))
-    for spec, values in plans:
-        report.results.append(spec.run(values, model=model, batch=data, loss=loss, device=device))
+    budget_ = CheckBudget(seconds)
+    with budget_.charge():
+        choice = choose_for_model(threads, model, data, origin=f"threads={threads}")
+
+    def run(spec: Any, values: dict, left: Any) -> Any:
+        return spec.run(values, model=model, batch=data, loss=loss, device=device,
+                        budget_left=left)
+
+    from .core.threads import torch_threads
+
+    with torch_threads(choice.count):
+        report.results = run_plans(plans, run, budget_)
+    for r in report.results:
+        r.metrics.setdefault("threads", choice.count)
     return report
+
+
+def choose_for_model(setting: Any, model: Any, batch: Any = None, *, origin: str = "threads=",
+                     timeout: Any = None, load: Any = None) -> Any:
+    """``choose_threads(setting)`` for ``model``: with ``"auto"`` the forward FLOPs of ``batch``
+    are counted first (``core.facts.model_facts``, on a copy, at the thread budget the machine
+    allows) and decide; otherwise nothing runs.
+
+    >>> import torch
+    >>> choose_for_model("auto", torch.nn.Linear(4, 3), torch.zeros(2, 4)).count
+    1
+    """
+    from .core.threads import choose_threads, machine_load, torch_threads, validate_threads
+
+    setting = validate_threads(setting)
+    if setting != "auto":
+        return choose_threads(setting, origin=origin)
+    from .core.facts import model_facts
+
+    load = machine_load() if load is None else load
+    first = choose_threads("auto", load=load)  # the budget, before the size is known
+    with torch_threads(first.count):
+        facts = model_facts(model, batch, timeout=timeout)
+    return choose_threads("auto", flops=facts.get("flops"), parameters=facts.get("parameters"),
+                          load=load)

@@ -91,12 +91,21 @@ class CheckSpec:
         return values
 
     def run(self, values: dict, *, model: Any, batch: Any, loss: Any = None,
-            device: Any = None, timeout: Optional[float] = None) -> CheckResult:
+            device: Any = None, timeout: Optional[float] = None,
+            budget_left: Optional[float] = None) -> CheckResult:
         """Run with already-bound ``values``; a failing model becomes a failed result, and so do
-        an overrun of ``timeout`` seconds and running out of memory (memory is released)."""
+        an overrun of ``timeout`` seconds and running out of memory (memory is released).
+
+        ``budget_left`` is what is left of the test's time budget: the check is stopped after
+        ``min(timeout, budget_left)`` seconds, and when the budget was the nearer limit it is
+        reported as skipped (``metrics["budget_spent"]``), not failed."""
         from ..core.guard import CheckTimeout, is_out_of_memory, release_memory, time_budget
         from ..core.state import preserved_globals
 
+        by_budget = budget_left is not None and (timeout is None or budget_left < timeout)
+        if by_budget:
+            budget_left = max(float(budget_left), 0.001)
+            timeout = budget_left
         context = {"loss": loss, "device": device}
         context.update({k: v for k, v in values.items() if k in MARKER_CONTEXT and v is not None})
         user = {k: v for k, v in values.items() if k not in CONTEXT}
@@ -113,10 +122,15 @@ class CheckSpec:
             except SkipCheck as exc:
                 result = CheckResult(self.name, None, str(exc))
             except CheckTimeout as exc:
-                result = CheckResult(self.name, False, f"expected the check to finish in"
-                                     f" {timeout:g} s, observed it {exc}", metrics={"timeout_s": timeout},
-                                     details="raise the budget with --modelcheck-timeout or the"
-                                     " modelcheck_timeout ini key, or use a smaller batch")
+                if by_budget:
+                    result = budget_skip(self.name)
+                else:
+                    result = CheckResult(self.name, False, f"expected the check to finish in"
+                                         f" {timeout:g} s, observed it {exc}",
+                                         metrics={"timeout_s": timeout},
+                                         details="raise the budget with --modelcheck-timeout or"
+                                         " the modelcheck_timeout ini key, or use a smaller"
+                                         " batch")
             except ModelError as exc:
                 if is_out_of_memory(exc.original or exc):
                     result = _oom_result(self.name, exc.original or exc, release_memory())
@@ -158,6 +172,108 @@ class CheckSpec:
         values = self.bind(args, kwargs)
         loss = validate_loss_arg(loss)
         return self.run(values, model=model, batch=batch, loss=loss, device=device)
+
+
+def budget_skip(name: str, budget: Optional[float] = None, ran: Optional[int] = None,
+                total: Optional[int] = None) -> CheckResult:
+    """The skipped result of a check that the test's time budget left no time for (or that was
+    stopped when the budget ran out while it ran).
+
+    >>> budget_skip("grads_finite", 60, 2, 5).headline
+    "skipped: the test's time budget of 60 s was spent (ran 2 of 5 checks)"
+    """
+    text = "skipped: the test's time budget"
+    text += f" of {budget:g} s was spent" if budget is not None else " was spent"
+    if ran is not None and total is not None:
+        text += f" (ran {ran} of {total} checks)"
+    metrics = {"budget_spent": True}
+    if budget is not None:
+        metrics["budget_s"] = budget
+    return CheckResult(name, None, text, metrics=metrics,
+                       details="raise it with --modelcheck-budget or the modelcheck_budget ini"
+                       " key, or split the test's checks over several tests")
+
+
+class CheckBudget:
+    """The time budget of one test's checks: the seconds spent running them are charged to it,
+    and once they reach ``seconds`` the remaining checks are skipped. ``clock`` is injectable
+    (a fake one in tests); ``seconds=None`` is no budget.
+
+    >>> ticks = iter([0.0, 40.0, 40.0, 70.0])
+    >>> b = CheckBudget(60, clock=lambda: next(ticks))
+    >>> with b.charge():
+    ...     pass
+    >>> b.left(), b.spent_out()
+    (20.0, False)
+    >>> with b.charge():
+    ...     pass
+    >>> b.left(), b.spent_out()
+    (0.0, True)
+    """
+
+    def __init__(self, seconds: Optional[float] = None, clock: Optional[Callable] = None):
+        self.seconds = seconds
+        self.clock = clock or time.monotonic
+        self.spent = 0.0
+
+    def left(self) -> Optional[float]:
+        if self.seconds is None:
+            return None
+        return max(self.seconds - self.spent, 0.0)
+
+    def spent_out(self) -> bool:
+        return self.seconds is not None and self.spent >= self.seconds
+
+    def charge(self) -> Any:
+        """A context manager that adds the time spent in its body to the budget."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def charging() -> Any:
+            start = self.clock()
+            try:
+                yield
+            finally:
+                self.spent += self.clock() - start
+
+        return charging()
+
+    def skipped(self, name: str, ran: int, total: int) -> CheckResult:
+        return budget_skip(name, self.seconds, ran, total)
+
+
+def run_plans(plans: list, run: Callable, budget: Optional[CheckBudget] = None) -> list:
+    """Run ``[(CheckSpec, values), ...]`` in order with ``run(spec, values, budget_left)``
+    (returns a CheckResult) and return the results. Once ``budget`` is spent the remaining
+    checks are not run but recorded as skipped; a check stopped by the budget while it ran is
+    skipped too, with the same headline.
+
+    >>> spec = get_check("grads_finite")
+    >>> ticks = iter([0.0, 30.0, 30.0, 61.0])
+    >>> budget = CheckBudget(60, clock=lambda: next(ticks))
+    >>> fake = lambda spec, values, left: CheckResult(spec.name, True, "ok")
+    >>> [r.status for r in run_plans([(spec, {})] * 3, fake, budget)]
+    ['passed', 'passed', 'skipped']
+    """
+    budget = budget or CheckBudget(None)
+    results: list = []
+    total = len(plans)
+    for spec, values in plans:
+        if budget.spent_out():
+            results.append(budget.skipped(spec.name, _ran(results), total))
+            continue
+        with budget.charge():
+            result = run(spec, values, budget.left())
+        if result.passed is None and result.metrics.get("budget_spent"):
+            skipped = budget.skipped(spec.name, _ran(results), total)
+            result.headline, result.details = skipped.headline, skipped.details
+            result.metrics.update(skipped.metrics)
+        results.append(result)
+    return results
+
+
+def _ran(results: list) -> int:
+    return sum(1 for r in results if not r.metrics.get("budget_spent"))
 
 
 def _oom_result(name: str, exc: BaseException, peak: Optional[int]) -> CheckResult:
@@ -381,6 +497,24 @@ def _check_bare_index(index: int) -> None:
 
 def _indices(count: int) -> str:
     return "index 0" if count == 1 else f"indices 0 to {count - 1}"
+
+
+def validate_budget(value: Any) -> Optional[float]:
+    """A time budget in seconds from a duration (``"60s"``, ``"5 min"``, a number of seconds);
+    ``None`` or ``""`` is no budget. Anything else is a one-line UsageError.
+
+    >>> validate_budget("2 min"), validate_budget(None)
+    (120.0, None)
+    """
+    if value is None or value == "":
+        return None
+    from ..core.units import parse_duration
+
+    seconds = parse_duration(value)
+    if not 0 < seconds <= 1e7:
+        raise UsageError(f"expected a positive duration up to 1e7 s (about 115 days), such as"
+                         f" '60s', got {value!r}")
+    return seconds
 
 
 def validate_model(model: Any, absent_ok: bool = False) -> None:

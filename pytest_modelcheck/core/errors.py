@@ -30,3 +30,13 @@ def first_line(exc: BaseException) -> str:
     """
     text = str(exc).strip()
     return text.splitlines()[0] if text else ""
+
+
+class InconclusiveTimingWarning(UserWarning):
+    """A timed check or baseline comparison could not tell: the measurement was too noisy (a
+    loaded machine), so it passed without a verdict. ``--modelcheck-strict-timing`` fails
+    such a throughput check instead.
+
+    >>> issubclass(InconclusiveTimingWarning, UserWarning)
+    True
+    """
