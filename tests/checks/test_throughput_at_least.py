@@ -392,3 +392,36 @@ def test_bad_strict_is_a_usage_error_at_bind():
         with pytest.raises(UsageError) as info:
             spec.bind(("1 samples/s",), {"strict": bad})
         assert str(info.value) == f"strict={bad!r}: expected True or False"
+
+
+def test_marker_on_a_busy_machine_inconclusive_passes_and_strict_fails(healthy_project):
+    healthy_project.makepyfile("""
+        import itertools
+        import pytest
+        import pytest_modelcheck.checks.throughput as throughput
+
+        @pytest.fixture(autouse=True)
+        def busy_machine(monkeypatch):
+            # each timed run takes 0.25 s: 16 samples / 0.25 s = 64 samples/s; load 4 on 2 cores
+            # may have halved it: the fast runs could reach 128 samples/s
+            monkeypatch.setattr(throughput, "TIMER", itertools.count(0.0, 0.25).__next__)
+            monkeypatch.setattr(throughput, "LOAD", lambda: (4.0, 2))
+
+        @pytest.mark.throughput_at_least("100 samples/s")
+        def test_undecided():
+            pass
+
+        @pytest.mark.throughput_at_least("100 samples/s", strict=True)
+        def test_undecided_strict():
+            pass
+    """)
+    result = healthy_project.runpytest("--modelcheck")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines([
+        "*_ test_undecided_strict _*",
+        "1 model check failed:",
+        "  ?throughput_at_least? inconclusive, failed because strict=True: expected inference"
+        " throughput >= 100 samples/s, observed 64 samples/s, interval 64 .. 128 samples/s over"
+        " 40 runs, load 4.00 -> 4.00 on 2 cores, 1 torch thread;*",
+        "FAILED *::test_undecided_strict*",
+    ])

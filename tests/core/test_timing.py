@@ -605,12 +605,13 @@ def test_threads_are_recorded():
 
 def test_floor_extends_an_inconclusive_measurement():
     # 10 runs as in test_interval_of_a_busy_run, then more of the same: inconclusive against
-    # 200 samples/s, so the runs double until max_runs
+    # 200 samples/s. The spread (37.5%) is let through (noise=1.0), so only the floor extends:
+    # 10 (65%) -> 20 (88%) -> 40 runs (98.5% >= 95%: the fast-run bound is confident; stop)
     durations = [0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25, 0.125, 0.25, 0.25] * 10
-    result, _, _ = measure(durations, max_runs=40, floor=200, load=quiet())
-    assert (result.runs, result.extended) == (40, True)  # 10 -> 20 -> 40
+    result, _, _ = measure(durations, noise=1.0, floor=200, load=quiet())
+    assert (result.runs, result.extended, result.confident) == (40, True, True)
     assert result.verdict(200) == "inconclusive"
-    without, _, _ = measure(durations, max_runs=40, noise=1.0, load=quiet())
+    without, _, _ = measure(durations, noise=1.0, load=quiet())
     assert (without.runs, without.extended) == (10, False)  # no floor: spread alone decides
 
 
