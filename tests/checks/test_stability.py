@@ -147,3 +147,55 @@ def test_example_models_pass_by_default(name):
     batch = mod.make_batch if name == "icecube_deepsets" else mod.make_batch(4)
     r = operator_stable(examples=4, model=mod.build_model(), batch=batch)
     assert r.passed is True, r.headline
+
+
+# -- a passing search is replayed without Hypothesis's engine --------------------------------
+class SeesInputs(nn.Module):
+    """Records every input it is given (shape and sum); NaN at batch size 1 when ``bad``."""
+
+    def __init__(self, bad=False, seen=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head, self.bad = nn.Linear(4, 2), bad
+        self.record = (seen if seen is not None else []).append  # not deep-copied: shared
+
+    def forward(self, x):
+        self.record((tuple(x.shape), round(float(x.sum()), 6)))
+        if self.bad:
+            x = x / (x.shape[0] - 1)  # batch size 1 (only drawn by the search): 0/0 and x/0
+        return self.head(x)
+
+
+def _searches(monkeypatch):
+    import hypothesis
+
+    from pytest_modelcheck.checks import stability
+
+    operator_stable(model=SeesInputs(), batch=_x())  # the first run's imports change the key
+    monkeypatch.setattr(stability, "_DRAWN", {})
+    calls = []
+    find = hypothesis.find
+    monkeypatch.setattr(hypothesis, "find", lambda *a, **k: calls.append(1) or find(*a, **k))
+    return calls
+
+
+def test_a_passing_search_is_replayed_with_the_same_inputs(monkeypatch):
+    calls = _searches(monkeypatch)
+    seen_first, seen_second = [], []
+    first = operator_stable(model=SeesInputs(seen=seen_first), batch=_x())
+    second = operator_stable(model=SeesInputs(seen=seen_second), batch=_x())
+    assert first.passed is second.passed is True
+    assert len(calls) == 1  # the second search was replayed, not run by Hypothesis
+    assert seen_first == seen_second and len(seen_first) > 20
+    assert first.metrics == second.metrics and first.headline == second.headline
+
+
+def test_a_failure_after_a_replay_is_shrunk_by_hypothesis_as_before(monkeypatch):
+    calls = _searches(monkeypatch)
+    fresh = operator_stable(model=SeesInputs(bad=True), batch=_x())  # Hypothesis alone
+    operator_stable(model=SeesInputs(), batch=_x())  # records the passing search
+    replayed = operator_stable(model=SeesInputs(bad=True), batch=_x())
+    assert len(calls) == 3  # the failing case was handed to Hypothesis
+    assert fresh.passed is replayed.passed is False
+    assert fresh.metrics["failing_size"] == "one"
+    assert fresh.headline == replayed.headline and fresh.metrics == replayed.metrics
