@@ -81,8 +81,10 @@ def grad_norm_tensor(model: Any) -> Any:
         low = [g.dtype in (torch.float16, torch.bfloat16) for g in grads]
         if any(low):
             grads = [g.float() if lo else g for g, lo in zip(grads, low)]
-        norms = torch._foreach_norm(grads, 2)
-        parts.append(torch.linalg.vector_norm(torch.stack([n.double() for n in norms])))
+        norms = torch._foreach_norm(grads, 2)  # stack promotes mixed dtypes
+        parts.append(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))
+    if len(parts) == 1:
+        return parts[0]
     first = parts[0].device
     return torch.linalg.vector_norm(torch.stack([t.to(first) for t in parts]))
 
