@@ -470,3 +470,49 @@ def test_session_end_save_never_loses_results_or_shows_a_traceback(pytester, pri
                               "modelcheck baseline: lock file * cannot be used (not a regular*"])
     assert "INTERNALERROR" not in run.stdout.str()
     assert list(Baseline.load(str(base)).entries.values())[0]
+
+
+def _timed_row(times, **context):
+    r = CheckResult("throughput_at_least", True, "ok", metrics={"times_s": times, **context})
+    return {"nodeid": "t.py::test_t", "outcome": "passed", "model": {},
+            "results": [r.to_dict()]}
+
+
+def test_timing_context_round_trips_through_save_and_merge(tmp_path):
+    path = str(tmp_path / "baseline.json")
+    ctx = {"threads": 2, "xdist_workers": 1, "load_before": 0.4, "load_after": 0.6, "cores": 2}
+    Baseline.from_rows([_timed_row(_times(1e-3), **ctx)], HERE).save(path)
+    Baseline.from_rows([_row(nodeid="t.py::test_other")], HERE).save(path)  # merge another test
+    doc = json.loads(_read(path))
+    assert doc["format"] == "pytest-modelcheck-baseline/1"  # the format is unchanged
+    entry = doc["entries"]["machine-a"]["t.py::test_t"]["throughput_at_least.times_s"]
+    assert entry["parallelism"] == {"threads": 2, "xdist_workers": 1}
+    assert entry["load_per_core"] == 0.25  # (0.4 + 0.6) / 2 / 2 cores
+    loaded = Baseline.load(path).entries["machine-a"]["t.py::test_t"]
+    assert loaded["throughput_at_least.times_s"]["parallelism"]["threads"] == 2
+
+
+def test_timing_context_that_is_not_usable_is_unknown_not_written():
+    base = Baseline.from_rows([_timed_row(_times(1e-3), threads=0, xdist_workers=True,
+                                          load_before=float("nan"), load_after=None,
+                                          cores=2)], HERE)
+    entry = base.entries["machine-a"]["t.py::test_t"]["throughput_at_least.times_s"]
+    assert "parallelism" not in entry and "load_per_core" not in entry
+
+
+def test_baseline_without_timing_context_compares_as_before(tmp_path):
+    """A file saved before parallelism and load were recorded: timings still compare, a
+    serial run still gates on them."""
+    path = tmp_path / "old.json"
+    old = _times(1e-3, spread=0.01)
+    path.write_text(json.dumps({"format": "pytest-modelcheck-baseline/1",
+                                "machines": {"machine-a": HERE}, "saved": {"machine-a": 1.0},
+                                "entries": {"machine-a": {"t.py::test_t": {
+                                    "throughput_at_least.times_s": {"kind": "timed",
+                                                                    "samples": old}}}}}))
+    base = Baseline.load(str(path))
+    slower = _timed_row([t * 1.5 for t in old], threads=1, xdist_workers=1)
+    assert _verdicts(compare(base, [slower], HERE)) == {"throughput_at_least.times_s":
+                                                        "regressed"}
+    assert _verdicts(compare(base, [_timed_row(old, threads=1, xdist_workers=1)], HERE)) == {
+        "throughput_at_least.times_s": "same"}
