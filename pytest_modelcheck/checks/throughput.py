@@ -36,8 +36,11 @@ def _validate(rate: Any, phase: Any = "inference", batch_size: Any = None, warmu
         raise UsageError(f"max_time={max_time!r}: {exc}") from None
     if not isinstance(strict, bool):
         raise UsageError(f"strict={strict!r}: expected True or False")
-    return {"rate": value, "phase": phase, "batch_size": batch_size, "warmup": warmup,
-            "min_runs": min_runs, "max_time": seconds, "strict": strict}
+    checked = {"rate": value, "phase": phase, "batch_size": batch_size, "warmup": warmup,
+               "min_runs": min_runs, "max_time": seconds}
+    if strict:  # left out when not set, so --modelcheck-strict-timing can still set it
+        checked["strict"] = True
+    return checked
 
 
 def _percent(x: float) -> str:
@@ -118,7 +121,8 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     - inconclusive otherwise: the median is below `rate` but the fast runs reach it, as on a
       busy shared runner (other processes only ever add time to a run). The check passes with
       ``metrics["inconclusive"] = True`` and a headline starting ``inconclusive:``; with
-      ``strict=True`` (for dedicated runners) it fails instead.
+      ``strict=True`` (for dedicated runners) it fails instead (``metrics["verdict"]`` is
+      ``"inconclusive"`` either way).
 
     Before deciding, a noisy (IQR above 10% of the median) or unsettled measurement gets more
     runs, within `max_time` seconds of timed runs.
@@ -175,7 +179,6 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     # tell a slow model from a busy runner: inconclusive, not failed (unless strict=True).
     verdict = m.verdict(rate)
     inconclusive = verdict == "inconclusive"
-    passed = verdict == "passed" or (inconclusive and not strict)
     lo, hi = m.samples_per_s_interval
     q3_rate, q1_rate = m.samples_per_s_range
     r, coverage = m.fast_rank
@@ -193,7 +196,9 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
                "fast_confidence": coverage, "load_allowance": m.load_allowance,
                "threads": m.threads, "xdist_workers": xdist, "load_before": m.load_before,
                "load_after": m.load_after, "cores": m.cores,
-               "verdict": verdict, "inconclusive": inconclusive, "strict": strict}
+               # "inconclusive": passed without a verdict (a strict failure is a failure)
+               "verdict": verdict, "inconclusive": inconclusive and not strict,
+               "strict": bool(strict)}
     details = (f"batch size {n}, {phase}, {m.method}: median {m.stats.median * 1e3:.3f} ms per batch,"
                f" samples/s range (q3..q1 times) {' .. '.join(_rates(q3_rate, q1_rate))}; {spread}"
                + ("; still noisy after extension" if m.noisy else "")

@@ -273,6 +273,7 @@ def test_strict_fails_an_inconclusive_measurement(fake_timer, model, batch):
     r = throughput_at_least("200 samples/s", max_time=5, strict=True, model=model, batch=batch)
     assert r.passed is False
     assert r.metrics["verdict"] == "inconclusive" and r.metrics["strict"] is True
+    assert r.metrics["inconclusive"] is False  # a failure, not a pass without a verdict
     assert r.headline.startswith(
         "inconclusive, failed because strict=True: expected inference throughput >= 200 samples/s,"
         " observed 128 samples/s, interval 128 .. 256 samples/s over 23 runs")
@@ -387,7 +388,9 @@ def test_bad_strict_is_a_usage_error_at_bind():
 
     spec = get_check("throughput_at_least")
     assert spec.bind(("1 samples/s",), {"strict": True})["strict"] is True
-    assert spec.bind(("1 samples/s",), {})["strict"] is False
+    assert spec.bind(("1 samples/s",), {"strict": False})["strict"] is False
+    # not given: left out of the bound values, so --modelcheck-strict-timing may set it
+    assert "strict" not in spec.bind(("1 samples/s",), {})
     for bad in ("yes", 1, None):
         with pytest.raises(UsageError) as info:
             spec.bind(("1 samples/s",), {"strict": bad})
