@@ -24,6 +24,25 @@ def _pos(name: str, value: Any, *, integer: bool = False, allow_none: bool = Fal
     return int(value) if integer else float(value)
 
 
+def _resolved_loss(loss: Any, data: Any, model: Any, device: Any) -> Any:
+    """The Loss for the user's ``loss`` on ``data``. Only an inferred one (``loss=None``) looks
+    at the model's output, from a forward of a copy; a named or callable loss needs neither.
+
+    >>> import torch
+    >>> from pytest_modelcheck.core.batch import Batch
+    >>> b = Batch.from_user((torch.zeros(2, 3), torch.zeros(2, dtype=torch.long)))
+    >>> _resolved_loss(None, b, torch.nn.Linear(3, 4), None).name
+    'cross_entropy'
+    """
+    from ..core.batch import copy_model
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+
+    if loss is not None:
+        return resolve_loss(loss, data)
+    return resolve_loss(None, data, run_forward(copy_model(model).to(device), data))
+
+
 # ------------------------------------------------------------------------------------------
 # expected schedules (torch's own formulas: LinearLR, CosineAnnealingLR, CyclicLR 'triangular')
 # ------------------------------------------------------------------------------------------
@@ -184,12 +203,10 @@ def lr_schedule(scheduler: Any = None, expected: Any = None, steps: Any = 20, to
     True
     """
     from ..core.batch import copy_model
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss
 
     work = copy_model(model).to(device)
     data = batch.clone().to(device)
-    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    lossfn = _resolved_loss(loss, data, model, device)
     lrs, losses = run_with_scheduler(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr,
                                      scheduler=scheduler)
     if callable(expected):
@@ -250,13 +267,11 @@ def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1
     import statistics
 
     from ..core.batch import copy_model
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss
     from ..core.training import sparkline, train_steps
 
     work = copy_model(model).to(device)
     data = batch.clone().to(device)
-    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    lossfn = _resolved_loss(loss, data, model, device)
     run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr)
     norms = run.grad_norms
     metrics = {"grad_norms": norms, "losses": run.losses, "steps_run": len(run.losses)}
@@ -422,13 +437,11 @@ def loss_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20, mi
     True
     """
     from ..core.batch import copy_model
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss
     from ..core.training import sparkline, train_steps
 
     work = copy_model(model).to(device)
     data = batch.clone().to(device)
-    lossfn = resolve_loss(loss, data, run_forward(copy_model(model).to(device), data))
+    lossfn = _resolved_loss(loss, data, model, device)
     if gan:
         rec = run_gan(work, data, lossfn, d_loss, steps=steps, optimizer=optimizer, lr=lr)
         terms, stopped = rec["terms"], rec["stopped"]

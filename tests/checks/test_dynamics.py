@@ -261,3 +261,28 @@ def test_a_large_first_gradient_that_then_falls_is_not_exploding():
     norms = r.metrics["grad_norms"]
     assert abs(norms[0] - 109.54) < 0.01 and max(norms[1:]) < 1e-3, norms
     assert r.passed, r.headline
+
+
+class CountsForwards(nn.Module):
+    """A linear model that appends to a list shared by its copies at every forward."""
+
+    def __init__(self, calls):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.record = nn.Linear(4, 1), calls.append  # a builtin: shared, not copied
+
+    def forward(self, x):
+        self.record(1)
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("loss, forwards", [
+    (None, 6),                     # the loss is inferred from a probe forward, then 5 steps
+    ("mse", 5),                    # a named loss needs no probe
+    (lambda out, y: (out - y).pow(2).mean(), 5),
+])
+def test_grad_norms_probe_forward_only_when_the_loss_is_inferred(loss, forwards):
+    calls = []
+    r = grad_norms_stable(steps=5, model=CountsForwards(calls), batch=_batch(), loss=loss)
+    assert r.passed is True, r.headline
+    assert len(calls) == forwards
