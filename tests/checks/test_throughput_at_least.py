@@ -428,3 +428,29 @@ def test_marker_on_a_busy_machine_inconclusive_passes_and_strict_fails(healthy_p
         " 40 runs, load 4.00 -> 4.00 on 2 cores, 1 torch thread;*",
         "FAILED *::test_undecided_strict*",
     ])
+
+
+def test_strict_timing_option_fails_an_undecided_marker_unless_it_says_strict_false(
+        healthy_project):
+    healthy_project.makepyfile("""
+        import itertools
+        import pytest
+        import pytest_modelcheck.checks.throughput as throughput
+
+        @pytest.fixture(autouse=True)
+        def busy_machine(monkeypatch):
+            monkeypatch.setattr(throughput, "TIMER", itertools.count(0.0, 0.25).__next__)
+            monkeypatch.setattr(throughput, "LOAD", lambda: (4.0, 2))
+
+        @pytest.mark.throughput_at_least("100 samples/s")
+        def test_undecided():
+            pass
+
+        @pytest.mark.throughput_at_least("100 samples/s", strict=False)
+        def test_undecided_not_strict():
+            pass
+    """)
+    result = healthy_project.runpytest("--modelcheck", "--modelcheck-strict-timing")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*inconclusive, failed because strict=True*",
+                                 "FAILED *::test_undecided"])
