@@ -219,8 +219,8 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
         if strict:
             return CheckResult(
                 "throughput_at_least", False,
-                f"inconclusive, failed because strict=True: {measured}; the fast runs reach the"
-                " floor but the median does not", details
+                f"inconclusive, failed because strict=True: {measured}; the fast runs (allowing"
+                " for the load) reach the floor but the median does not", details
                 + "\nadvice: strict=True fails measurements a busy machine leaves undecided;"
                 " run on a dedicated runner, give more max_time, or drop strict=True on shared"
                 " runners", metrics)
@@ -232,6 +232,6 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     hint = ("\nremedy: look for Python loops over samples and host syncs (.item(), .cpu()) in"
             " forward; larger batch sizes amortize per-call overhead")
     return CheckResult("throughput_at_least", False,
-                       f"{expected}, observed {median_text}, at most {hi_text} ({spread}"
+                       f"{expected}, observed {median_text}, at best {hi_text} ({spread}"
                        + (", noisy" if m.noisy else "") + ")", details + hint, metrics)
 

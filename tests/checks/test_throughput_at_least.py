@@ -68,7 +68,7 @@ def test_steady_clock_fails_above_the_observed_rate(fake_timer, model, batch):
     # for the fast-run bound to be 95% confident (1 - 0.9**n >= 0.95 needs n >= 29):
     # 10 -> 20 (88%) -> 40 runs (98.5%), which also reaches max_time = 10 s
     assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s,"
-                          " at most 128 samples/s (IQR 0% of the median over 40 runs)")
+                          " at best 128 samples/s (IQR 0% of the median over 40 runs)")
     assert r.metrics["verdict"] == "failed" and r.metrics["inconclusive"] is False
     assert "median 250.000 ms per batch" in r.details
     assert "remedy:" in r.details
@@ -159,7 +159,7 @@ def test_still_noisy_failure_prints_the_spread(fake_timer, model, batch):
     # the fastest run is 0.25 s = 128 samples/s < 200 on a quiet machine: failed
     assert r.passed is False
     assert r.headline == ("expected inference throughput >= 200 samples/s, observed 128 samples/s,"
-                          " at most 128 samples/s (IQR 100% of the median over 27 runs, noisy)")
+                          " at best 128 samples/s (IQR 100% of the median over 27 runs, noisy)")
     assert r.metrics["extended"] is True and r.metrics["noisy"] is True
     assert r.metrics["spread"] == 1.0
     assert r.metrics["times_s"] == [0.25, 0.5] * 13 + [0.25]
@@ -234,7 +234,7 @@ def test_marker_with_a_fake_clock(healthy_project):
         "*_ test_too_slow _*",
         "1 model check failed:",
         "  ?throughput_at_least? expected inference throughput >= 100 samples/s, observed"
-        " 64 samples/s, at most 64 samples/s (IQR 0% of the median over 40 runs)",
+        " 64 samples/s, at best 64 samples/s (IQR 0% of the median over 40 runs)",
         "*Captured modelcheck call*",
         "*batch size 16, inference, perf_counter: median 250.000 ms per batch*",
         "FAILED *::test_too_slow*",
@@ -301,7 +301,7 @@ def test_genuinely_slow_model_fails_with_confidence_even_on_a_busy_machine(fake_
     assert r.metrics["load_allowance"] == 2.0 and r.metrics["runs"] == 20
     assert r.metrics["fast_confidence"] == pytest.approx(1 - 0.9 ** 20)
     assert r.headline == ("expected inference throughput >= 200 samples/s, observed 64 samples/s,"
-                          " at most 128 samples/s (IQR 0% of the median over 20 runs)")
+                          " at best 128 samples/s (IQR 0% of the median over 20 runs)")
     assert "x 2.00 for the load" in r.details and "remedy:" in r.details
 
 
