@@ -197,6 +197,9 @@ def step(results: Results, part: dict, key: str, fn) -> dict:
         print(f"  {key}: kept from an earlier run", flush=True)
         return part["steps"][key]
     value = fn()
+    if value.get("load_alive_at_end", 0) < value.get("load_processes", 0):
+        value["warning"] = "the background load ended before the measurement did"
+        print(f"  WARNING {key}: {value['warning']} (raise --load-lifetime)", flush=True)
     value["load_averages_after"] = [round(x, 2) for x in os.getloadavg()]
     part["steps"][key] = value
     results.save()
@@ -218,6 +221,11 @@ class Load:
         self.info = {"load_processes": self.load.k, "load_pids": self.load.pids,
                      "load_averages_before": [round(x, 2) for x in os.getloadavg()]}
         return self
+
+    def snapshot(self) -> dict:
+        """The start info plus how many load processes are still running now (fewer than
+        ``load_processes`` means the load ended early: raise --load-lifetime)."""
+        return {**self.info, "load_alive_at_end": len(self.load.pids)}
 
     def __exit__(self, *exc) -> None:
         self.load.stop()
@@ -539,12 +547,14 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
     pt_names = list(PT_SMOKE) if args.smoke else [n for n in PT_SUITE if n not in args.pt_skip]
     pt_names += [n for n in PT_DECLARED if n not in args.pt_skip]
     have_pt = find_pytest_torch() is not None
-    tools = ["modelcheck"] + (["pytest-torch"] if have_pt else [])
+    tools = [t for t in ("modelcheck", "pytest-torch") if t in args.tools]
+    if not have_pt and "pytest-torch" in tools:
+        tools.remove("pytest-torch")
     reps = args.reps or DEFAULT_REPS["zoo"]
     settings = {"reps": reps, "load": args.load, "cases": cases, "pt_assertions": pt_names,
                 "tools": tools}
     part = results.part("zoo", settings, args.resume)
-    if not have_pt:
+    if not have_pt and "pytest-torch" in args.tools:
         part["pytest_torch"] = "not importable: pytest-torch rows left out"
         print("pytest_torch is not importable: only pytest-modelcheck is measured")
     for rep in range(reps):
@@ -554,9 +564,9 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
                 key = f"{tool}/{cond}/rep{rep}"
 
                 def measure(tool=tool, k=k) -> dict:
-                    with Load(k, lifetime=args.load_lifetime) as load:
+                    with Load(k, args.load_lifetime, args.warmup) as load:
                         out = run_worker(tool, cases, pt_names, args.timeout)
-                    out.update(load.info)
+                        out.update(load.snapshot())
                     out["summary"] = zoo_summary(out)
                     return out
 
@@ -586,6 +596,9 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
     for key, r in rows.items():
         print(f"{key:26} {_f(r['check_seconds_median']):>11} {_f(r['wall_seconds_median']):>8}"
               f" {_span(r['caught'])}/{r['bugs']:<4} {_span(r['flagged_healthy'])}/{r['healthy']}")
+        costs = part["steps"][f"{key}/rep0"]["summary"]["seconds_by_check"]
+        print(f"{'':26} costliest: " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                 list(costs.items())[:4]))
         if "caught_with_declared" in r:
             print(f"{'':26} (pytest-torch: AssertionError only {_span(r['caught_without_errors'])}"
                   f"/{_span(r['flagged_healthy_without_errors'])}; + declared facts"
@@ -616,9 +629,9 @@ def part_mainjob(args: argparse.Namespace, results: Results) -> None:
         key = f"{v}/{cond}"
 
         def measure(v=v, k=k) -> dict:
-            with Load(k, lifetime=args.load_lifetime) as load:
+            with Load(k, args.load_lifetime, args.warmup) as load:
                 out = run_cmd(cmd, variants[v], args.timeout)
-            out.update(load.info)
+                out.update(load.snapshot())
             out["env"] = {"OMP_NUM_THREADS": variants[v].get("OMP_NUM_THREADS")}
             return out
 
@@ -707,17 +720,17 @@ def part_throughput(args: argparse.Namespace, results: Results) -> None:
             if os.path.exists(base):
                 os.unlink(base)
             k = args.load if args.baseline_under_load else 0
-            with Load(k, lifetime=args.load_lifetime) as load:
+            with Load(k, args.load_lifetime, args.warmup) as load:
                 out = _pytest_json(cmd + [f"--modelcheck-save-baseline={base}"], env, args.timeout)
-            out.update(load.info)
+                out.update(load.snapshot())
             return out
         step(results, part, "save-baseline", save)
-    with Load(args.load, lifetime=args.load_lifetime) as load:
+    with Load(args.load, args.load_lifetime, args.warmup) as load:
         for rep in range(reps):
             def measure() -> dict:
                 extra = [f"--modelcheck-baseline={base}"] if args.baseline else []
                 out = _pytest_json(cmd + extra, env, args.timeout)
-                out.update(load.info)
+                out.update(load.snapshot())
                 return out
             out = step(results, part, f"load/rep{rep}", measure)
             print(f"  load/rep{rep:<3} {out['seconds']:7.1f} s rc={out['rc']} throughput"
@@ -759,9 +772,9 @@ def part_aa(args: argparse.Namespace, results: Results) -> None:
     part = results.part("aa", settings, args.resume)
 
     def measure() -> dict:
-        with Load(args.load, lifetime=args.load_lifetime) as load:
+        with Load(args.load, args.load_lifetime, args.warmup) as load:
             out = run_cmd(cmd, measured_env(), args.timeout)
-        out.update(load.info)
+            out.update(load.snapshot())
         for name, pattern in (("false_alarms", r"false alarms[^:]*:\s*(\d+)/(\d+)"),
                               ("detections", r"detections[^:]*:\s*(\d+)/(\d+)")):
             m = re.search(pattern, out["tail"])
@@ -791,6 +804,9 @@ def parse(argv: list) -> argparse.Namespace:
     ap.add_argument("--smoke", action="store_true",
                     help="1 rep, 2 zoo cases, cheap pytest-torch assertions, short load")
     ap.add_argument("--cases", default=None, help="zoo case names, comma-separated")
+    ap.add_argument("--tools", default="modelcheck,pytest-torch",
+                    help="zoo: the tools to measure, comma-separated (default both; pytest-torch"
+                         " only where it can be imported)")
     ap.add_argument("--pt-skip", default="", help="pytest-torch assertions to leave out,"
                     " comma-separated (e.g. aoti_parity)")
     ap.add_argument("--baseline", action="store_true", help="throughput: also gate on a baseline")
@@ -806,12 +822,16 @@ def parse(argv: list) -> argparse.Namespace:
     ap.add_argument("--pt-assertions", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.pt_skip = {s for s in args.pt_skip.split(",") if s}
+    args.tools = [t for t in args.tools.split(",") if t]
+    if not args.tools or set(args.tools) - {"modelcheck", "pytest-torch"}:
+        ap.error(f"--tools: expected modelcheck and/or pytest-torch, got {','.join(args.tools)}")
     unknown = args.pt_skip - set(PT_SUITE) - set(PT_DECLARED)
     if unknown:
         ap.error(f"--pt-skip: unknown assertion(s) {sorted(unknown)}; choose from"
                  f" {', '.join(list(PT_SUITE) + list(PT_DECLARED))}")
     if args.smoke:
         args.reps = 1
+    args.warmup = 1.0 if args.smoke else WARMUP_S
     if args.load_lifetime is None:
         args.load_lifetime = 120.0 if args.smoke else 7200.0
     return args
