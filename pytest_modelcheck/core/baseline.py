@@ -785,8 +785,10 @@ def _doubts(old_entry: dict, entry: dict, v: Any, tol: float) -> str:
     """Why a would-be 'regressed' or 'improved' timing (``v``) is not trusted, ``""`` when it
     is: the compare is then 'inconclusive', which does not fail the gate.
 
-    * one side's parallelism is unknown (a baseline saved by an older version) and the other
-      side ran under more than one xdist worker: the difference may be the parallelism;
+    * one side's xdist workers are unknown (a baseline saved by an older version) and the
+      other side ran under more than one: the difference may be the parallelism (a side with
+      unknown parallelism beside a serial one is compared as before: older baselines keep
+      gating serial runs);
     * a session was oversubscribed (load per core >= :data:`OVERSUBSCRIBED_LOAD`), or the two
       sessions' loads per core differ by more than :data:`LOAD_MARGIN`; unless the ratio's
       interval is beyond what the load can explain. A timing loop that shares its core with
@@ -806,14 +808,14 @@ def _doubts(old_entry: dict, entry: dict, v: Any, tol: float) -> str:
     if not (v.regressed or v.improved):
         return ""
     reasons = []
-    po, pn = old_entry.get("parallelism"), entry.get("parallelism")
-    if (po is None) != (pn is None):
-        known, unknown = ("this run", "the baseline") if po is None else ("the baseline",
-                                                                          "this run")
-        if ((po or pn).get("xdist_workers") or 1) > 1:
-            reasons.append(f"{unknown} did not record its parallelism (an older version) and"
-                           f" {known} ran with {_parallelism_text(po or pn)}; save a baseline"
-                           f" under the same -n / --modelcheck-threads")
+    po, pn = old_entry.get("parallelism") or {}, entry.get("parallelism") or {}
+    wo, wn = po.get("xdist_workers"), pn.get("xdist_workers")
+    if (wo is None) != (wn is None) and (wo or wn) > 1:
+        known, unknown, par = (("this run", "the baseline", pn) if wo is None
+                               else ("the baseline", "this run", po))
+        reasons.append(f"{unknown} did not record its parallelism (an older version) and"
+                       f" {known} ran with {_parallelism_text(par)}; save a baseline"
+                       f" under the same -n / --modelcheck-threads")
     lo, ln = old_entry.get("load_per_core"), entry.get("load_per_core")
     why = [f"{who} oversubscribed" for who, load in (("the baseline", lo), ("this run", ln))
            if load is not None and load >= OVERSUBSCRIBED_LOAD]

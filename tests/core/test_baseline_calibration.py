@@ -158,3 +158,12 @@ def test_malformed_parallelism_or_load_in_a_file_is_refused(tmp_path):
                                                           **bad}}}}}))
         with pytest.raises(BaselineError, match=message):
             Baseline.load(str(path))
+
+
+def test_unknown_xdist_workers_on_one_side_only_is_not_a_regression_either():
+    old = _ctx_row(TIGHT, threads=1, workers=None)  # threads known, workers not
+    c = _verdict(old, _ctx_row([t * 1.5 for t in TIGHT], threads=1, workers=2))
+    assert c.verdict == "inconclusive" and "2 xdist workers" in c.detail
+    # the other way round: a baseline saved under xdist, this run's workers unknown
+    c = _verdict(_ctx_row(TIGHT, workers=2), _ctx_row([t * 1.5 for t in TIGHT], workers=None))
+    assert c.verdict == "inconclusive" and "this run did not record" in c.detail
