@@ -63,30 +63,29 @@ def grad_norm_tensor(model: Any) -> Any:
     """
     import torch
 
-    by_device: dict = {}
-    for p in model.parameters():
-        g = p.grad
-        if g is None:
-            continue
-        g = g.detach()
-        if g.is_sparse:
-            g = g.coalesce().values()
-        if g.is_complex():
-            g = g.real  # as grad_norm's .float() reads a complex gradient
-        by_device.setdefault(g.device, []).append(g)
-    if not by_device:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
         return None
-    parts = []
-    for grads in by_device.values():
-        low = [g.dtype in (torch.float16, torch.bfloat16) for g in grads]
-        if any(low):
-            grads = [g.float() if lo else g for g, lo in zip(grads, low)]
-        norms = torch._foreach_norm(grads, 2)  # stack promotes mixed dtypes
-        parts.append(torch.linalg.vector_norm(torch.stack(norms), dtype=torch.float64))
-    if len(parts) == 1:
-        return parts[0]
-    first = parts[0].device
-    return torch.linalg.vector_norm(torch.stack([t.to(first) for t in parts]))
+    with torch.no_grad():
+        if ({g.dtype for g in grads} <= {torch.float32, torch.float64}
+                and len({g.device for g in grads}) == 1
+                and {g.layout for g in grads} == {torch.strided}):  # the common case: one op
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)),
+                                            dtype=torch.float64)
+        by_device: dict = {}
+        for g in grads:
+            if g.is_sparse:
+                g = g.coalesce().values()
+            if g.is_complex():
+                g = g.real  # as grad_norm's .float() reads a complex gradient
+            if g.dtype in (torch.float16, torch.bfloat16):
+                g = g.float()
+            by_device.setdefault(g.device, []).append(g)
+        parts = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2)),
+                                          dtype=torch.float64)  # stack promotes mixed dtypes
+                 for group in by_device.values()]
+        first = parts[0].device
+        return torch.linalg.vector_norm(torch.stack([t.to(first) for t in parts]))
 
 
 def grad_norm(model: Any) -> float:
@@ -128,8 +127,30 @@ class TrainingRun:
         return self.losses[-1] if self.losses else math.nan
 
 
-#: Steps between two reads of the losses and gradient norms back to the host (one ``.tolist()``
-#: for all of them): the training loop itself never waits for the device.
+def read_back(scalars: list, *, stacked: Optional[bool] = None) -> list:
+    """Python floats of 0-d tensors: one ``torch.stack(...).tolist()`` (a single wait for the
+    device), or, on the CPU where a read waits for nothing, ``float()`` of each (no op at all).
+    ``stacked`` forces one way.
+
+    >>> import torch
+    >>> read_back([torch.tensor(0.5), torch.tensor(2.0, dtype=torch.float64)], stacked=True)
+    [0.5, 2.0]
+    """
+    import torch
+
+    if not scalars:
+        return []
+    device = scalars[0].device
+    if stacked is None:
+        stacked = not (device.type == "cpu" and all(t.device == device for t in scalars))
+    if not stacked:
+        return [float(t) for t in scalars]
+    return torch.stack([t.to(device=device, dtype=torch.float64) for t in scalars]).tolist()
+
+
+#: Steps between two reads of the losses and gradient norms back from an accelerator (one
+#: ``.tolist()`` for all of them): the training loop itself never waits for the device. On the
+#: CPU a read waits for nothing, and each step is read as it ends.
 SYNC_EVERY = 8
 
 
@@ -137,16 +158,17 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
                 lr: float = 1e-3, seed: int = 0,
                 on_step: Optional[Callable[[int, float], None]] = None,
                 stop: Optional[Callable[[list], bool]] = None,
-                sync_every: int = SYNC_EVERY) -> TrainingRun:
+                sync_every: Optional[int] = None) -> TrainingRun:
     """Train ``model`` in place for ``steps`` steps on one batch; stops early on a non-finite loss
     or when ``stop(losses)`` returns True after a step.
 
     The loss, its terms and the global gradient norm of each step stay on the device; they are
-    read back together after the first step and then every ``sync_every`` steps, and ``stop``
-    and ``on_step`` are called then, step by step, in order. The returned run is the one a
-    step-by-step loop gives: it ends at the first non-finite loss (recorded, no gradient norm
-    for it) or at the first step where ``stop`` holds, and the records after it are dropped. The
-    model itself may have taken up to ``sync_every - 1`` more updates than the run records.
+    read back together after the first step and then every ``sync_every`` steps (default
+    ``SYNC_EVERY``, 8, on an accelerator and 1 on the CPU), and ``stop`` and ``on_step`` are
+    called then, step by step, in order. The returned run is the one a step-by-step loop gives:
+    it ends at the first non-finite loss (recorded, no gradient norm for it) or at the first
+    step where ``stop`` holds, and the records after it are dropped. The model itself may have
+    taken up to ``sync_every - 1`` more updates than the run records.
 
     >>> import torch
     >>> from pytest_modelcheck.core.losses import resolve_loss
@@ -163,15 +185,16 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
     """
     import torch
 
-    if not (isinstance(sync_every, int) and sync_every >= 1):
-        raise UsageError(f"sync_every={sync_every!r}: expected a positive integer")
+    if sync_every is not None and not (isinstance(sync_every, int) and sync_every >= 1
+                                       and not isinstance(sync_every, bool)):
+        raise UsageError(f"sync_every={sync_every!r}: expected a positive integer or None")
     torch.manual_seed(seed)
     model.train()
     opt = make_optimizer(optimizer, model.parameters(), lr)
     run = TrainingRun()
     # (step, loss, {term: value}, lr, grad norm or None, update done): device tensors, unread
     pending: list = []
-    error = None
+    error = every = None
 
     def flush() -> bool:
         """Read the pending steps back and record them; True when the run ends at one of them."""
@@ -183,9 +206,7 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
             scalars += [v.reshape(()) for v in terms.values()]
             if norm is not None:
                 scalars.append(norm)
-        device = scalars[0].device
-        values = iter(torch.stack([t.to(device=device, dtype=torch.float64)
-                                   for t in scalars]).tolist())
+        values = iter(read_back(scalars))
         steps_read, pending[:] = list(pending), []
         for step, _, terms, step_lr, norm, updated in steps_read:
             value = next(values)
@@ -211,6 +232,8 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
             opt.zero_grad(set_to_none=True)
             out = run_forward(model, batch)
             total, terms = loss.compute(out, batch, model)
+            if every is None:
+                every = sync_every or (1 if total.device.type == "cpu" else SYNC_EVERY)
             entry = (step, total.detach(), {k: v.detach() for k, v in terms.items()},
                      float(opt.param_groups[0]["lr"]), None, False)
             if not total.requires_grad:
@@ -235,7 +258,7 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
             if flush():
                 return run
             raise
-        if (step == 0 or len(pending) >= sync_every) and flush():
+        if (step == 0 or len(pending) >= every) and flush():
             return run
     if error is not None:
         raise error

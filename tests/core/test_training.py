@@ -80,18 +80,20 @@ def same(a, b):
         assert a.terms[k] == pytest.approx(b.terms[k], rel=1e-6, nan_ok=True)
 
 
+@pytest.mark.parametrize("sync_every", [None, 8])
 @pytest.mark.parametrize("steps", [1, 7, 8, 9, 20])
-def test_full_run_matches_the_step_by_step_loop(steps):
+def test_full_run_matches_the_step_by_step_loop(steps, sync_every):
     b = cls_batch()
     lf = resolve_loss("cross_entropy", b)
-    run = train_steps(mlp(), b, lf, steps=steps)
+    run = train_steps(mlp(), b, lf, steps=steps, sync_every=sync_every)
     same(run, reference(mlp(), b, lf, steps=steps))
     assert len(run.losses) == len(run.grad_norms) == steps
     assert all(isinstance(v, float) for v in run.losses + run.grad_norms + run.lrs)
 
 
+@pytest.mark.parametrize("sync_every", [None, 8])
 @pytest.mark.parametrize("at", [1, 5, 8, 9, 13])
-def test_stop_is_evaluated_at_every_step_in_order(at):
+def test_stop_is_evaluated_at_every_step_in_order(at, sync_every):
     # stop holds first after `at` steps, whatever chunk that falls in: the run records `at`
     b = cls_batch()
     lf = resolve_loss("cross_entropy", b)
@@ -101,25 +103,27 @@ def test_stop_is_evaluated_at_every_step_in_order(at):
         seen.append(len(losses))
         return len(losses) >= at
 
-    run = train_steps(mlp(), b, lf, steps=30, stop=stop)
+    run = train_steps(mlp(), b, lf, steps=30, stop=stop, sync_every=sync_every)
     assert seen == list(range(1, at + 1))
     same(run, reference(mlp(), b, lf, steps=30, stop=lambda losses: len(losses) >= at))
     assert len(run.losses) == len(run.grad_norms) == at
 
 
+@pytest.mark.parametrize("sync_every", [None, 8])
 @pytest.mark.parametrize("at", [0, 1, 4, 8, 11])
-def test_first_nonfinite_loss_ends_the_run_and_later_errors_are_not_raised(at):
+def test_first_nonfinite_loss_ends_the_run_and_later_errors_are_not_raised(at, sync_every):
     # the model's forward raises once an update on the NaN loss made its weights NaN; the
     # step-by-step loop never gets there, and neither does the chunked one's record
     b = cls_batch()
     lf = resolve_loss("cross_entropy", b)
-    run = train_steps(NanAt(at), b, lf, steps=30)
+    run = train_steps(NanAt(at), b, lf, steps=30, sync_every=sync_every)
     assert run.stopped == f"loss became nan at step {at}"
     assert len(run.losses) == at + 1 and len(run.grad_norms) == at
     same(run, reference(NanAt(at), b, lf, steps=30))
 
 
-def test_an_error_after_finite_losses_is_raised():
+@pytest.mark.parametrize("sync_every", [None, 8])
+def test_an_error_after_finite_losses_is_raised(sync_every):
     class Fails(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -133,17 +137,18 @@ def test_an_error_after_finite_losses_is_raised():
 
     b = cls_batch()
     with pytest.raises(RuntimeError, match="sixth"):
-        train_steps(Fails(), b, resolve_loss("cross_entropy", b), steps=30)
+        train_steps(Fails(), b, resolve_loss("cross_entropy", b), steps=30, sync_every=sync_every)
 
 
-def test_loss_terms_are_read_back_per_step():
+@pytest.mark.parametrize("sync_every", [None, 8])
+def test_loss_terms_are_read_back_per_step(sync_every):
     b = cls_batch()
 
     def lf(out, y):
         return {"ce": torch.nn.functional.cross_entropy(out, y), "l2": out.pow(2).mean()}
 
     loss = resolve_loss(lf, b)
-    run = train_steps(mlp(), b, loss, steps=11)
+    run = train_steps(mlp(), b, loss, steps=11, sync_every=sync_every)
     same(run, reference(mlp(), b, loss, steps=11))
     assert len(run.terms["ce"]) == len(run.terms["l2"]) == 11
 
@@ -159,44 +164,60 @@ def test_a_loss_without_grad_is_a_model_error_unless_it_is_nonfinite():
 
 def test_sync_every_is_validated():
     b = cls_batch()
-    with pytest.raises(UsageError, match="sync_every=0"):
-        train_steps(mlp(), b, resolve_loss("cross_entropy", b), steps=3, sync_every=0)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(UsageError, match="sync_every="):
+            train_steps(mlp(), b, resolve_loss("cross_entropy", b), steps=3, sync_every=bad)
 
 
-def test_no_host_sync_inside_a_chunk():
-    # one read-back (a .tolist()) after step 0 and then one per 8 steps: 20 steps -> reads after
-    # steps 0, 8, 16 and the last chunk = 4, and no aten._local_scalar_dense (float(), .item())
-    # at all, where the step-by-step loop had 20 x (1 loss + 4 parameters). SGD: Adam reads its
-    # own step counters (CPU tensors, no device sync) with .item().
+@pytest.mark.parametrize("sync_every, reads", [
+    (8, [1, 9, 17, 20]),     # after step 0, then every 8 steps, then the last chunk
+    (None, list(range(1, 21))),  # the CPU default: every step (a CPU read waits for nothing)
+])
+def test_values_are_read_back_only_at_chunk_ends(sync_every, reads):
+    # every aten._local_scalar_dense (float(), .item(), .tolist()) comes at the end of a chunk:
+    # none inside one, where the step-by-step loop had 1 loss + 4 parameters per step. SGD:
+    # Adam reads its own step counters (CPU tensors, no device sync) with .item().
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class Reads(TorchDispatchMode):
-        n = 0
+    forwards, at = [], []
 
+    class Reads(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is torch.ops.aten._local_scalar_dense.default:
-                Reads.n += 1
+                at.append(len(forwards))
             return func(*args, **(kwargs or {}))
+
+    class Counted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net, self.record = mlp(), forwards.append
+
+        def forward(self, x):
+            self.record(1)
+            return self.net(x)
 
     b = cls_batch()
     lf = resolve_loss("cross_entropy", b)
-    model = mlp()
-    calls = []
-    orig = torch.Tensor.tolist
+    stops = []
+    with Reads():
+        run = train_steps(Counted(), b, lf, steps=20, optimizer="sgd", sync_every=sync_every,
+                          stop=lambda losses: stops.append((len(losses), len(forwards))) and False)
+    assert len(run.losses) == 20
+    assert sorted(set(at)) == reads
+    # stop sees every step, in order, when its chunk has been read
+    assert [n for n, _ in stops] == list(range(1, 21))
+    assert all(f == min(r for r in reads if r >= n) for n, f in stops)
 
-    def tolist(self):
-        calls.append(self.numel())
-        return orig(self)
 
-    torch.Tensor.tolist = tolist
-    try:
-        with Reads():
-            train_steps(model, b, lf, steps=20, optimizer="sgd")
-    finally:
-        torch.Tensor.tolist = orig
-    # 1 + 8 + 8 + 3 steps, each a loss and a gradient norm
-    assert calls == [2, 16, 16, 6]
-    assert Reads.n == 0
+def test_read_back_stacked_or_not_gives_the_same_floats():
+    from pytest_modelcheck.core.training import read_back
+
+    ts = [torch.tensor(0.1), torch.tensor(math.nan), torch.tensor(1e30, dtype=torch.float64),
+          torch.tensor(3.0).half()]
+    a, b = read_back(ts, stacked=True), read_back(ts, stacked=False)
+    assert a[0] == b[0] == float(torch.tensor(0.1)) and a[2:] == b[2:] == [1e30, 3.0]
+    assert math.isnan(a[1]) and math.isnan(b[1])
+    assert read_back([]) == []
 
 
 def test_grad_norm_is_one_fused_value():
