@@ -28,8 +28,14 @@ Parts (``python benchmarks/ci_load.py PART [PART ...] [options]``; ``all`` = eve
     ``--baseline``, a baseline is saved first (idle; ``--baseline-under-load``: under the load)
     and every run also compares against it: regressed metrics are gate failures (target 0).
 ``aa``
-    ``benchmarks/gate_aa.py`` (its own CLI) under the load; false alarms and detections are
-    read from its output.
+    ``benchmarks/gate_aa.py`` (its own CLI, ``--trials`` = ``--reps``) under the load; false
+    alarms and detections are read from its output.
+
+A case or run counts as flagged when a check fails; for pytest-torch, when an assertion
+raises (an AssertionError, or any other exception, as a test would fail); the table also gives
+the counts from AssertionErrors alone, and with the zoo's declared facts that pytest-torch can
+express (:data:`PT_DECLARED`). ``--tools`` picks the zoo's tools, ``--pt-skip`` leaves
+pytest-torch assertions out (``aoti_parity`` compiles C++: tens of seconds per case).
 
 Results: a table per part, and a JSON file (``--out``, default
 ``benchmarks/results/ci_load.json``) with the date, the machine (CPU model, cores), torch
@@ -63,7 +69,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 
-from background_load import THREAD_VARIABLES, BackgroundLoad, default_thread_env  # noqa: E402
+from background_load import (THREAD_VARIABLES, BackgroundLoad, _die_with_parent,  # noqa: E402
+                             default_thread_env)
 
 DEFAULT_OUT = os.path.join(HERE, "results", "ci_load.json")
 PARTS = ("zoo", "mainjob", "throughput", "aa")
@@ -236,17 +243,21 @@ def run_cmd(argv: list, env: dict, timeout: float) -> dict:
     t0 = time.perf_counter()
     try:
         p = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=timeout, start_new_session=True)
+                           timeout=timeout, start_new_session=True,
+                           preexec_fn=_die_with_parent)  # no orphan if this script is killed
         rc, out = p.returncode, (p.stdout or "") + (p.stderr or "")
     except subprocess.TimeoutExpired as exc:
         rc = "timeout"
         out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+    lines = out.strip().splitlines()
     return {"seconds": round(time.perf_counter() - t0, 3), "rc": rc,
-            "tail": "\n".join(out.strip().splitlines()[-6:])}
+            "tail": "\n".join(lines[-6:]),
+            "failures": [ln[:300] for ln in lines if ln.startswith(("FAILED", "ERROR"))][:20]}
 
 
 def measured_env(**extra: str) -> dict:
     env = default_thread_env()
+    env["COLUMNS"] = "300"  # pytest's short summary keeps the failure reason
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     env.update(extra)
     return env
@@ -534,6 +545,8 @@ def zoo_summary(out: dict) -> dict:
         s["flagged_healthy_with_declared"] = sum(
             c["flagged"] or any(d["status"] in ("failed", "error") for d in c.get("declared", []))
             for c in goods)
+        s["check_seconds_without_aoti"] = round(s["check_seconds"]
+                                                - per_check.get("aoti_parity", 0.0), 3)
         s["declared_seconds"] = round(sum(d["seconds"] for c in cases
                                           for d in c.get("declared", [])), 3)
     if out.get("error"):
@@ -571,14 +584,14 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
                     return out
 
                 out = step(results, part, key, measure)
-                s = out["summary"]
+                s = zoo_summary(out)
                 print(f"  {key:28} {s['check_seconds']:8.1f} s in checks  caught"
                       f" {s['caught']}/{s['bugs']}  flagged {s['flagged_healthy']}/{s['healthy']}"
                       + (f"  ERROR {s['error'][:120]}" if s.get("error") else ""), flush=True)
     rows = {}
     for tool in tools:
         for cond in ("idle", "load"):
-            outs = [part["steps"][f"{tool}/{cond}/rep{r}"]["summary"] for r in range(reps)]
+            outs = [zoo_summary(part["steps"][f"{tool}/{cond}/rep{r}"]) for r in range(reps)]
             rows[f"{tool}/{cond}"] = {
                 "check_seconds_median": median([o["check_seconds"] for o in outs]),
                 "wall_seconds_median": median([o["wall_seconds"] for o in outs]),
@@ -586,7 +599,8 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
                 "flagged_healthy": sorted({o["flagged_healthy"] for o in outs}),
                 "healthy": outs[0]["healthy"],
                 **({k: sorted({o[k] for o in outs}) for k in
-                    ("caught_without_errors", "flagged_healthy_without_errors",
+                    ("check_seconds_without_aoti", "caught_without_errors",
+                     "flagged_healthy_without_errors",
                      "caught_with_declared", "flagged_healthy_with_declared")
                     if k in outs[0]})}
     part["summary"] = rows
@@ -596,13 +610,16 @@ def part_zoo(args: argparse.Namespace, results: Results) -> None:
     for key, r in rows.items():
         print(f"{key:26} {_f(r['check_seconds_median']):>11} {_f(r['wall_seconds_median']):>8}"
               f" {_span(r['caught'])}/{r['bugs']:<4} {_span(r['flagged_healthy'])}/{r['healthy']}")
-        costs = part["steps"][f"{key}/rep0"]["summary"]["seconds_by_check"]
+        costs = zoo_summary(part["steps"][f"{key}/rep0"])["seconds_by_check"]
         print(f"{'':26} costliest: " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                  list(costs.items())[:4]))
+        if "check_seconds_without_aoti" in r:
+            print(f"{'':26} without aoti_parity: {_span(r['check_seconds_without_aoti'])} s")
         if "caught_with_declared" in r:
-            print(f"{'':26} (pytest-torch: AssertionError only {_span(r['caught_without_errors'])}"
-                  f"/{_span(r['flagged_healthy_without_errors'])}; + declared facts"
-                  f" {_span(r['caught_with_declared'])}/{_span(r['flagged_healthy_with_declared'])})")
+            print(f"{'':26} AssertionError only: caught {_span(r['caught_without_errors'])},"
+                  f" flagged {_span(r['flagged_healthy_without_errors'])}; with the declared"
+                  f" facts: caught {_span(r['caught_with_declared'])}, flagged"
+                  f" {_span(r['flagged_healthy_with_declared'])}")
 
 
 def _f(x: Optional[float]) -> str:
@@ -667,11 +684,15 @@ def throughput_counts(doc: dict) -> dict:
     """
     counts = {"throughput_passed": 0, "throughput_failed": 0, "throughput_inconclusive": 0,
               "throughput_skipped": 0, "tests": 0, "tests_failed": 0, "gate_regressed": 0,
-              "gate_compared": 0, "failed_headlines": []}
+              "gate_compared": 0, "gate_verdicts": {}, "failed_headlines": [],
+              "failed_checks": []}
     for t in doc.get("tests", []):
         counts["tests"] += 1
         counts["tests_failed"] += t.get("outcome") == "failed"
         for r in t.get("results", []):
+            if r.get("passed") is False:
+                counts["failed_checks"].append(
+                    f"{t.get('nodeid', '?')}: {r.get('check')}: {r.get('headline', '')[:200]}")
             if r.get("check") != "throughput_at_least":
                 continue
             verdict = str((r.get("metrics") or {}).get("verdict", ""))
@@ -686,7 +707,9 @@ def throughput_counts(doc: dict) -> dict:
             else:
                 counts["throughput_skipped"] += 1
     for c in doc.get("comparisons") or []:
-        counts["gate_regressed"] += c.get("verdict") == "regressed"
+        v = str(c.get("verdict"))
+        counts["gate_verdicts"][v] = counts["gate_verdicts"].get(v, 0) + 1
+        counts["gate_regressed"] += v == "regressed"
         counts["gate_compared"] += c.get("verdict") in ("same", "regressed", "improved")
     return counts
 
@@ -737,8 +760,10 @@ def part_throughput(args: argparse.Namespace, results: Results) -> None:
                   f" failed {out.get('throughput_failed', '?')}, inconclusive"
                   f" {out.get('throughput_inconclusive', '?')}, passed"
                   f" {out.get('throughput_passed', '?')}"
-                  + (f"; gate regressed {out.get('gate_regressed', '?')}" if args.baseline else ""),
+                  + (f"; gate {out.get('gate_verdicts', '?')}" if args.baseline else ""),
                   flush=True)
+            for line in (out.get("failed_checks") or out.get("failures") or [])[:5]:
+                print(f"      {line}")
     runs = [part["steps"][f"load/rep{r}"] for r in range(reps)]
     summary = {"runs": reps,
                "runs_with_throughput_failure": sum(r.get("throughput_failed", 0) > 0 for r in runs),
@@ -749,8 +774,13 @@ def part_throughput(args: argparse.Namespace, results: Results) -> None:
                "runs_without_json": sum(r.get("json") == "missing" for r in runs),
                "target": "0 throughput failures"}
     if args.baseline:
+        verdicts: dict = {}
+        for r in runs:
+            for v, n in (r.get("gate_verdicts") or {}).items():
+                verdicts[v] = verdicts.get(v, 0) + n
         summary.update(runs_with_gate_failure=sum(r.get("gate_regressed", 0) > 0 for r in runs),
-                       gate_regressed=sum(r.get("gate_regressed", 0) for r in runs))
+                       gate_regressed=sum(r.get("gate_regressed", 0) for r in runs),
+                       gate_verdicts=verdicts)
     part["summary"] = summary
     results.save()
     print()
@@ -758,8 +788,8 @@ def part_throughput(args: argparse.Namespace, results: Results) -> None:
           f" runs with a failed throughput check ({summary['throughput_failed']} failed,"
           f" {summary['throughput_inconclusive']} inconclusive, {summary['throughput_passed']}"
           f" passed; {summary['runs_failed']} runs exited non-zero)"
-          + (f"; gate: {summary['runs_with_gate_failure']}/{reps} runs with a regression"
-             if args.baseline else ""))
+          + (f"; gate: {summary['runs_with_gate_failure']}/{reps} runs with a regression,"
+             f" verdicts {summary['gate_verdicts']}" if args.baseline else ""))
 
 
 # --------------------------------------------------------------------------- aa
