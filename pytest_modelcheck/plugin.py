@@ -6,18 +6,20 @@ Nothing here computes a metric; checks live in ``pytest_modelcheck.checks`` and 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pytest
 
 from .checks.registry import CheckSpec, all_checks
-from .core.errors import UsageError
+from .core.errors import InconclusiveTimingWarning, UsageError
 from .core.result import CheckResult
 
 PROPERTY = "modelcheck"            # user_properties key of one CheckResult dict
 MODEL_PROPERTY = "modelcheck_model"  # user_properties key of per-test model facts
 COMPARISON_PROPERTY = "modelcheck_comparisons"  # baseline comparisons of one test
+THREADS_PROPERTY = "modelcheck_threads"  # the torch thread choice of one test
 PLUGIN_KEYS = ("model_fixture", "batch_fixture")
 DEFAULT_BASELINE = ".modelcheck/baseline.json"
 
@@ -37,6 +39,9 @@ class SessionState:
     logdir: Optional[str] = None
     rows: list = field(default_factory=list)  # one dict per model test (nodeid, results, model)
     baseline_notes: list = field(default_factory=list)  # what the baseline save did not do
+    threads: Any = "auto"           # --modelcheck-threads: 'auto', 'keep' or a count
+    budget: Optional[float] = None  # --modelcheck-budget: seconds for all checks of a test
+    strict_timing: bool = False     # --modelcheck-strict-timing
 
 
 @dataclass
@@ -87,6 +92,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          " Default: off (ini: modelcheck_isolate).")
     parser.addini("modelcheck_isolate", "Crash isolation of checks: off, auto or spawn."
                   " Default: off.", default="")
+    group.addoption("--modelcheck-threads", default=None, dest="modelcheck_threads",
+                    metavar="N", help="torch CPU threads while a test's checks run: 'auto' (one"
+                    " thread for a small model or a loaded machine, else the cores divided among"
+                    " the xdist workers), 'keep' (the process setting) or a number; the setting"
+                    " is restored after each test. Default: auto (ini: modelcheck_threads).")
+    parser.addini("modelcheck_threads", "torch CPU threads for the checks: auto, keep or a"
+                  " number. Default: auto.", default="")
+    group.addoption("--modelcheck-budget", default=None, dest="modelcheck_budget",
+                    metavar="DURATION", help="Time budget of all the checks of one test ('60s');"
+                    " once spent, the test's remaining checks are skipped and say so. Default:"
+                    " none (ini: modelcheck_budget).")
+    parser.addini("modelcheck_budget", "Time budget of all the checks of one test."
+                  " Default: none.", default="")
+    group.addoption("--modelcheck-strict-timing", action="store_true", default=None,
+                    dest="modelcheck_strict_timing", help="Fail a throughput check whose"
+                    " measurement is inconclusive (too noisy to tell) instead of passing it with"
+                    " a warning. Default: off (ini: modelcheck_strict_timing).")
+    parser.addini("modelcheck_strict_timing", "Fail inconclusive throughput checks."
+                  " Default: false.", type="bool", default=False)
     group.addoption("--modelcheck-save-baseline", nargs="?", const=DEFAULT_BASELINE, default=None,
                     dest="modelcheck_save_baseline", metavar="PATH",
                     help="Record every model test's metrics into PATH (JSON, meant to be"
@@ -148,6 +172,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError(f"--modelcheck-timeout: expected a positive duration up to"
                                     f" 1e7 s (about 115 days), such as '90s', got {timeout!r}")
     state = SessionState(bool(_option(config, "modelcheck")), json_path, timeout)
+    _configure_threads_budget(config, state)
     from .core.sandbox import validate_isolate
 
     try:
@@ -201,6 +226,24 @@ def pytest_configure(config: pytest.Config) -> None:
                 raise pytest.UsageError(f"--modelcheck-save-baseline: {exc}") from None
     config.stash[session_key] = state
     config.pluginmanager.register(ResultCollector(config), "modelcheck-results")
+
+
+def _configure_threads_budget(config: pytest.Config, state: SessionState) -> None:
+    """Validate --modelcheck-threads, --modelcheck-budget and --modelcheck-strict-timing."""
+    from .checks.registry import validate_budget
+    from .core.threads import validate_threads
+
+    threads = _option(config, "modelcheck_threads")
+    try:
+        state.threads = validate_threads(threads)
+    except UsageError as exc:
+        raise pytest.UsageError(f"--modelcheck-threads / modelcheck_threads: {exc}") from None
+    budget = _option(config, "modelcheck_budget") or None
+    try:
+        state.budget = validate_budget(budget)
+    except UsageError as exc:
+        raise pytest.UsageError(f"--modelcheck-budget / modelcheck_budget: {exc}") from None
+    state.strict_timing = bool(_option(config, "modelcheck_strict_timing"))
 
 
 def _same_path(a: Any, b: Any) -> bool:
@@ -337,8 +380,25 @@ def _bind(item: pytest.Item) -> list:
             plans = _plans(mark, kwargs)
         except UsageError as exc:
             _usage_failure(f"@pytest.mark.{mark.name}", exc)
-        bound.append(BoundMarker(mark.name, plans, model_fx, batch_fx))
+        bound.append(BoundMarker(mark.name, _strict_timing(item.config, plans), model_fx,
+                                 batch_fx))
     return bound
+
+
+STRICT_CHECKS = ("throughput_at_least",)  # checks whose inconclusive timing strict= fails
+
+
+def _strict_timing(config: pytest.Config, plans: list) -> list:
+    """With --modelcheck-strict-timing, ``strict=True`` for the timed checks that take it and
+    were not given ``strict=`` by the marker."""
+    state = config.stash.get(session_key, None)
+    if state is None or not state.strict_timing:
+        return plans
+    for spec, values in plans:
+        if spec.name in STRICT_CHECKS and "strict" not in values and \
+                any(p.name == "strict" for p in spec.user_params):
+            values["strict"] = True
+    return plans
 
 
 def _fixture_name(kwargs: dict, key: str, config: pytest.Config) -> str:
@@ -421,22 +481,85 @@ def _record_model(item: pytest.Item, model: Any, batch: Any = None) -> None:
     item.user_properties.append((MODEL_PROPERTY, model_facts(model, batch, timeout=timeout)))
 
 
+threads_key = pytest.StashKey[Any]()  # the test's ThreadChoice
+budget_key = pytest.StashKey[Any]()   # the test's CheckBudget
+tally_key = pytest.StashKey[list]()   # modelcheck fixture: [checks asked, checks run]
+
+
+def _budget(item: pytest.Item) -> Any:
+    """The test's time budget (one CheckBudget per test, shared by all its checks)."""
+    budget = item.stash.get(budget_key, None)
+    if budget is None:
+        from .checks.registry import CheckBudget
+
+        budget = item.stash[budget_key] = CheckBudget(item.config.stash[session_key].budget)
+    return budget
+
+
+def _threads(item: pytest.Item, model: Any, batch: Any) -> Any:
+    """The test's thread choice, made once, before its first check: in the test process the
+    model facts (forward FLOPs) are taken first, at the thread budget the machine allows, and
+    decide; under --modelcheck-isolate the forward runs only in children, so the parameter
+    count decides. Recorded as the ``modelcheck_threads`` user property."""
+    choice = item.stash.get(threads_key, None)
+    if choice is not None:
+        return choice
+    from .core.threads import choose_threads, machine_load, torch_threads
+
+    state = item.config.stash[session_key]
+    load = machine_load() if state.threads == "auto" else None
+    first = choose_threads(state.threads, load=load)  # auto: the budget, size not yet known
+    if state.isolate == "off":  # the facts are not a check: not charged to the time budget
+        with torch_threads(first.count):
+            _record_model(item, model, batch)
+        facts = next((v for k, v in item.user_properties if k == MODEL_PROPERTY), {})
+    elif state.threads == "auto":
+        from .core.facts import model_facts
+
+        facts = model_facts(model)  # no forward in the test process
+    choice = first
+    if state.threads == "auto":
+        choice = choose_threads("auto", flops=facts.get("flops"),
+                                parameters=facts.get("parameters"), load=load)
+    if state.isolate != "off" and choice.count != 1:
+        from .core.sandbox import start_method
+
+        if start_method(state.isolate) == "fork":  # OpenMP cannot be used after a fork
+            choice = type(choice)(1, f"{choice.reason}; isolated checks run forked, on 1"
+                                     f" thread", choice.setting)
+    item.stash[threads_key] = choice
+    item.user_properties.append((THREADS_PROPERTY, choice.to_dict()))
+    return choice
+
+
 def _run_check(item: pytest.Item, spec: CheckSpec, values: dict, model: Any, batch: Any,
-               loss: Any, device: Any) -> CheckResult:
+               loss: Any, device: Any, budget_left: Optional[float] = None) -> CheckResult:
     """One check of a test, in a child process under ``--modelcheck-isolate`` (the model facts
     of the summary are taken there too, so that the forward never runs in the test process);
-    the first one also records the model facts. UsageError propagates."""
+    the first one also records the model facts. ``budget_left`` (seconds left of the test's
+    budget) bounds it too. UsageError propagates."""
     state = item.config.stash[session_key]
     if state.isolate == "off":
         _record_model(item, model, batch)
         return spec.run(values, model=model, batch=batch, loss=loss, device=device,
-                        timeout=state.timeout)
+                        timeout=state.timeout, budget_left=budget_left)
     from .core.sandbox import run_check_isolated
+    from .core.threads import child_threads
 
+    by_budget = budget_left is not None and (state.timeout is None or budget_left < state.timeout)
+    limit = max(budget_left, 0.001) if by_budget else state.timeout
     want = not any(k == MODEL_PROPERTY for k, _ in item.user_properties)
-    result, facts = run_check_isolated(spec, values, model=model, batch=batch, loss=loss,
-                                       device=device, timeout=state.timeout, mode=state.isolate,
-                                       facts=want, where=item.nodeid)
+    choice = item.stash.get(threads_key, None)
+    with child_threads(choice.count if choice is not None else None):  # a spawned child's
+        result, facts = run_check_isolated(spec, values, model=model, batch=batch, loss=loss,
+                                           device=device, timeout=limit, mode=state.isolate,
+                                           facts=want, where=item.nodeid)
+    if by_budget and result.passed is False and "timeout_s" in result.metrics:
+        from .checks.registry import budget_skip
+
+        skipped = budget_skip(spec.name)  # stopped by the test's budget: not a failure
+        skipped.duration_s, skipped.arguments = result.duration_s, result.arguments
+        result = skipped
     if want:
         if facts is None:  # the child died first: what needs no forward
             from .core.facts import model_facts
@@ -469,17 +592,28 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
     subjects = item.stash.get(subjects_key, None)
     if not subjects:
         return (yield)
-    results = []
+    from .checks.registry import run_plans
+    from .core.threads import torch_threads
+
     device = _device(item.config)
-    for s in subjects:
-        for spec, values in s.marker.plans:
-            try:
-                result = _run_check(item, spec, values, s.model, s.batch, s.loss, device)
-            except UsageError as exc:
-                _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
-            _record(item, result)
-            results.append(result)
+    # the test's checks in order, under one thread choice and one time budget
+    plans = [(spec, (s, values)) for s in subjects for spec, values in s.marker.plans]
+
+    def run(spec: CheckSpec, job: tuple, left: Optional[float]) -> CheckResult:
+        s, values = job
+        try:
+            return _run_check(item, spec, values, s.model, s.batch, s.loss, device, left)
+        except UsageError as exc:
+            _usage_failure(f"@pytest.mark.{s.marker.name}", exc)
+
+    choice = _threads(item, subjects[0].model, subjects[0].batch)
+    with torch_threads(choice.count):
+        results = run_plans(plans, run, _budget(item))
+    for result in results:
+        result.metrics.setdefault("threads", choice.count)
+        _record(item, result)
     regressed = _compare_with_baseline(item, results)
+    _warn_inconclusive(item, results)
     from .report.benchmark_bridge import add_result_timings
 
     add_result_timings(item.config, item.nodeid, results)  # into pytest-benchmark when active
@@ -497,6 +631,31 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
                 " baseline:\n" + "\n".join(f"  {c.line()}" for c in regressed)
         pytest.fail(text, pytrace=False)
     return outcome
+
+
+def _warn_inconclusive_results(item: pytest.Item, results: list) -> None:
+    for r in results:
+        if r.metrics.get("inconclusive"):
+            warnings.warn(InconclusiveTimingWarning(
+                f"{item.nodeid}: {r.check}: timing inconclusive: {r.headline}"), stacklevel=3)
+
+
+def _warn_inconclusive(item: pytest.Item, results: list) -> None:
+    """An InconclusiveTimingWarning per timed result or baseline comparison that could not
+    tell (a noisy, loaded machine): it passed without a verdict, and the user should know."""
+    _warn_inconclusive_results(item, results)
+    for k, v in item.user_properties:
+        if k != COMPARISON_PROPERTY:
+            continue
+        for c in v:
+            if c.get("verdict") == "inconclusive":
+                from .core.baseline import Comparison
+
+                line = Comparison(**c).line()
+                warnings.warn(InconclusiveTimingWarning(
+                    f"{item.nodeid}: {c.get('metric')}: baseline comparison inconclusive:"
+                    f" {line[len(item.nodeid) + 1:] if line.startswith(item.nodeid) else line}"),
+                    stacklevel=2)
 
 
 def _wrap_comparison(c: Any, width: int) -> list:
@@ -550,15 +709,36 @@ class ModelCheck:
         return model, batch, loss
 
     def _run(self, spec: CheckSpec, args: tuple, kwargs: dict) -> CheckResult:
+        from .core.threads import torch_threads
+
         model, batch, loss = (kwargs.pop(k, None) for k in ("model", "batch", "loss"))
         device = kwargs.pop("device", None) or _device(self._request.config)
         model, batch, loss = self._subject(model, batch, loss)
+        node = self._request.node
+        budget = _budget(node)
+        tally = node.stash.setdefault(tally_key, [0, 0])  # checks asked, checks run
         try:
             values = spec.bind(args, kwargs)
-            result = _run_check(self._request.node, spec, values, model, batch, loss, device)
+            _strict_timing(self._request.config, [(spec, values)])
+            choice = _threads(node, model, batch)
+            tally[0] += 1
+            if budget.spent_out():
+                result = budget.skipped(spec.name, tally[1], tally[0])
+            else:
+                with torch_threads(choice.count), budget.charge():
+                    result = _run_check(node, spec, values, model, batch, loss, device,
+                                        budget.left())
+                if result.passed is None and result.metrics.get("budget_spent"):
+                    skipped = budget.skipped(spec.name, tally[1], tally[0])
+                    result.headline, result.details = skipped.headline, skipped.details
+                    result.metrics.update(skipped.metrics)
+                else:
+                    tally[1] += 1
         except UsageError as exc:
             _usage_failure(f"modelcheck.{spec.name}", exc)
-        _record(self._request.node, result)
+        result.metrics.setdefault("threads", choice.count)
+        _record(node, result)
+        _warn_inconclusive_results(node, [result])
         if result.passed is False:
             _report_details(self._request.node, [result])
             pytest.fail(_failure_text([result]), pytrace=False)
@@ -634,14 +814,29 @@ class ModelCheck:
         from .api import check_model
 
         model, batch, loss = self._subject(model, batch, loss)
+        node = self._request.node
+        budget = _budget(node)
         try:
-            report = check_model(model, batch, loss=loss, checks=checks,
-                                 device=device or _device(self._request.config), **declared)
+            choice = _threads(node, model, batch)
+            if budget.spent_out():
+                from .api import plan_checks
+                from .core.result import HealthReport
+
+                names = [spec.name for spec, _ in plan_checks(checks, **declared)]
+                report = HealthReport([budget.skipped(n, 0, len(names)) for n in names],
+                                      type(model).__name__)
+            else:
+                with budget.charge():
+                    report = check_model(model, batch, loss=loss, checks=checks,
+                                         device=device or _device(self._request.config),
+                                         threads=choice.count, budget=budget.left(),
+                                         **declared)
         except UsageError as exc:
             _usage_failure("modelcheck.check_model", exc)
         _record_model(self._request.node, model, batch)
         for r in report.results:
             _record(self._request.node, r)
+        _warn_inconclusive_results(node, report.results)
         if fail and report.failed:
             _report_details(self._request.node, report.failed)
             pytest.fail(_failure_text(report.failed), pytrace=False)
@@ -670,8 +865,12 @@ class ResultCollector:
         if not results:
             return
         model = next((v for k, v in report.user_properties if k == MODEL_PROPERTY), {})
-        self.state.rows.append({"nodeid": report.nodeid, "outcome": report.outcome,
-                                "model": model, "results": results})
+        row = {"nodeid": report.nodeid, "outcome": report.outcome, "model": model,
+               "results": results}
+        threads = next((v for k, v in report.user_properties if k == THREADS_PROPERTY), None)
+        if threads is not None:
+            row["threads"] = threads
+        self.state.rows.append(row)
         for k, v in report.user_properties:
             if k == COMPARISON_PROPERTY:
                 self.state.comparisons.extend(v)
@@ -725,10 +924,13 @@ class ResultCollector:
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         if not self.state.rows:
             return
-        from .report.terminal import health_table
+        from .report.terminal import health_table, threads_line
 
         width = min(self.config.get_terminal_writer().fullwidth, 100)
         terminalreporter.write_sep("=", "model health summary")
+        line = threads_line(self.state.rows)
+        if line:
+            terminalreporter.write_line(line[:2 * width])
         for line in health_table(self.state.rows, width=width):
             terminalreporter.write_line(line)
         comparisons = self._comparisons()

@@ -182,8 +182,33 @@ def results_document(rows: list) -> dict:
             "checks": sum(len(t["results"]) for t in tests),
             "failed_checks": sum(1 for t in tests for r in t["results"] if r["passed"] is False),
         },
+        "cost_by_check": cost_by_check(tests),
         "tests": tests,
     }
+
+
+def cost_by_check(rows: list) -> dict:
+    """Seconds spent in each check over all tests, and in how many tests it ran, costliest
+    first (ties by name): where a suite's time goes.
+
+    >>> rows = [{"results": [{"check": "a", "duration_s": 1.0}, {"check": "b", "duration_s": 3.0}]},
+    ...         {"results": [{"check": "a", "duration_s": 0.5}]}]
+    >>> cost_by_check(rows)
+    {'b': {'seconds': 3.0, 'tests': 1}, 'a': {'seconds': 1.5, 'tests': 2}}
+    """
+    totals: dict = {}
+    for row in rows:
+        seen = set()
+        for r in row.get("results", []):
+            entry = totals.setdefault(r["check"], {"seconds": 0.0, "tests": 0})
+            seconds = r.get("duration_s") or 0.0
+            entry["seconds"] += seconds if isinstance(seconds, (int, float)) else 0.0
+            if r["check"] not in seen:
+                seen.add(r["check"])
+                entry["tests"] += 1
+    for entry in totals.values():
+        entry["seconds"] = round(entry["seconds"], 4)
+    return dict(sorted(totals.items(), key=lambda kv: (-kv[1]["seconds"], kv[0])))
 
 
 def write_json(path: str, rows: list, **extra: Any) -> None:

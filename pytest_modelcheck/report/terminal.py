@@ -32,6 +32,32 @@ def health_row(row: dict) -> dict:
     }
 
 
+def threads_line(rows: list) -> str:
+    """The torch thread counts the tests' checks ran with, and why (``""`` when unknown).
+
+    >>> a = {"count": 1, "reason": "auto: machine load 3.2 on 2 cores", "setting": "auto"}
+    >>> threads_line([{"threads": a}, {"threads": a}])
+    'torch threads: 1 per test (auto: machine load 3.2 on 2 cores)'
+    >>> b = {"count": 2, "reason": "auto: 2 cores", "setting": "auto"}
+    >>> threads_line([{"threads": a}, {"threads": b}, {"threads": b}])
+    'torch threads: 2 in 2 tests (auto: 2 cores), 1 in 1 test (auto: machine load 3.2 on 2 cores)'
+    """
+    counts: dict = {}
+    for row in rows:
+        t = row.get("threads")
+        if t:
+            key = (t.get("count"), t.get("reason", ""))
+            counts[key] = counts.get(key, 0) + 1
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        (count, reason), = counts
+        return f"torch threads: {count} per test ({reason})"
+    parts = [f"{c} in {n} test{'s' if n > 1 else ''} ({why})"
+             for (c, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+    return "torch threads: " + ", ".join(parts)
+
+
 def health_table(rows: list, width: int = 100) -> list:
     """Lines of the summary table, one row per model test, fitted to ``width`` columns.
 

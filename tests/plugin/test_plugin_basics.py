@@ -198,7 +198,8 @@ def test_xdist_gives_the_same_summary(healthy_project):
     rest = serial.stdout.lines[start + 1:]
     end = next((i for i, ln in enumerate(rest) if ln.startswith("=")), len(rest))
     table = [ln for ln in rest[:end] if ln.strip()]
-    assert len(table) == 4, table  # header, two rows, one "failed:" line
+    assert len(table) == 5, table  # torch threads, header, two rows, one "failed:" line
+    assert table[0].startswith("torch threads: 1 per test (auto: small model"), table
     parallel.stdout.fnmatch_lines(table)
 
 

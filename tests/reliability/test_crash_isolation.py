@@ -98,9 +98,12 @@ def test_acceptance_four_tests_three_failed_checks_one_pass_and_every_report(pyt
     assert doc["summary"] == {"tests": 4, "checks": 4, "failed_checks": 3}
     by_test = {t["nodeid"].split("::")[-1]: t for t in doc["tests"]}
     assert set(by_test) == {"test_exits", "test_segfaults", "test_own_alarm", "test_healthy"}
-    assert by_test["test_exits"]["results"][0]["metrics"] == {"crashed": "exit", "exit_code": 3}
+    # "threads": the torch thread count the plugin ran the test's checks with (small: 1)
+    assert by_test["test_exits"]["results"][0]["metrics"] == {"crashed": "exit", "exit_code": 3,
+                                                              "threads": 1}
     assert by_test["test_segfaults"]["results"][0]["metrics"]["crashed"] == "SIGSEGV"
-    assert by_test["test_own_alarm"]["results"][0]["metrics"] == {"timeout_s": 3.0, "hung": True}
+    assert by_test["test_own_alarm"]["results"][0]["metrics"] == {"timeout_s": 3.0, "hung": True,
+                                                                   "threads": 1}
     assert by_test["test_healthy"]["results"][0]["status"] == "passed"
     assert by_test["test_healthy"]["model"]["flops"] > 0  # the facts came from the child
     assert by_test["test_segfaults"]["model"] == {"parameters": 45, "type": "Segfaults",
