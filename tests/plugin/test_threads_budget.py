@@ -282,3 +282,26 @@ def test_strict_timing_option_and_ini_are_accepted(project):
     """)
     project.runpytest("--modelcheck").assert_outcomes(passed=1)
     project.runpytest("--modelcheck", "--modelcheck-strict-timing").assert_outcomes(passed=1)
+
+
+def test_strict_timing_reaches_throughput_at_least(project):
+    from pytest_modelcheck.checks import all_checks
+    if not any(p.name == "strict" for p in all_checks()["throughput_at_least"].user_params):
+        pytest.skip("throughput_at_least takes no strict= here")
+    project.makepyfile("""
+        import pytest
+
+        @pytest.mark.throughput_at_least("1 samples/s", warmup=0, min_runs=3, max_time="1s")
+        def test_default():
+            pass
+
+        @pytest.mark.throughput_at_least("1 samples/s", warmup=0, min_runs=3, max_time="1s",
+                                         strict=False)
+        def test_says_not_strict():
+            pass
+    """)
+    project.runpytest("--modelcheck", "--modelcheck-strict-timing", "--modelcheck-json=out.json")
+    doc = json.loads((project.path / "out.json").read_text())
+    args = {t["nodeid"].split("::")[1]: t["results"][0]["arguments"] for t in doc["tests"]}
+    assert args["test_default"]["strict"] is True
+    assert args["test_says_not_strict"]["strict"] is False  # the marker's own word wins
