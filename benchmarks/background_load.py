@@ -29,7 +29,7 @@ import sys
 import time
 from typing import Optional
 
-HARD_CAP_S = 3 * 3600  # no child outlives this, whatever its caller asked
+HARD_CAP_S = 6 * 3600  # no child outlives this, whatever its caller asked
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
 

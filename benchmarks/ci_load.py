@@ -57,6 +57,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -199,8 +200,10 @@ class Results:
 
 
 def step(results: Results, part: dict, key: str, fn) -> dict:
-    """Run ``fn()`` unless ``part`` already holds ``key`` (resume); store and save its result."""
-    if key in part["steps"]:
+    """Run ``fn()`` unless ``part`` already holds ``key`` (resume; a step that ended in an error
+    or a timeout is run again); store and save its result."""
+    old = part["steps"].get(key)
+    if old is not None and not old.get("error") and old.get("rc") != "timeout":
         print(f"  {key}: kept from an earlier run", flush=True)
         return part["steps"][key]
     value = fn()
@@ -294,7 +297,11 @@ def thread_info() -> dict:
             "check_model_threads_default": None if threads is None else repr(threads.default)}
 
 
-def worker_modelcheck(cases: list) -> dict:
+def _no_dump(partial: dict) -> None:
+    pass
+
+
+def worker_modelcheck(cases: list, dump=_no_dump) -> dict:
     """check_model per case, as bug_zoo.run_case (no thread setting: the plugin's own policy)."""
     import warnings
 
@@ -318,6 +325,7 @@ def worker_modelcheck(cases: list) -> dict:
             except Exception as exc:  # a crash of check_model itself is reported, not hidden
                 error = f"{type(exc).__name__}: {exc}"[:300]
         rows.append(_row(case, checks, time.perf_counter() - t0, error))
+        dump({"tool": "modelcheck", "threads": info, "cases": rows, "incomplete": True})
     info["threads_after"] = torch.get_num_threads()
     return {"tool": "modelcheck", "threads": info, "cases": rows}
 
@@ -453,7 +461,7 @@ def _pt_declared(pt: Any, model: Any, inputs: Any, loss_fn: Any, facts: dict, da
     return calls
 
 
-def worker_pytest_torch(cases: list, names: list) -> dict:
+def worker_pytest_torch(cases: list, names: list, dump=_no_dump) -> dict:
     """pytest-torch's suite on every case (no thread setting: torch's defaults)."""
     import warnings
 
@@ -472,6 +480,7 @@ def worker_pytest_torch(cases: list, names: list) -> dict:
                          time.perf_counter() - t0, None))
         rows[-1]["declared"] = [c for c in checks if c["group"] == "declared"]
         rows[-1]["errors"] = [c["check"] for c in checks if c["status"] == "error"]
+        dump({"tool": "pytest-torch", "threads": info, "cases": rows, "incomplete": True})
     info["threads_after"] = torch.get_num_threads()
     import pytest_torch
 
@@ -480,18 +489,20 @@ def worker_pytest_torch(cases: list, names: list) -> dict:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    # a cold compile cache per worker, as on a fresh CI runner
-    cache = tempfile.mkdtemp(prefix="ci_load_cache_")
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+    def dump(doc: dict) -> None:  # after every case: a timeout still leaves what was measured
+        tmp = args.worker_out + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(doc, fh, indent=1, default=str)
+        os.replace(tmp, args.worker_out)
+
     cases = zoo_cases(args.cases.split(",") if args.cases else None)
     if args.tool == "modelcheck":
-        out = worker_modelcheck(cases)
+        out = worker_modelcheck(cases, dump)
     else:
         if find_pytest_torch() is None:
             raise SystemExit("pytest_torch is not importable")
-        out = worker_pytest_torch(cases, args.pt_assertions.split(","))
-    with open(args.worker_out, "w") as fh:
-        json.dump(out, fh, indent=1, default=str)
+        out = worker_pytest_torch(cases, args.pt_assertions.split(","), dump)
+    dump(out)
     return 0
 
 
@@ -507,14 +518,23 @@ def run_worker(tool: str, cases: Optional[list], pt_assertions: list, timeout: f
     pt = find_pytest_torch()
     if pt and tool == "pytest-torch":
         env["PYTEST_TORCH_PATH"] = pt
-    res = run_cmd(argv, env, timeout)
+    cache = tempfile.mkdtemp(prefix="ci_load_cache_")  # cold compile caches, as on a new runner
+    env["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        res = run_cmd(argv, env, timeout)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     try:
         with open(path) as fh:
             out = json.load(fh)
+        if out.get("incomplete"):
+            out["error"] = f"worker rc={res['rc']} after {len(out['cases'])} case(s): {res['tail']}"
     except (OSError, ValueError):
         out = {"tool": tool, "cases": [], "error": f"worker rc={res['rc']}: {res['tail']}"}
     finally:
-        os.unlink(path)
+        for leftover in (path, path + ".tmp"):
+            if os.path.exists(leftover):
+                os.unlink(leftover)
     out["process_seconds"] = res["seconds"]
     out["rc"] = res["rc"]
     return out
@@ -829,8 +849,8 @@ def parse(argv: list) -> argparse.Namespace:
                     help="repetitions (zoo, mainjob: 1; throughput: 20; aa: gate_aa trials 20)")
     ap.add_argument("--load", type=int, default=2, help="background load processes (default 2)")
     ap.add_argument("--load-lifetime", type=float, default=None,
-                    help="hard cap on each load process's life in seconds (default 7200;"
-                         " --smoke: 120)")
+                    help="hard cap on each load process's life in seconds (default: --timeout"
+                         " + 10 min; --smoke: 120); the load is stopped after each step anyway")
     ap.add_argument("--smoke", action="store_true",
                     help="1 rep, 2 zoo cases, cheap pytest-torch assertions, short load")
     ap.add_argument("--cases", default=None, help="zoo case names, comma-separated")
@@ -843,7 +863,9 @@ def parse(argv: list) -> argparse.Namespace:
     ap.add_argument("--baseline-under-load", action="store_true",
                     help="throughput: save the baseline under the load (default: idle)")
     ap.add_argument("--no-idle", action="store_true", help="mainjob: skip the idle runs")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="per subprocess, seconds")
+    ap.add_argument("--timeout", type=float, default=4 * 3600.0,
+                    help="per measured subprocess, seconds (default 4 h: pytest-torch's full"
+                         " suite with aoti_parity on the whole zoo takes an hour or more)")
     ap.add_argument("--out", default=DEFAULT_OUT, help=f"JSON file (default {DEFAULT_OUT})")
     ap.add_argument("--resume", action="store_true",
                     help="keep the steps already in --out for parts with the same settings")
@@ -863,7 +885,7 @@ def parse(argv: list) -> argparse.Namespace:
         args.reps = 1
     args.warmup = 1.0 if args.smoke else WARMUP_S
     if args.load_lifetime is None:
-        args.load_lifetime = 120.0 if args.smoke else 7200.0
+        args.load_lifetime = 120.0 if args.smoke else args.timeout + 600.0
     return args
 
 
