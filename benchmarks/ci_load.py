@@ -31,6 +31,33 @@ Parts (``python benchmarks/ci_load.py PART [PART ...] [options]``; ``all`` = eve
     ``benchmarks/gate_aa.py`` (its own CLI, ``--trials`` = ``--reps``) under the load; false
     alarms and detections are read from its output.
 
+pytest-torch's full suite (pytest-torch 1.1.1): every assertion it offers that applies to a
+model, an example batch and a loss with nothing else declared, each on a freshly built case
+(seed 0), the model in eval mode (train mode for the two gradient checks) as pytest-torch's
+``ModelSuite`` does, the loss being the one ``check_model`` resolves for the case:
+
+* ``ModelSuite``'s generated tests that need no declaration: ``check_inference_contract``
+  (eval_mode, finite_outputs, deterministic, batch_invariance, device_parity, dtype_parity,
+  no_state_mutation; the parity items skip on a CPU-only machine without ``dtypes``),
+  ``assert_compile_parity`` (``backend="eager"``, ModelSuite's default),
+  ``assert_export_parity``, ``assert_torchscript_parity``, ``assert_onnx_parity`` (n/a without
+  onnxruntime), ``assert_aoti_parity``, ``assert_autocast_parity``,
+  ``assert_checkpoint_roundtrip``, ``assert_layout_invariant``, ``assert_gradients_finite``,
+  ``assert_all_params_receive_grad``, ``assert_loss_decreases``, ``assert_overfits_one_batch``;
+* the other model + inputs assertions: ``assert_deterministic``, ``assert_no_graph_breaks``,
+  ``assert_gradcheck`` (n/a without a floating-point input).
+
+Left out, because each needs a declaration or a resource a model + batch + loss does not give:
+golden files, output specs, frozen patterns, invariance/equivariance transforms, permutation
+dims, ``input_ids``/``attention_mask`` padding and mask invariance, reference models and
+generation, latency/memory budgets, training-loop setups (optimizers: coverage, resume,
+accumulation, mixed precision), streaming step functions, checkpoint files, datasets;
+``assert_no_host_sync`` is CUDA-only (it skips on CPU); ``assert_finite`` and
+``assert_batch_invariant`` run inside the contract. Where a zoo case declares a fact that
+pytest-torch can express (``out`` -> ``assert_output_spec``, ``params_learn.frozen`` ->
+``assert_frozen``, ``permutation_invariant`` -> ``assert_permutation_invariant``), that
+assertion runs too and is counted apart ("with the declared facts").
+
 A case or run counts as flagged when a check fails; for pytest-torch, when an assertion
 raises (an AssertionError, or any other exception, as a test would fail); the table also gives
 the counts from AssertionErrors alone, and with the zoo's declared facts that pytest-torch can
