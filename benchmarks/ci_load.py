@@ -358,11 +358,15 @@ def worker_modelcheck(cases: list, dump=_no_dump) -> dict:
 
 
 def _status(r: Any) -> str:
-    """passed / failed / skipped, or 'inconclusive' where a check says so."""
-    verdict = str((r.metrics or {}).get("verdict", "")) if hasattr(r, "metrics") else ""
-    if "inconclusive" in verdict or (r.passed is None and "inconclusive" in r.headline.lower()):
+    """failed / passed / skipped, or 'inconclusive' for a check that did not fail but says it
+    could not decide (``metrics["inconclusive"]``, a verdict or a headline saying so)."""
+    if r.passed is False:
+        return "failed"
+    metrics = r.metrics or {}
+    if metrics.get("inconclusive") or "inconclusive" in str(metrics.get("verdict", "")) \
+            or r.headline.lower().startswith("inconclusive"):
         return "inconclusive"
-    return {True: "passed", False: "failed", None: "skipped"}[r.passed]
+    return "passed" if r.passed else "skipped"
 
 
 def _row(case: Any, checks: list, wall: float, error: Optional[str]) -> dict:
@@ -742,15 +746,15 @@ def throughput_counts(doc: dict) -> dict:
                     f"{t.get('nodeid', '?')}: {r.get('check')}: {r.get('headline', '')[:200]}")
             if r.get("check") != "throughput_at_least":
                 continue
-            verdict = str((r.get("metrics") or {}).get("verdict", ""))
-            if "inconclusive" in verdict or (r.get("passed") is None
-                                             and "inconclusive" in r.get("headline", "").lower()):
+            metrics = r.get("metrics") or {}
+            if r.get("passed") is False:  # strict=True turns inconclusive into failed
+                counts["throughput_failed"] += 1
+                counts["failed_headlines"].append(r.get("headline", "")[:200])
+            elif metrics.get("inconclusive") or "inconclusive" in str(metrics.get("verdict", "")) \
+                    or r.get("headline", "").lower().startswith("inconclusive"):
                 counts["throughput_inconclusive"] += 1
             elif r.get("passed") is True:
                 counts["throughput_passed"] += 1
-            elif r.get("passed") is False:
-                counts["throughput_failed"] += 1
-                counts["failed_headlines"].append(r.get("headline", "")[:200])
             else:
                 counts["throughput_skipped"] += 1
     for c in doc.get("comparisons") or []:

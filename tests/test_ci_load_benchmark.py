@@ -107,15 +107,34 @@ def test_throughput_counts_reads_statuses_and_gate_verdicts():
         {"outcome": "passed", "results": [
             {"check": "throughput_at_least", "passed": True, "headline": "ok"},
             {"check": "grads_finite", "passed": False, "headline": "bad"}]},
-        {"outcome": "passed", "results": [
-            {"check": "throughput_at_least", "passed": None,
-             "headline": "inconclusive: the machine is loaded", "metrics": {}}]},
+        {"outcome": "passed", "results": [  # inconclusive: passes, says it could not decide
+            {"check": "throughput_at_least", "passed": True,
+             "headline": "inconclusive: expected ...", "metrics": {"inconclusive": True,
+                                                                  "verdict": "inconclusive"}}]},
+        {"outcome": "failed", "results": [  # strict=True: an inconclusive timing fails
+            {"check": "throughput_at_least", "passed": False, "headline": "inconclusive, failed",
+             "metrics": {"inconclusive": False, "verdict": "inconclusive"}}]},
         {"outcome": "failed", "results": [
             {"check": "throughput_at_least", "passed": False, "headline": "slow"}]}],
-        "comparisons": [{"verdict": "same"}, {"verdict": "regressed"}, {"verdict": "new"}]}
+        "comparisons": [{"verdict": "same"}, {"verdict": "regressed"}, {"verdict": "new"},
+                        {"verdict": "inconclusive"}]}
     c = ci_load.throughput_counts(doc)
-    assert (c["throughput_passed"], c["throughput_inconclusive"], c["throughput_failed"]) == (1, 1, 1)
-    assert (c["tests"], c["tests_failed"], c["gate_regressed"], c["gate_compared"]) == (3, 1, 1, 2)
+    assert (c["throughput_passed"], c["throughput_inconclusive"], c["throughput_failed"]) == (1, 1, 2)
+    assert (c["tests"], c["tests_failed"], c["gate_regressed"], c["gate_compared"]) == (4, 2, 1, 2)
+    assert c["gate_verdicts"] == {"same": 1, "regressed": 1, "new": 1, "inconclusive": 1}
+    assert len(c["failed_checks"]) == 3  # grads_finite and the two failed throughput checks
+
+
+def test_zoo_status_of_check_results():
+    from pytest_modelcheck.core.result import CheckResult
+
+    assert ci_load._status(CheckResult("a", True, "ok")) == "passed"
+    assert ci_load._status(CheckResult("a", False, "bad")) == "failed"
+    assert ci_load._status(CheckResult("a", None, "skipped: no target")) == "skipped"
+    assert ci_load._status(CheckResult("throughput_at_least", True, "inconclusive: busy",
+                                       metrics={"inconclusive": True})) == "inconclusive"
+    assert ci_load._status(CheckResult("throughput_at_least", False, "inconclusive, failed",
+                                       metrics={"verdict": "inconclusive"})) == "failed"
 
 
 def test_results_file_keeps_steps_for_resume(tmp_path):
