@@ -43,6 +43,30 @@ def _resolved_loss(loss: Any, data: Any, model: Any, device: Any) -> Any:
     return resolve_loss(None, data, run_forward(copy_model(model).to(device), data))
 
 
+class _InferredLoss:
+    """``loss=None`` for a model wholly in train mode, inferred from the first training step's
+    output: a probe forward of another copy, also in train mode, would give the same structure,
+    so neither the copy nor the forward is needed."""
+
+    def __init__(self, data: Any) -> None:
+        self.data, self.loss = data, None
+
+    def compute(self, output: Any, batch: Any, model: Any = None) -> tuple:
+        if self.loss is None:
+            from ..core.losses import resolve_loss
+
+            self.loss = resolve_loss(None, self.data, output)
+        return self.loss.compute(output, batch, model)
+
+
+def _training_loss(loss: Any, data: Any, model: Any, device: Any) -> Any:
+    """The loss for ``train_steps``: ``_resolved_loss``, or inferred at the first step when the
+    model (every submodule) is in train mode, as training puts it."""
+    if loss is None and all(m.training for m in model.modules()):
+        return _InferredLoss(data)
+    return _resolved_loss(loss, data, model, device)
+
+
 # ------------------------------------------------------------------------------------------
 # expected schedules (torch's own formulas: LinearLR, CosineAnnealingLR, CyclicLR 'triangular')
 # ------------------------------------------------------------------------------------------
@@ -271,7 +295,7 @@ def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1
 
     work = copy_model(model).to(device)
     data = batch.clone().to(device)
-    lossfn = _resolved_loss(loss, data, model, device)
+    lossfn = _training_loss(loss, data, model, device)
     run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr)
     norms = run.grad_norms
     metrics = {"grad_norms": norms, "losses": run.losses, "steps_run": len(run.losses)}

@@ -276,13 +276,24 @@ class CountsForwards(nn.Module):
         return self.lin(x)
 
 
-@pytest.mark.parametrize("loss, forwards", [
-    (None, 6),                     # the loss is inferred from a probe forward, then 5 steps
-    ("mse", 5),                    # a named loss needs no probe
-    (lambda out, y: (out - y).pow(2).mean(), 5),
+@pytest.mark.parametrize("loss, train, forwards", [
+    (None, False, 6),     # eval mode: the loss is inferred from a probe forward, then 5 steps
+    (None, True, 5),      # train mode: inferred from the first step's output, no probe
+    ("mse", False, 5),    # a named or callable loss needs no probe
+    (lambda out, y: (out - y).pow(2).mean(), False, 5),
 ])
-def test_grad_norms_probe_forward_only_when_the_loss_is_inferred(loss, forwards):
+def test_grad_norms_probe_forward_only_when_the_loss_is_inferred(loss, train, forwards):
     calls = []
-    r = grad_norms_stable(steps=5, model=CountsForwards(calls), batch=_batch(), loss=loss)
+    model = CountsForwards(calls).train(train)
+    r = grad_norms_stable(steps=5, model=model, batch=_batch(), loss=loss)
     assert r.passed is True, r.headline
     assert len(calls) == forwards
+    assert model.training is train  # the caller's model is left as it was
+
+
+def test_grad_norms_inferred_loss_is_the_same_either_way():
+    # the same run whether the loss comes from a probe (eval-mode model) or the first step
+    a = grad_norms_stable(steps=5, model=_linear().train(), batch=_batch())
+    b = grad_norms_stable(steps=5, model=_linear().eval(), batch=_batch())
+    assert a.metrics["grad_norms"] == b.metrics["grad_norms"]
+    assert a.metrics["losses"] == b.metrics["losses"]
