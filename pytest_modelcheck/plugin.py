@@ -653,7 +653,7 @@ def _warn_inconclusive(item: pytest.Item, results: list) -> None:
 
                 line = Comparison(**c).line()
                 warnings.warn(InconclusiveTimingWarning(
-                    f"{item.nodeid}: {c.get('metric')}: baseline comparison inconclusive:"
+                    f"{item.nodeid}: baseline comparison inconclusive:"
                     f" {line[len(item.nodeid) + 1:] if line.startswith(item.nodeid) else line}"),
                     stacklevel=2)
 

@@ -305,3 +305,27 @@ def test_strict_timing_reaches_throughput_at_least(project):
     args = {t["nodeid"].split("::")[1]: t["results"][0]["arguments"] for t in doc["tests"]}
     assert args["test_default"]["strict"] is True
     assert args["test_says_not_strict"]["strict"] is False  # the marker's own word wins
+
+
+def test_inconclusive_baseline_comparison_warns_one_line():
+    from pytest_modelcheck.core.errors import InconclusiveTimingWarning
+    from pytest_modelcheck.core.result import CheckResult
+    from pytest_modelcheck.plugin import COMPARISON_PROPERTY, _warn_inconclusive
+
+    comparisons = [
+        {"nodeid": "t.py::a", "metric": "throughput_at_least.samples_per_s", "kind": "timed",
+         "old": 100.0, "new": 80.0, "change": -0.2, "verdict": "inconclusive",
+         "detail": "95% interval -35%..+5%, load 3.2 per core"},
+        {"nodeid": "t.py::a", "metric": "flops_under.flops", "kind": "deterministic",
+         "old": 10, "new": 10, "change": 0.0, "verdict": "same", "detail": ""},
+    ]
+    item = types.SimpleNamespace(nodeid="t.py::a",
+                                 user_properties=[(COMPARISON_PROPERTY, comparisons)])
+    with pytest.warns(InconclusiveTimingWarning) as record:
+        _warn_inconclusive(item, [CheckResult("grads_finite", True, "ok")])
+    assert len(record) == 1
+    text = str(record[0].message)
+    assert "\n" not in text
+    assert text.startswith("t.py::a: baseline comparison inconclusive:"
+                           " throughput_at_least.samples_per_s: ")
+    assert text.endswith("inconclusive; 95% interval -35%..+5%, load 3.2 per core")
