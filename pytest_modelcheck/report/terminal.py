@@ -32,29 +32,43 @@ def health_row(row: dict) -> dict:
     }
 
 
+def _reason_kind(reason: str) -> str:
+    """A thread choice's reason without its per-test figures, for grouping tests."""
+    import re
+
+    kind = re.sub(r" \(.*\)$", "", reason)  # "auto: small model (3.1 MFLOP per forward)"
+    return re.sub(r"machine load [0-9.e+]+ on", "machine load >= 1 per core on", kind)
+
+
 def threads_line(rows: list) -> str:
     """The torch thread counts the tests' checks ran with, and why (``""`` when unknown).
+    Tests are grouped by count and by reason without its per-test figures.
 
     >>> a = {"count": 1, "reason": "auto: machine load 3.2 on 2 cores", "setting": "auto"}
     >>> threads_line([{"threads": a}, {"threads": a}])
     'torch threads: 1 per test (auto: machine load 3.2 on 2 cores)'
-    >>> b = {"count": 2, "reason": "auto: 2 cores", "setting": "auto"}
-    >>> threads_line([{"threads": a}, {"threads": b}, {"threads": b}])
-    'torch threads: 2 in 2 tests (auto: 2 cores), 1 in 1 test (auto: machine load 3.2 on 2 cores)'
+    >>> b = {"count": 1, "reason": "auto: small model (48 FLOP per forward)", "setting": "auto"}
+    >>> c = {"count": 2, "reason": "auto: 2 cores", "setting": "auto"}
+    >>> threads_line([{"threads": a}, {"threads": b}, {"threads": b}, {"threads": c}])
+    'torch threads: 1 in 2 tests (auto: small model), 1 in 1 test (auto: machine load >= 1 per core on 2 cores), 2 in 1 test (auto: 2 cores)'
     """
-    counts: dict = {}
-    for row in rows:
-        t = row.get("threads")
-        if t:
-            key = (t.get("count"), t.get("reason", ""))
-            counts[key] = counts.get(key, 0) + 1
-    if not counts:
+    choices = [row["threads"] for row in rows if row.get("threads")]
+    if not choices:
         return ""
+    exact = {(t.get("count"), t.get("reason", "")) for t in choices}
+    if len(exact) == 1:
+        (count, reason), = exact
+        return f"torch threads: {count} per test ({reason})"
+    counts: dict = {}
+    for t in choices:
+        key = (t.get("count"), _reason_kind(t.get("reason", "")))
+        counts[key] = counts.get(key, 0) + 1
     if len(counts) == 1:
         (count, reason), = counts
         return f"torch threads: {count} per test ({reason})"
     parts = [f"{c} in {n} test{'s' if n > 1 else ''} ({why})"
-             for (c, why), n in sorted(counts.items(), key=lambda kv: (-kv[1], str(kv[0])))]
+             for (c, why), n in sorted(counts.items(), key=lambda kv: (kv[0][0], -kv[1],
+                                                                       kv[0][1]))]
     return "torch threads: " + ", ".join(parts)
 
 
