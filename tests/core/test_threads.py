@@ -295,3 +295,14 @@ def test_check_model_usage_errors(kwargs, message):
     with pytest.raises(UsageError) as info:
         check_model(torch.nn.Linear(4, 3), torch.zeros(2, 4), checks=["grads_finite"], **kwargs)
     assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_child_threads_reaches_a_spawned_check_process(monkeypatch):
+    # what --modelcheck-isolate=spawn relies on: the spawned interpreter's torch reads it
+    from pytest_modelcheck.core.isolate import run_isolated
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with child_threads(3):  # 3 and 1: neither is what a child of a 2-core machine would pick
+        assert run_isolated(torch.get_num_threads, timeout=300) == 3
+    with child_threads(1):
+        assert run_isolated(torch.get_num_threads, timeout=300) == 1
