@@ -48,8 +48,9 @@ SLOW_FIT_RATIO = 0.6
 #: settled (the best loss only falls), and the steps up to here still let a fit that diverges
 #: right after dipping below the goal (a step size at the edge of stability, a division that
 #: fitting drives to zero) show its non-finite loss, which fails the check. Ten small steps
-#: are a fraction of the default 100; the losses are read back after steps 0, 8 and 16
-#: (``core.training.SYNC_EVERY``), so a stop at 10 costs at most 7 unrecorded updates.
+#: are a fraction of the default 100. (On an accelerator the losses are read back every
+#: ``core.training.SYNC_EVERY`` steps, so the copy may take up to 7 unrecorded updates past the
+#: stop; on the CPU every step is read as it ends.)
 MIN_STEPS = 10
 
 
