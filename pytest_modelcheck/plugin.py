@@ -937,13 +937,20 @@ class ResultCollector:
         if comparisons:
             bad = [c for c in comparisons if c.verdict == "regressed"]
             good = [c for c in comparisons if c.verdict == "improved"]
-            compared = [c for c in comparisons if c.verdict in ("same", "regressed", "improved")]
-            other = sum(c.verdict.startswith("skipped") for c in comparisons)
+            compared = [c for c in comparisons
+                        if c.verdict in ("same", "regressed", "improved", "inconclusive")]
+            unsure = sum(c.verdict == "inconclusive" for c in comparisons)
+            other = sum(c.verdict == "skipped: other machine" for c in comparisons)
+            par = sum(c.verdict == "skipped: other parallelism" for c in comparisons)
             new = sum(c.verdict == "new" for c in comparisons)
             terminalreporter.write_line(
                 f"baseline: {len(compared)} metrics compared, {len(bad)} regressed,"
-                f" {len(good)} improved" + (f"; {other} timed metrics not compared (recorded on"
-                                             f" another machine)" if other else "")
+                f" {len(good)} improved" + (f"; {unsure} inconclusive (not failing)"
+                                            if unsure else "")
+                + (f"; {other} timed metrics not compared (recorded on another machine)"
+                   if other else "")
+                + (f"; {par} timed metrics not compared (other parallelism: save the baseline"
+                   f" under the same -n / --modelcheck-threads)" if par else "")
                 + (f"; {new} new" if new else ""))
             for c in bad + good:
                 for line in _wrap_comparison(c, width - 2):
