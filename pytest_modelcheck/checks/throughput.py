@@ -167,7 +167,8 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     # while the verdict is unsettled.
     m = measure_throughput(step, n, warmup=warmup, min_runs=min_runs,
                            max_runs=max(min_runs, 200), max_time=max_time, timer=TIMER,
-                           device=str(device), load=LOAD, floor=rate)
+                           device=str(device), load=LOAD, floor=rate,
+                           cheap_runs=30)
     calibration = calibration_times(runs=20)  # this session's speed, for the baseline gate
 
     # The verdict. Other processes only ever add time to a run, so on a busy machine the median

@@ -635,3 +635,14 @@ def test_machine_load_is_plausible():
     load, cores = timing.machine_load()
     assert isinstance(cores, int) and cores >= 1
     assert load is None or load >= 0
+
+
+def test_cheap_steps_get_more_runs_for_the_gate_and_slow_ones_do_not():
+    import itertools
+
+    fast = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.001).__next__,
+                              cheap_runs=30)  # 30 runs of 1 ms fit in 0.5 s
+    slow = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.1).__next__,
+                              cheap_runs=30)  # 30 runs of 100 ms would take 3 s
+    off = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.001).__next__)
+    assert (fast.runs, slow.runs, off.runs) == (30, 10, 10)
