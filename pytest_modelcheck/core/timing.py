@@ -111,6 +111,12 @@ def median_ranks(n: int, confidence: float = CONFIDENCE) -> tuple[int, int]:
     return j, n + 1 - j
 
 
+#: A failure whose fast-run bound (load allowance included) misses the floor by more than this
+#: factor is settled without more runs: a further run twice as fast as every run so far would
+#: be a different machine, not noise (a clear miss costs 10 runs, not ``max_time``).
+CLEAR_MISS = 2.0
+
+
 def fast_rank(n: int, q: float = FAST_QUANTILE, confidence: float = CONFIDENCE) -> tuple[int, float]:
     """``(r, coverage)``: the sorted run time ``t(r)`` is a lower confidence bound of the
     ``q``-quantile of run time, ``P(t(r) <= x_q) = P(Binomial(n, q) >= r) = coverage``.
@@ -746,7 +752,10 @@ def measure_throughput(
         if floor is None:
             return False
         so_far = measurement(None)
-        return so_far.verdict(floor) != "passed" and not so_far.confident
+        verdict = so_far.verdict(floor)
+        if verdict == "failed" and so_far.samples_per_s_interval[1] * CLEAR_MISS < floor:
+            return False  # missed by more than CLEAR_MISS x even by the fastest run: settled
+        return verdict != "passed" and not so_far.confident
 
     extended = False
     while (stats.spread > noise or unsettled()) and len(times) < max_runs and total < max_time:

@@ -646,3 +646,16 @@ def test_cheap_steps_get_more_runs_for_the_gate_and_slow_ones_do_not():
                               cheap_runs=30)  # 30 runs of 100 ms would take 3 s
     off = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.001).__next__)
     assert (fast.runs, slow.runs, off.runs) == (30, 10, 10)
+
+
+def test_a_clear_miss_is_settled_without_more_runs_and_a_close_one_is_not():
+    import itertools
+
+    quiet = lambda: (0.0, 2)  # noqa: E731 - an idle 2-core machine
+    # 8 samples per 0.1 s = 80 samples/s: against 1000/s a miss by 12x, against 100/s by 1.25x
+    clear = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.1).__next__,
+                               load=quiet, floor=1000.0, max_time=60)
+    close = measure_throughput(lambda: None, 8, timer=itertools.count(0.0, 0.1).__next__,
+                               load=quiet, floor=100.0, max_time=60)
+    assert clear.verdict(1000.0) == "failed" and clear.runs == 10
+    assert close.verdict(100.0) == "failed" and close.runs >= 29 and close.confident
