@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Callable, Optional
 
 from ..core.errors import UsageError
@@ -95,10 +94,9 @@ def _load_text(m: Any) -> str:
 
 
 def _xdist_workers() -> int:
-    try:
-        return max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    except ValueError:
-        return 1
+    from ..core.threads import sibling_workers
+
+    return sibling_workers()
 
 
 @check(default=False, validate=_validate)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import statistics
 import sys
 import time
@@ -144,15 +143,9 @@ def machine_load() -> tuple[float | None, int]:
     >>> cores >= 1 and (load is None or load >= 0)
     True
     """
-    try:
-        load: float | None = float(os.getloadavg()[0])
-    except (AttributeError, OSError):
-        load = None
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return load, max(1, cores)
+    from .threads import machine_load as load_average, usable_cores
+
+    return load_average(), usable_cores()
 
 
 def _torch_threads() -> int | None:
@@ -748,17 +741,22 @@ def measure_throughput(
             threads=threads,
         )
 
+    def clear_miss() -> bool:
+        """Missed by more than CLEAR_MISS x even by the fast runs: settled, noisy or not."""
+        if floor is None:
+            return False
+        so_far = measurement(None)
+        return so_far.samples_per_s_interval[1] * CLEAR_MISS < floor
+
     def unsettled() -> bool:
         if floor is None:
             return False
         so_far = measurement(None)
-        verdict = so_far.verdict(floor)
-        if verdict == "failed" and so_far.samples_per_s_interval[1] * CLEAR_MISS < floor:
-            return False  # missed by more than CLEAR_MISS x even by the fastest run: settled
-        return verdict != "passed" and not so_far.confident
+        return so_far.verdict(floor) != "passed" and not so_far.confident
 
     extended = False
-    while (stats.spread > noise or unsettled()) and len(times) < max_runs and total < max_time:
+    while ((stats.spread > noise or unsettled()) and not clear_miss() and len(times) < max_runs
+           and total < max_time):
         extended = True
         for _ in range(min(len(times), max_runs - len(times))):
             take_run()

@@ -659,3 +659,13 @@ def test_a_clear_miss_is_settled_without_more_runs_and_a_close_one_is_not():
                                load=quiet, floor=100.0, max_time=60)
     assert clear.verdict(1000.0) == "failed" and clear.runs == 10
     assert close.verdict(100.0) == "failed" and close.runs >= 29 and close.confident
+
+
+def test_a_clear_miss_is_not_extended_for_noise_either():
+    # alternating 0.1 s and 0.2 s runs: IQR far above 10%, but 8 samples per 0.1 s at best is
+    # 80 samples/s, a 12x miss of 1000/s: more runs cannot change the verdict
+    durations = [0.1, 0.2] * 50
+    readings = iter([r for d in durations for r in (0.0, d)])
+    m = measure_throughput(lambda: None, 8, timer=readings.__next__, load=lambda: (0.0, 2),
+                           floor=1000.0, max_time=60)
+    assert m.noisy and m.runs == 10 and m.verdict(1000.0) == "failed"
