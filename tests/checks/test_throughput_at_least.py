@@ -397,23 +397,26 @@ def test_bad_strict_is_a_usage_error_at_bind():
         assert str(info.value) == f"strict={bad!r}: expected True or False"
 
 
-def test_marker_on_a_busy_machine_inconclusive_passes_and_strict_fails(healthy_project):
-    healthy_project.makepyfile("""
+# A test module whose machine is busy: each timed run takes 0.25 s (16 samples / 0.25 s = 64
+# samples/s) at load 4 on 2 cores, which may have halved it: the fast runs could reach 128/s.
+BUSY_MACHINE = """
         import itertools
         import pytest
         import pytest_modelcheck.checks.throughput as throughput
 
         @pytest.fixture(autouse=True)
         def busy_machine(monkeypatch):
-            # each timed run takes 0.25 s: 16 samples / 0.25 s = 64 samples/s; load 4 on 2 cores
-            # may have halved it: the fast runs could reach 128 samples/s
             monkeypatch.setattr(throughput, "TIMER", itertools.count(0.0, 0.25).__next__)
             monkeypatch.setattr(throughput, "LOAD", lambda: (4.0, 2))
 
         @pytest.mark.throughput_at_least("100 samples/s")
         def test_undecided():
             pass
+"""
 
+
+def test_marker_on_a_busy_machine_inconclusive_passes_and_strict_fails(healthy_project):
+    healthy_project.makepyfile(BUSY_MACHINE + """
         @pytest.mark.throughput_at_least("100 samples/s", strict=True)
         def test_undecided_strict():
             pass
@@ -432,20 +435,7 @@ def test_marker_on_a_busy_machine_inconclusive_passes_and_strict_fails(healthy_p
 
 def test_strict_timing_option_fails_an_undecided_marker_unless_it_says_strict_false(
         healthy_project):
-    healthy_project.makepyfile("""
-        import itertools
-        import pytest
-        import pytest_modelcheck.checks.throughput as throughput
-
-        @pytest.fixture(autouse=True)
-        def busy_machine(monkeypatch):
-            monkeypatch.setattr(throughput, "TIMER", itertools.count(0.0, 0.25).__next__)
-            monkeypatch.setattr(throughput, "LOAD", lambda: (4.0, 2))
-
-        @pytest.mark.throughput_at_least("100 samples/s")
-        def test_undecided():
-            pass
-
+    healthy_project.makepyfile(BUSY_MACHINE + """
         @pytest.mark.throughput_at_least("100 samples/s", strict=False)
         def test_undecided_not_strict():
             pass
