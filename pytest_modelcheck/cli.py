@@ -288,7 +288,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"modelcheck: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        from .report.json_report import atomic_write_text
+        from .core.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(data, indent=2, default=str) + "\n")
         print(f"\nwritten to {args.json}")

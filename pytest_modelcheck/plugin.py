@@ -173,7 +173,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                     f" 1e7 s (about 115 days), such as '90s', got {timeout!r}")
     state = SessionState(bool(_option(config, "modelcheck")), json_path, timeout)
     _configure_threads_budget(config, state)
-    from .core.sandbox import validate_isolate
+    from .checks.sandbox import validate_isolate
 
     try:
         state.isolate = validate_isolate(_option(config, "modelcheck_isolate"))
@@ -522,7 +522,7 @@ def _threads(item: pytest.Item, model: Any, batch: Any) -> Any:
         choice = choose_threads("auto", flops=facts.get("flops"),
                                 parameters=facts.get("parameters"), load=load)
     if state.isolate != "off" and choice.count != 1:
-        from .core.sandbox import start_method
+        from .checks.sandbox import start_method
 
         if start_method(state.isolate) == "fork":  # OpenMP cannot be used after a fork
             choice = type(choice)(1, f"{choice.reason}; isolated checks run forked, on 1"
@@ -543,7 +543,7 @@ def _run_check(item: pytest.Item, spec: CheckSpec, values: dict, model: Any, bat
         _record_model(item, model, batch)
         return spec.run(values, model=model, batch=batch, loss=loss, device=device,
                         timeout=state.timeout, budget_left=budget_left)
-    from .core.sandbox import run_check_isolated
+    from .checks.sandbox import run_check_isolated
     from .core.threads import child_threads
 
     by_budget = budget_left is not None and (state.timeout is None or budget_left < state.timeout)

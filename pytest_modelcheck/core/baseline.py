@@ -523,7 +523,7 @@ class Baseline:
         >>> sorted(Baseline.load(p).entries["m"])
         ['a', 'b']
         """
-        from ..report.json_report import atomic_write_text, remove_stale_temps, _tmp_prefix
+        from .files import atomic_write_text, remove_stale_temps, _tmp_prefix
 
         path = os.fspath(path)
         real = os.path.realpath(path)

@@ -226,6 +226,6 @@ def write_html(path: str, rows: list, comparisons: Optional[list] = None,
     >>> os.path.getsize(p) > 0
     True
     """
-    from .json_report import atomic_write_text
+    from ..core.files import atomic_write_text
 
     atomic_write_text(path, render_html(rows, comparisons, images))

@@ -143,7 +143,7 @@ def write_markdown(path: str, text: str, *, append: bool = False) -> None:
     a
     b
     """
-    from .json_report import atomic_write_text
+    from ..core.files import atomic_write_text
 
     if append:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

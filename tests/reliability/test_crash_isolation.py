@@ -13,7 +13,7 @@ from torch import nn
 
 from pytest_modelcheck.checks.registry import get_check
 from pytest_modelcheck.core.guard import BudgetOverrun, CheckTimeout, budget_watchdog, time_budget
-from pytest_modelcheck.core.sandbox import crash_result, run_check_isolated, start_method
+from pytest_modelcheck.checks.sandbox import crash_result, run_check_isolated, start_method
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="fork-based isolation is exercised on Linux")

@@ -48,8 +48,8 @@ import traceback
 import warnings
 from typing import Any, Iterator, Optional
 
-from .errors import UsageError, first_line
-from .result import CheckResult
+from ..core.errors import UsageError, first_line
+from ..core.result import CheckResult
 
 ISOLATE_MODES = ("off", "auto", "spawn")
 BACKSTOP_S = 2.0  # the parent kills a child this long after its own watchdog should have
@@ -133,7 +133,7 @@ def run_check_isolated(spec: Any, values: dict, *, model: Any, batch: Any, loss:
         messages, status, killed, dump = _run_forked(lambda: _check_messages(spec, *job[1:]),
                                                      timeout)
         return _outcome(spec.name, messages, status, killed, dump, timeout, where, "fork")
-    from .isolate import IsolatedCrash, NotIsolatable, run_isolated
+    from ..core.isolate import IsolatedCrash, NotIsolatable, run_isolated
 
     backstop = timeout + grace_s(timeout) + SPAWN_STARTUP_S if timeout else None
     handle, dump_path = tempfile.mkstemp(prefix="modelcheck-stacks-", suffix=".txt")
@@ -185,7 +185,7 @@ def _check_messages(spec: Any, values: dict, model: Any, batch: Any, loss: Any, 
         return
     yield ("result", result.to_dict())
     if facts:
-        from .facts import model_facts
+        from ..core.facts import model_facts
 
         yield ("facts", model_facts(model, batch, timeout=timeout))
 
@@ -195,7 +195,7 @@ def _spawned_check(name: str, values: dict, model: Any, batch: Any, loss: Any, d
     """The spawned child's side (a top-level function, so that it pickles by reference)."""
     import faulthandler
 
-    from ..checks.registry import get_check
+    from .registry import get_check
 
     dump = open(dump_path, "wb")  # noqa: SIM115 - open until the process ends
     faulthandler.enable(file=dump, all_threads=True)
@@ -306,7 +306,7 @@ def _stacks(text: str) -> str:
             blocks.append([ln, False])
         elif not blocks[-1][1]:
             # the isolation's own frames, and the test process's below them, are not shown
-            blocks[-1][1] = f"core{os.sep}sandbox.py" in ln
+            blocks[-1][1] = f"checks{os.sep}sandbox.py" in ln
             if not blocks[-1][1]:
                 blocks[-1][0] += "\n" + ln
     lines = [ln for text_, _ in blocks for ln in text_.splitlines()
