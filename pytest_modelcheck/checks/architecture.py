@@ -26,12 +26,10 @@ from ..core.result import CheckResult
 from .registry import SkipCheck, check
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from ..core.units import is_int as _is_int
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+from ..core.units import is_number as _is_number
 
 
 def _validate_sizes(sizes: Any, name: str) -> tuple:
@@ -71,9 +69,7 @@ def _labels(sizes: Any) -> str:
     return ", ".join(str(s) for s in sizes)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+from ..core.errors import describe_error as _one_line
 
 
 def _input_slot(batch: Any, input_index: int) -> tuple:

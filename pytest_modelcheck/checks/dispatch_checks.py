@@ -17,8 +17,7 @@ LOOP_REMEDY = ("remedy: replace the Python loop over samples with batched tensor
                " raise tolerance=")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from ..core.units import is_int as _is_int
 
 
 def _validate_sync(allow: Any = 0, strict: Any = False) -> dict:
@@ -63,9 +62,7 @@ def _validate_vectorized(batch_sizes: Any = (4, 8), tolerance: Any = 0) -> dict:
     return {"batch_sizes": tuple(batch_sizes), "tolerance": tolerance}
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+from ..core.errors import describe_error as _one_line
 
 
 def _counted(model: Any, data: Any, replay: Any, **kwargs: Any) -> Any:

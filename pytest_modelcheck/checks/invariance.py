@@ -24,12 +24,10 @@ from ..core.result import CheckResult
 from .registry import check
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+from ..core.units import is_int as _is_int
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+from ..core.units import is_number as _is_number
 
 
 def _refs(value: Any, arg: str, empty_ok: bool = False) -> tuple:

@@ -25,17 +25,14 @@ from .registry import SkipCheck, check
 ROOT = "<root>"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+from ..core.errors import describe_error as _one_line
 
 
 def _short(source: str) -> str:
     return os.path.basename(source) if source else "an unknown line"
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+from ..core.units import is_number as _is_number
 
 
 class _ModuleStack:

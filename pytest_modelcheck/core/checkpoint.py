@@ -300,8 +300,7 @@ def _safetensors_header(path: Any, size: int) -> tuple:
     return entries, {str(k): v for k, v in metadata.items()}, 8 + n
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+from .units import is_int as _is_int
 
 
 def _safetensors_tensors(path: Any, entries: dict, start: int) -> dict:

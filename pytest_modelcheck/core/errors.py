@@ -32,6 +32,15 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
+def describe_error(exc: BaseException) -> str:
+    """``"TypeName: first line"`` of an exception, for a one-line report.
+
+    >>> describe_error(ValueError("bad value\\nmore"))
+    'ValueError: bad value'
+    """
+    return f"{type(exc).__name__}: {first_line(exc)}"
+
+
 class InconclusiveTimingWarning(UserWarning):
     """A timed check or baseline comparison could not tell: the measurement was too noisy (a
     loaded machine), so it passed without a verdict. ``--modelcheck-strict-timing`` fails

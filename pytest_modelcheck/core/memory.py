@@ -1197,8 +1197,7 @@ def _tracker_limitation(exc: Any) -> bool:
     return isinstance(cause, NotImplementedError) and "MemTracker" in str(cause)
 
 
-def _first_line(exc: Any) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
+from .errors import first_line as _first_line
 
 
 # --- MemTracker -------------------------------------------------------------------------------

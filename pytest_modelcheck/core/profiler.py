@@ -323,5 +323,4 @@ def _check_sizes(batch_sizes: Any) -> list:
     return sorted(set(sizes))
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [""])[0]
+from .errors import first_line as _first_line

@@ -43,7 +43,7 @@ import decimal
 import math
 import numbers
 import re
-from typing import Sequence
+from typing import Any, Sequence
 from .errors import UsageError
 
 __all__ = [
@@ -105,6 +105,24 @@ def _error(expected: str, value: object, hint: str | None = None) -> UnitError:
     if hint:
         message += f" ({hint})"
     return UnitError(message)
+
+
+def is_int(value: Any) -> bool:
+    """A Python int that is not a bool (argument validation).
+
+    >>> is_int(3), is_int(True), is_int(3.0)
+    (True, False, False)
+    """
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A Python int or float that is not a bool (argument validation).
+
+    >>> is_number(2.5), is_number(False), is_number("2")
+    (True, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_number(value: object) -> bool:
