@@ -69,7 +69,6 @@ def _labels(sizes: Any) -> str:
     return ", ".join(str(s) for s in sizes)
 
 
-from ..core.errors import describe_error as _one_line
 
 
 def _input_slot(batch: Any, input_index: int) -> tuple:

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from pytest_modelcheck.core.errors import UsageError
-from pytest_modelcheck.core.flops import FREE_OPS, FlopReport, count_flops, count_flops_batch
+from pytest_modelcheck.core.flops import FREE_OPS, count_flops, count_flops_batch
 from tests import reference_models
 
 
