@@ -10,6 +10,7 @@ import types
 import pytest
 
 from pytest_modelcheck.plugin import SessionState, _strict_timing, session_key
+from tests.conftest import HEALTHY_CONFTEST
 
 # Checks of the inner projects: one reports the thread count its forward ran with, one sleeps
 # far beyond any budget used here, one passes with an inconclusive timing.
@@ -38,16 +39,7 @@ CHECKS_CONFTEST = textwrap.dedent('''
                            " samples/s (95% interval) at load 3.2 on 2 cores: inconclusive",
                            metrics={"inconclusive": True})
 
-    @pytest.fixture
-    def model():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
-
-    @pytest.fixture
-    def batch():
-        g = torch.Generator().manual_seed(0)
-        return torch.randn(16, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-''')
+''') + HEALTHY_CONFTEST  # the model and batch fixtures
 
 
 @pytest.fixture

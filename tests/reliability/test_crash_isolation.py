@@ -14,6 +14,7 @@ from torch import nn
 from pytest_modelcheck.checks.registry import get_check
 from pytest_modelcheck.core.guard import BudgetOverrun, CheckTimeout, budget_watchdog, time_budget
 from pytest_modelcheck.checks.sandbox import crash_result, run_check_isolated, start_method
+from tests.conftest import HEALTHY_CONFTEST
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="fork-based isolation is exercised on Linux")
@@ -45,15 +46,7 @@ def exits(): return Exits(8, 5)
 def segfaults(): return Segfaults(8, 5)
 @pytest.fixture
 def own_alarm(): return OwnAlarm(8, 5)
-@pytest.fixture
-def model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 5))
-@pytest.fixture
-def batch():
-    g = torch.Generator().manual_seed(0)
-    return torch.randn(16, 8, generator=g), torch.randint(0, 5, (16,), generator=g)
-"""
+""" + HEALTHY_CONFTEST  # the model and batch fixtures
 
 CRASHY_TESTS = """
 import pytest
