@@ -442,5 +442,6 @@ def test_strict_timing_option_fails_an_undecided_marker_unless_it_says_strict_fa
     """)
     result = healthy_project.runpytest("--modelcheck", "--modelcheck-strict-timing")
     result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines(["*inconclusive, failed because strict=True*",
-                                 "FAILED *::test_undecided"])
+    result.stdout.fnmatch_lines(["*inconclusive, failed because strict=True*"])
+    # The summary line may or may not carry the message, depending on the terminal width.
+    result.stdout.re_match_lines([r"FAILED \S*::test_undecided( - .*)?$"])
