@@ -7,6 +7,7 @@ from typing import Any
 from ..core.errors import UsageError
 from ..core.result import CheckResult
 from .registry import check
+from .subject import Subject
 
 
 def _validate(allow_unused: Any = ()) -> dict:
@@ -29,8 +30,7 @@ def _owner(model: Any, name: str) -> str:
 
 
 @check(default=True, validate=_validate)
-def grads_finite(allow_unused: Any = (), *, model: Any, batch: Any, loss: Any = None,
-                 device: Any = None) -> CheckResult:
+def grads_finite(allow_unused: Any = (), *, subject: Subject) -> CheckResult:
     """Forward and backward of the loss give finite outputs, loss and gradients for every parameter.
 
     Runs in train mode on a copy. ``allow_unused`` lists parameters (names or glob patterns)
@@ -43,27 +43,24 @@ def grads_finite(allow_unused: Any = (), *, model: Any, batch: Any, loss: Any = 
     """
     import torch
 
-    from ..core.batch import copy_model, iter_tensors
+    from ..core.batch import iter_tensors
     from ..core.forward import run_forward
     from ..core.losses import resolve_loss
     from ..core.nonfinite import locate_nonfinite
     from ..core.training import grad_norm
 
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
-    work.train()
+    work, data = subject.model_copy("train"), subject.batch_copy()
     work.zero_grad(set_to_none=True)
 
     bad_inputs = [p for p, t in data.input_tensors() if t.is_floating_point()
                   and not bool(torch.isfinite(t).all())]
     if bad_inputs:
-        return CheckResult("grads_finite", False,
-                           f"expected finite inputs, observed non-finite values in {bad_inputs[0]}"
-                           " of the batch (the data, not the model, holds NaN/Inf)",
-                           metrics={"nonfinite_inputs": bad_inputs})
+        return subject.failed(f"expected finite inputs, observed non-finite values in"
+                              f" {bad_inputs[0]} of the batch (the data, not the model, holds"
+                              " NaN/Inf)", metrics={"nonfinite_inputs": bad_inputs})
 
     out = run_forward(work, data)
-    lossfn = resolve_loss(loss, data, out)
+    lossfn = resolve_loss(subject.loss, data, out)
     total, terms = lossfn.compute(out, data, work)
     problems: list = []
     bad_outputs = [p for p, t in iter_tensors(out, "output") if t.is_floating_point()
@@ -102,8 +99,7 @@ def grads_finite(allow_unused: Any = (), *, model: Any, batch: Any, loss: Any = 
 
     origin = None
     if bad_outputs or problems or nonfinite:
-        origin = locate_nonfinite(copy_model(model).to(device).train(), batch.clone().to(device),
-                                  lossfn)
+        origin = locate_nonfinite(subject.model_copy("train"), subject.batch_copy(), lossfn)
         if origin is not None:
             details.insert(0, f"origin: {origin.describe()}")
             metrics["origin_op"] = origin.op
@@ -120,16 +116,13 @@ def grads_finite(allow_unused: Any = (), *, model: Any, batch: Any, loss: Any = 
                 observed += f" and {len(nonfinite) - 1} more"
         if origin is not None:
             observed += f"; {origin.describe()}"
-        return CheckResult("grads_finite", False,
-                           f"expected finite outputs, loss and gradients, observed {observed}",
-                           "\n".join(details), metrics)
+        return subject.failed(f"expected finite outputs, loss and gradients, observed {observed}",
+                              details, metrics)
     if missing:
         extra = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        return CheckResult("grads_finite", False,
-                           f"expected a gradient for every trainable parameter, observed none for"
-                           f" '{missing[0]}' ({_owner(work, missing[0])}){extra}",
-                           "\n".join(details), metrics)
-    return CheckResult("grads_finite", True,
-                       f"expected finite gradients for all {len(params)} trainable tensors,"
-                       f" observed finite (loss {loss_value:.4g}, grad norm {metrics['grad_norm']:.3g})",
-                       "\n".join(details), metrics)
+        return subject.failed(f"expected a gradient for every trainable parameter, observed none"
+                              f" for '{missing[0]}' ({_owner(work, missing[0])}){extra}",
+                              details, metrics)
+    return subject.passed(f"expected finite gradients for all {len(params)} trainable tensors,"
+                          f" observed finite (loss {loss_value:.4g}, grad norm"
+                          f" {metrics['grad_norm']:.3g})", details, metrics)

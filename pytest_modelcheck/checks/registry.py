@@ -22,6 +22,7 @@ from typing import Any, Callable, Optional
 
 from ..core.errors import ModelError, UsageError, first_line
 from ..core.result import CheckResult
+from .subject import Subject
 
 CONTEXT = ("model", "batch", "loss", "device")
 MARKER_CONTEXT = ("loss", "device")  # context a marker may also set
@@ -40,6 +41,7 @@ class CheckSpec:
     default: bool
     validate: Optional[Callable[..., dict]]
     absent_device_ok: bool
+    takes_subject: bool = False
 
     @property
     def user_params(self) -> list:
@@ -117,8 +119,12 @@ class CheckSpec:
                     batch = _user_batch(batch, model)
                 device = _resolve_device(context["device"], model, self.absent_device_ok)
                 with time_budget(timeout):
-                    result = self.impl(**user, model=model, batch=batch, loss=context["loss"],
-                                       device=device)
+                    if self.takes_subject:
+                        result = self.impl(**user, subject=Subject(
+                            self.name, model, batch, context["loss"], device))
+                    else:
+                        result = self.impl(**user, model=model, batch=batch,
+                                           loss=context["loss"], device=device)
             except SkipCheck as exc:
                 result = CheckResult(self.name, None, str(exc))
             except CheckTimeout as exc:
@@ -552,6 +558,27 @@ def _resolve_device(device: Any, model: Any, absent_ok: bool) -> Any:
 REGISTRY: dict = {}
 
 
+def _public_signature(name: str, sig: inspect.Signature) -> tuple:
+    """The check's public signature and whether its function takes a ``subject``: a function
+    declaring ``*, subject`` is shown (marker help, reference, ``check_model``) with the four
+    context keywords in its place."""
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    if "subject" in sig.parameters:
+        if sig.parameters["subject"].kind is not kw_only or any(c in sig.parameters for c in CONTEXT):
+            raise TypeError(f"check {name}: 'subject' must be keyword-only and replaces"
+                            f" {list(CONTEXT)}")
+        params = [p for p in sig.parameters.values() if p.name != "subject"]
+        params += [inspect.Parameter("model", kw_only), inspect.Parameter("batch", kw_only),
+                   inspect.Parameter("loss", kw_only, default=None),
+                   inspect.Parameter("device", kw_only, default=None)]
+        return sig.replace(parameters=params), True
+    missing = [c for c in CONTEXT if c not in sig.parameters
+               or sig.parameters[c].kind is not kw_only]
+    if missing:
+        raise TypeError(f"check {name}: {missing} must be keyword-only parameters")
+    return sig, False
+
+
 def check(*, default: bool = True, validate: Optional[Callable[..., dict]] = None,
           absent_device_ok: bool = False, name: Optional[str] = None) -> Callable:
     """Register a check function; returns the public, validating, state-preserving wrapper."""
@@ -560,13 +587,10 @@ def check(*, default: bool = True, validate: Optional[Callable[..., dict]] = Non
         check_name = name or fn.__name__
         if check_name in REGISTRY:
             raise ValueError(f"a check named {check_name!r} is already registered")
-        sig = inspect.signature(fn)
-        missing = [c for c in CONTEXT if c not in sig.parameters
-                   or sig.parameters[c].kind is not inspect.Parameter.KEYWORD_ONLY]
-        if missing:
-            raise TypeError(f"check {check_name}: {missing} must be keyword-only parameters")
+        sig, takes_subject = _public_signature(check_name, inspect.signature(fn))
         summary = (inspect.getdoc(fn) or "").strip().splitlines()[0] if fn.__doc__ else ""
-        spec = CheckSpec(check_name, fn, sig, summary, default, validate, absent_device_ok)
+        spec = CheckSpec(check_name, fn, sig, summary, default, validate, absent_device_ok,
+                         takes_subject)
         REGISTRY[check_name] = spec
 
         @functools.wraps(fn)
@@ -574,6 +598,7 @@ def check(*, default: bool = True, validate: Optional[Callable[..., dict]] = Non
             return spec(*args, **kwargs)
 
         public.spec = spec  # type: ignore[attr-defined]
+        public.__signature__ = sig  # type: ignore[attr-defined]
         return public
 
     return decorate
