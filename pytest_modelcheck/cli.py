@@ -48,7 +48,7 @@ def load_object(spec: str, what: str = "--model") -> Any:
                        " directory that contains the package or install it") from None
     except Exception as exc:  # noqa: BLE001 - the user's module failed while importing
         raise CliError(f"{what} {spec!r}: importing {module_name!r} raised"
-                       f" {type(exc).__name__}: {_first_line(exc)}") from None
+                       f" {type(exc).__name__}: {first_line(exc, or_type=True, limit=200)}") from None
     try:
         obj = module
         for part in attr.split("."):
@@ -79,7 +79,7 @@ def load_config(path: Optional[str]) -> dict:
         else:
             data = json.loads(text)
     except Exception as exc:  # noqa: BLE001 - any parse error is the user's file
-        first = _first_line(exc)
+        first = first_line(exc, or_type=True, limit=200)
         raise CliError(f"--config {path}: not valid {'YAML' if path.endswith(('.yaml', '.yml')) else 'JSON'}"
                        f" ({first})") from None
     if data is None:
@@ -183,16 +183,12 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     return out
 
 
-def _first_line(exc: BaseException) -> str:
-    return (first_line(exc) or type(exc).__name__)[:200]
-
-
 def _call_make_batch(make_batch: Any, size: int) -> Any:
     try:
         return make_batch(size)
     except Exception as exc:  # noqa: BLE001 - the user's factory
         raise CliError(f"--batch: make_batch({size}) raised {type(exc).__name__}:"
-                       f" {_first_line(exc)}") from None
+                       f" {first_line(exc, or_type=True, limit=200)}") from None
 
 
 def cmd_profile(args: argparse.Namespace) -> dict:
@@ -224,7 +220,7 @@ def cmd_profile(args: argparse.Namespace) -> dict:
     except UsageError:
         raise
     except Exception as exc:  # noqa: BLE001 - the model or the device failed in the sweep
-        raise CliError(f"profile: {type(exc).__name__}: {_first_line(exc)}") from None
+        raise CliError(f"profile: {type(exc).__name__}: {first_line(exc, or_type=True, limit=200)}") from None
     print(report.render())
     return json.loads(report.to_json())
 

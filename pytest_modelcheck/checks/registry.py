@@ -158,7 +158,7 @@ class CheckSpec:
                 else:
                     result = CheckResult(
                         self.name, False, f"expected the check to run on this model, observed"
-                        f" {type(exc).__name__}: {_first_line(exc)[:200]}",
+                        f" {type(exc).__name__}: {first_line(exc, or_type=True, limit=200)}",
                         details=_cause(ModelError("", original=exc)),
                         metrics={"error": type(exc).__name__})
             except (KeyboardInterrupt, GeneratorExit):
@@ -286,7 +286,7 @@ def _oom_result(name: str, exc: BaseException, peak: Optional[int]) -> CheckResu
     from ..core.units import format_bytes
 
     seen = f", peak {format_bytes(peak)} allocated" if peak is not None else ""
-    first = _first_line(exc)
+    first = first_line(exc, or_type=True)
     return CheckResult(name, False, f"expected the check to fit in device memory, observed out of"
                        f" memory{seen} ({first[:160]})", metrics={"oom": True, "peak_bytes": peak},
                        details="memory was released (gc, torch.cuda.empty_cache); use a smaller"
@@ -311,7 +311,7 @@ def _base_exception_result(name: str, exc: BaseException) -> CheckResult:
     if isinstance(exc, SystemExit):
         what = f"SystemExit (sys.exit({exc.code!r}))"
     else:
-        text = _first_line(exc)
+        text = first_line(exc, or_type=True)
         what = kind if text == kind else f"{kind}: {text[:200]}"
     return CheckResult(name, False, f"expected the check to run on this model, observed {what}"
                        " raised while it ran", details=_cause(ModelError("", original=exc)),
@@ -350,7 +350,7 @@ def _user_batch(batch: Any, model: Any = None) -> Any:
         raise
     except Exception as exc:  # noqa: BLE001 - the user's make_batch raised
         raise UsageError(f"the batch (or its make_batch factory) raised"
-                         f" {type(exc).__name__}: {_first_line(exc)}") from None
+                         f" {type(exc).__name__}: {first_line(exc, or_type=True)}") from None
 
 
 def _on_meta(model: Any) -> bool:
@@ -358,10 +358,6 @@ def _on_meta(model: Any) -> bool:
         return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     except Exception:  # noqa: BLE001 - a model that cannot list its tensors: not meta
         return False
-
-
-def _first_line(exc: BaseException) -> str:
-    return first_line(exc) or type(exc).__name__
 
 
 #: The most training steps a check may be asked for (each is a forward and a backward pass on

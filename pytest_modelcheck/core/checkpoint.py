@@ -34,9 +34,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import UsageError
+from .errors import UsageError, first_line
 from .result import _builtin
 from .units import format_bytes
+
+#: The preamble torch puts before the reason a weights-only load failed.
+_TORCH_PREAMBLE = ("Weights only load failed",)
 
 __all__ = ["CheckpointError", "CheckpointInfo", "TensorDrift", "DriftReport",
            "inspect_checkpoint", "load_state_dict", "compare_checkpoints"]
@@ -317,7 +320,7 @@ def _safetensors_tensors(path: Any, entries: dict, start: int) -> dict:
                 out[name] = torch.empty(shape, dtype=tdtype)
             except (RuntimeError, ValueError, OverflowError, TypeError) as exc:
                 raise _err(path, f"tensor {name!r}: shape {list(shape)} cannot be made"
-                                 f" ({_first_line(str(exc)) or type(exc).__name__})") from None
+                                 f" ({first_line(exc, or_type=True, limit=200, skip=_TORCH_PREAMBLE)})") from None
             continue
         flat = torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=start + offset)
         out[name] = flat.view(tdtype).reshape(shape)
@@ -383,18 +386,12 @@ def _torch_load(path: Any, fmt: str, allow_unsafe: bool, verify: bool) -> Any:
             raise _err(path, f"refused: loading it needs an untrusted (weights_only=False) load, "
                              f"which can run arbitrary code{what}; pass allow_unsafe=True only "
                              f"for a file you trust") from None
-        raise _err(path, f"corrupt or truncated pickle data ({_first_line(text)})") from None
+        raise _err(path, f"corrupt or truncated pickle data ({first_line(text, limit=200, skip=_TORCH_PREAMBLE)})") from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for bad files
-        problem = _first_line(str(exc)) or type(exc).__name__
+        problem = first_line(exc, or_type=True, limit=200, skip=_TORCH_PREAMBLE)
         raise _err(path, f"corrupt or truncated ({type(exc).__name__}: {problem})") from None
 
 
-def _first_line(text: str) -> str:
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("Weights only load failed"):
-            return line[:200]
-    return ""
 
 
 def _is_tensor(x: Any) -> bool:

@@ -1,4 +1,7 @@
 """Exceptions with one-line messages for user mistakes (never shown with a traceback)."""
+from __future__ import annotations
+
+from typing import Any, Optional
 
 
 class UsageError(ValueError):
@@ -21,15 +24,27 @@ class ModelError(RuntimeError):
         self.original = original
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (``""`` when it has none), for one-line
-    reports of an error raised by the user's code.
+def first_line(value: Any, *, or_type: bool = False, limit: Optional[int] = None,
+               skip: tuple = ()) -> str:
+    """The first non-empty line of an exception's message (or of a text), stripped, for
+    one-line reports of an error raised by the user's code. ``""`` when there is none, or the
+    exception's type name with ``or_type=True``; lines starting with one of ``skip`` are passed
+    over; ``limit`` cuts the line to that many characters.
 
     >>> first_line(RuntimeError("shape mismatch\\nat frame 3"))
     'shape mismatch'
+    >>> first_line(KeyError(), or_type=True), first_line("\\n  second\\n", limit=3)
+    ('KeyError', 'sec')
     """
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    text = ""
+    for line in str(value).splitlines():
+        line = line.strip()
+        if line and not line.startswith(skip or ("\0",)):
+            text = line
+            break
+    if not text and or_type and isinstance(value, BaseException):
+        text = type(value).__name__
+    return text[:limit] if limit is not None else text
 
 
 def describe_error(exc: BaseException) -> str:

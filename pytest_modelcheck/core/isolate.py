@@ -37,7 +37,7 @@ import sys
 import traceback
 from typing import Any, Callable, Optional
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 STDERR_TAIL_LINES = 20
 _CHILD = "from pytest_modelcheck.core.isolate import _child_main; _child_main()"
@@ -108,7 +108,7 @@ def run_isolated(fn: Callable, *args: Any, timeout: Optional[float] = None,
     try:
         payload = pickle.dumps((fn, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # PicklingError, TypeError, AttributeError (local objects)
-        raise NotIsolatable(_one_line(f"{type(exc).__name__}: {exc}")) from None
+        raise NotIsolatable(first_line(f"{type(exc).__name__}: {exc}")) from None
     message = pickle.dumps((list(sys.path), payload), protocol=pickle.HIGHEST_PROTOCOL)
     proc = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -168,7 +168,7 @@ def _child_main() -> None:
     try:
         fn, args, kwargs = pickle.loads(payload)
     except Exception as exc:
-        _reply(reply_fd, ("unpicklable", _one_line(f"the worker process cannot unpickle the"
+        _reply(reply_fd, ("unpicklable", first_line(f"the worker process cannot unpickle the"
                                                    f" call: {type(exc).__name__}: {exc}"), ""))
         return
     try:
@@ -179,7 +179,7 @@ def _child_main() -> None:
         try:
             pickle.loads(pickle.dumps(exc))
         except Exception:
-            reply = ("error", _one_line(f"{type(exc).__name__}: {exc}"), remote_tb)
+            reply = ("error", first_line(f"{type(exc).__name__}: {exc}"), remote_tb)
     _reply(reply_fd, reply)
 
 
@@ -187,7 +187,7 @@ def _reply(fd: int, reply: tuple) -> None:
     try:
         data = pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:  # the result itself does not pickle
-        data = pickle.dumps(("error", _one_line(f"the result cannot be sent back:"
+        data = pickle.dumps(("error", first_line(f"the result cannot be sent back:"
                                                 f" {type(exc).__name__}: {exc}"), ""))
     with os.fdopen(fd, "wb") as out:
         out.write(data)
@@ -201,13 +201,3 @@ def _tail(err: bytes) -> str:
     return "\n".join(lines[-STDERR_TAIL_LINES:])
 
 
-def _one_line(text: str) -> str:
-    """The first non-empty line of ``text``.
-
-    >>> _one_line("first\\nsecond")
-    'first'
-    """
-    for line in str(text).splitlines():
-        if line.strip():
-            return line.strip()
-    return str(text).strip()
