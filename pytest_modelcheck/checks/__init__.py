@@ -15,16 +15,26 @@ from .overfit import model_overfits
 from .throughput import throughput_at_least
 from .memory import memory_under
 from .dispatch_checks import no_host_sync, vectorized
-from .behaviour import (batch_independent, eval_deterministic, params_learn, state_roundtrip,
-                        stateless_forward)
-from .numerics import activations_healthy, device_portable, dtype_stable, output_range
+from .independence import batch_independent
+from .learning import params_learn
+from .determinism import eval_deterministic
+from .statelessness import stateless_forward
+from .roundtrip import state_roundtrip
+from .portability import device_portable
+from .precision import dtype_stable
+from .activations import activations_healthy
+from .numerics import output_range
 from .invariance import padding_invariant, permutation_equivariant, permutation_invariant
 from .language import causal, kv_cache_consistent, tied_parameters
 from .stability import operator_stable
 from .data import data_sane
 from .dynamics import grad_norms_stable, loss_components, lr_schedule
 from .budgets import flops_under, params_under
-from .architecture import fno_modes, spectrum_matches, unet_skips, vit_patches
+from .unet import unet_skips
+from .vit import vit_patches
+from .fno import fno_modes
+from .spectra import spectrum_matches
+from .distributed import ddp_consistent
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
@@ -35,4 +45,4 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
            "unet_skips", "vit_patches", "fno_modes", "spectrum_matches", "causal",
-           "kv_cache_consistent", "tied_parameters"]
+           "kv_cache_consistent", "tied_parameters", "ddp_consistent"]
