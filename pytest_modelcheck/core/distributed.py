@@ -178,12 +178,27 @@ def train_record(model: Any, batch: Any, loss: Any, steps: int, lr: float = LR) 
                                 for n, p in inner.named_parameters() if p.grad is not None}
             opt.step()
     except Exception as exc:  # noqa: BLE001 - the rank's failure is a fact to report
-        record.error = describe_error(getattr(exc, "original", None) or exc)
+        record.error = _error_text(exc, inner)
         return record
     record.step = None
     record.params = {n: p.detach().cpu().clone() for n, p in inner.named_parameters()}
     record.buffers = {n: b.detach().cpu().clone() for n, b in inner.named_buffers()}
     return record
+
+
+def _error_text(exc: BaseException, inner: Any) -> str:
+    """One line for a rank's error: a forward's error names the user's module that raised (as
+    ``run_forward`` does on the unwrapped model), anything else is ``"TypeName: first line"``."""
+    from .errors import ModelError, first_line
+    from .state import module_where_raised
+
+    original = getattr(exc, "original", None)
+    if not isinstance(exc, ModelError) or original is None or exc.module == "loss":
+        return str(exc) if isinstance(exc, ModelError) else describe_error(exc)
+    where = module_where_raised(inner, original)
+    module = inner.get_submodule(where) if where and where != type(inner).__name__ else inner
+    place = f" in module '{where}' ({type(module).__name__})" if where else ""
+    return f"forward raised {type(original).__name__}{place}: {first_line(original)}"
 
 
 def _rank_main(rank: int, world_size: int, store: str, backend: str, model: Any, shard: Any,

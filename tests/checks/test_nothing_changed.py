@@ -83,6 +83,8 @@ CONFIGS = {
     # two runs differ, which causal reports instead of judging
     "causal": ({"dim": 0}, {"dim": 0}, {"noisy_eval": True}),
     "kv_cache_consistent": ({}, {}),
+    # Subject's train-mode BatchNorm normalises each rank's shard with its own statistics
+    "ddp_consistent": ({"local_batchnorm": True}, {}),
     "tied_parameters": ({"tied": [("frozen.weight", "encoder.0.weight")]},
                         {"tied": [("frozen.weight", "encoder.0.weight")]}),
 }
