@@ -26,3 +26,10 @@ def batch():
 @pytest.mark.throughput_at_least("2 samples/s")
 def test_genesis_dit_health():
     """Noise prediction keeps (B, 2, L) for several sequence lengths and overfits one batch."""
+
+
+@pytest.mark.ddp_consistent(world_size=2, loss="mse")
+def test_genesis_dit_trains_the_same_on_two_ranks():
+    """Before a multi-GPU launch: DistributedDataParallel on 2 local CPU processes (gloo) gives
+    the updates one process computes on the whole batch (no unused parameter, per-rank
+    statistic or summed loss)."""
