@@ -6,6 +6,7 @@ from typing import Any
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
+from .naming import owner
 from .registry import check
 from .subject import Subject
 
@@ -18,15 +19,6 @@ def _validate(allow_unused: Any = ()) -> dict:
         raise UsageError(f"allow_unused={allow_unused!r}: expected a list of parameter names or"
                          " glob patterns such as ['head.bias', 'aux.*']")
     return {"allow_unused": tuple(allow_unused)}
-
-
-def _owner(model: Any, name: str) -> str:
-    path = name.rsplit(".", 1)[0] if "." in name else ""
-    try:
-        mod = model.get_submodule(path) if path else model
-    except AttributeError:
-        return path
-    return f"{type(mod).__name__} '{path or '<root>'}'"
 
 
 @check(default=True, validate=_validate)
@@ -87,11 +79,11 @@ def grads_finite(allow_unused: Any = (), *, subject: Subject) -> CheckResult:
     details = []
     if nonfinite:
         details.append("parameters with non-finite gradients:")
-        details += [f"  {n:40} {kind}: {cnt}/{size} elements  ({_owner(work, n)})"
+        details += [f"  {n:40} {kind}: {cnt}/{size} elements  ({owner(work, n)})"
                     for n, kind, cnt, size in nonfinite[:20]]
     if missing:
         details.append("trainable parameters that received no gradient (not reached by the loss):")
-        details += [f"  {n:40} ({_owner(work, n)})" for n in missing[:20]]
+        details += [f"  {n:40} ({owner(work, n)})" for n in missing[:20]]
         if len(missing) > 20:
             details.append(f"  ... and {len(missing) - 20} more")
         details.append("remedy: a branch not used in forward, a .detach()/.item()/no_grad in the"
@@ -111,7 +103,7 @@ def grads_finite(allow_unused: Any = (), *, subject: Subject) -> CheckResult:
             observed = problems[0]
         else:
             n, kind, cnt, size = nonfinite[0]
-            observed = f"{kind} in the gradient of '{n}' ({_owner(work, n)})"
+            observed = f"{kind} in the gradient of '{n}' ({owner(work, n)})"
             if len(nonfinite) > 1:
                 observed += f" and {len(nonfinite) - 1} more"
         if origin is not None:
@@ -121,7 +113,7 @@ def grads_finite(allow_unused: Any = (), *, subject: Subject) -> CheckResult:
     if missing:
         extra = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         return subject.failed(f"expected a gradient for every trainable parameter, observed none"
-                              f" for '{missing[0]}' ({_owner(work, missing[0])}){extra}",
+                              f" for '{missing[0]}' ({owner(work, missing[0])}){extra}",
                               details, metrics)
     return subject.passed(f"expected finite gradients for all {len(params)} trainable tensors,"
                           f" observed finite (loss {loss_value:.4g}, grad norm"

@@ -17,17 +17,14 @@ This module imports neither torch nor pytest at import time.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
-from .registry import check
-
-
 from ..core.units import is_int as _is_int
-
-
 from ..core.units import is_number as _is_number
+from .registry import check
+from .subject import Subject
 
 
 def _refs(value: Any, arg: str, empty_ok: bool = False) -> tuple:
@@ -156,21 +153,27 @@ def _validate_equiv(dim: Any, input_index: Any = 0, out_dim: Any = None, trials:
     return values
 
 
-def _run_permutations(dim: int, refs: tuple, trials: int, atol: float, rtol: float, model: Any,
-                      batch: Any, device: Any, out_dim: Any) -> tuple:
-    """``(first failure or None, size, number of outputs compared)``; ``out_dim`` None means
-    invariance."""
-    from ..core.batch import copy_model, iter_tensors
-
-    work = copy_model(model).to(device).eval()
-    data = batch.clone().to(device)
-    tensors = {r: _get(data, r) for r in refs}
+def _set_size(tensors: dict, dim: int, refs: tuple) -> int:
+    """The common size along ``dim`` of the inputs permuted together (at least 2)."""
     sizes = {r: _size_at(t, dim, r) for r, t in tensors.items()}
     n = sizes[refs[0]]
     if any(s != n for s in sizes.values()):
         raise UsageError(f"dim={dim}: the inputs have different sizes there ({sizes})")
     if n < 2:
         raise UsageError(f"dim={dim}: {_ref_text(refs[0])} has size {n} there; nothing to permute")
+    return n
+
+
+def _run_permutations(subject: Subject, dim: int, refs: tuple, trials: int, atol: float,
+                      rtol: float, out_dim: Any) -> tuple:
+    """``(first failure or None, size, number of outputs compared)``; ``out_dim`` None means
+    invariance."""
+    from ..core.batch import iter_tensors
+
+    work = subject.model_copy("eval")
+    data = subject.batch_copy()
+    tensors = {r: _get(data, r) for r in refs}
+    n = _set_size(tensors, dim, refs)
     base = list(iter_tensors(_forward(work, data.clone()), "output"))
     if out_dim is not None and not any(-t.dim() <= out_dim < t.dim() and t.shape[out_dim] == n
                                        for _, t in base):
@@ -193,18 +196,18 @@ def _run_permutations(dim: int, refs: tuple, trials: int, atol: float, rtol: flo
     return None, n, len(base)
 
 
-def _perm_result(name: str, expected: str, bad: Any, n: int, outputs: int, trials: int,
+def _perm_result(subject: Subject, expected: str, bad: Any, n: int, outputs: int, trials: int,
                  remedy: str) -> CheckResult:
     metrics = {"size": n, "outputs": outputs, "trials": trials}
     if bad is None:
-        return CheckResult(name, True, f"{expected}, observed equal outputs for {trials} random"
-                           f" permutations of {n} elements", "", metrics)
+        return subject.passed(f"{expected}, observed equal outputs for {trials} random"
+                              f" permutations of {n} elements", "", metrics)
     observed = bad["shape"] or f"max |diff| {bad['max']:.3g} in {bad['output']} at sample {bad['sample']}"
     metrics.update({"max_diff": bad["max"], "output": bad["output"], "sample": bad["sample"]})
-    return CheckResult(name, False, f"{expected}, observed {observed} (permutation"
-                       f" {_perm_text(bad['perm'])})",
-                       f"permutation {bad['trial'] + 1} of {trials}: {bad['perm'].tolist()}\n{remedy}",
-                       metrics)
+    return subject.failed(f"{expected}, observed {observed} (permutation"
+                          f" {_perm_text(bad['perm'])})",
+                          f"permutation {bad['trial'] + 1} of {trials}: {bad['perm'].tolist()}\n{remedy}",
+                          metrics)
 
 
 POSITION_REMEDY = ("remedy: something in forward depends on the position along that dimension: a"
@@ -215,8 +218,7 @@ POSITION_REMEDY = ("remedy: something in forward depends on the position along t
 
 @check(default=False, validate=_validate_perm)
 def permutation_invariant(dim: Any, input_index: Any = 0, trials: Any = 3, atol: Any = 1e-5,
-                          rtol: Any = 1e-4, *, model: Any, batch: Any, loss: Any = None,
-                          device: Any = None) -> CheckResult:
+                          rtol: Any = 1e-4, *, subject: Subject) -> CheckResult:
     """Permuting the inputs along `dim` (a set dimension) leaves every output unchanged.
 
     ``input_index`` names the input(s) permuted together (int: positional, str: dict key or
@@ -230,17 +232,15 @@ def permutation_invariant(dim: Any, input_index: Any = 0, trials: Any = 3, atol:
     >>> permutation_invariant(1, model=SumPool(), batch=torch.randn(2, 5, 3)).passed
     True
     """
-    bad, n, outputs = _run_permutations(dim, input_index, trials, atol, rtol, model, batch,
-                                        device, None)
+    bad, n, outputs = _run_permutations(subject, dim, input_index, trials, atol, rtol, None)
     inputs = ", ".join(_ref_text(r) for r in input_index)
-    return _perm_result("permutation_invariant", f"expected outputs unchanged when {inputs} is"
-                        f" permuted along dim {dim}", bad, n, outputs, trials, POSITION_REMEDY)
+    return _perm_result(subject, f"expected outputs unchanged when {inputs} is permuted along"
+                        f" dim {dim}", bad, n, outputs, trials, POSITION_REMEDY)
 
 
 @check(default=False, validate=_validate_equiv)
 def permutation_equivariant(dim: Any, input_index: Any = 0, out_dim: Any = None, trials: Any = 3,
-                            atol: Any = 1e-5, rtol: Any = 1e-4, *, model: Any, batch: Any,
-                            loss: Any = None, device: Any = None) -> CheckResult:
+                            atol: Any = 1e-5, rtol: Any = 1e-4, *, subject: Subject) -> CheckResult:
     """Permuting the inputs along `dim` permutes the outputs along `out_dim` the same way.
 
     ``out_dim`` defaults to ``dim``. Output tensors whose size along ``out_dim`` is the permuted
@@ -251,12 +251,10 @@ def permutation_equivariant(dim: Any, input_index: Any = 0, out_dim: Any = None,
     >>> permutation_equivariant(1, model=torch.nn.Linear(3, 4), batch=torch.randn(2, 5, 3)).passed
     True
     """
-    bad, n, outputs = _run_permutations(dim, input_index, trials, atol, rtol, model, batch,
-                                        device, out_dim)
+    bad, n, outputs = _run_permutations(subject, dim, input_index, trials, atol, rtol, out_dim)
     inputs = ", ".join(_ref_text(r) for r in input_index)
-    return _perm_result("permutation_equivariant", f"expected outputs permuted along dim {out_dim}"
-                        f" when {inputs} is permuted along dim {dim}", bad, n, outputs, trials,
-                        POSITION_REMEDY)
+    return _perm_result(subject, f"expected outputs permuted along dim {out_dim} when {inputs} is"
+                        f" permuted along dim {dim}", bad, n, outputs, trials, POSITION_REMEDY)
 
 
 def _validate_padding(mask: Any, input_index: Any = 0, dim: Any = 1, pad: Any = 3,
@@ -284,37 +282,15 @@ def _validate_padding(mask: Any, input_index: Any = 0, dim: Any = 1, pad: Any = 
             "pad_value": pad_value, **_tolerances(atol, rtol)}
 
 
-@check(default=False, validate=_validate_padding)
-def padding_invariant(mask: Any, input_index: Any = 0, dim: Any = 1, pad: Any = 3,
-                      pad_flag: Any = 0, pad_value: Any = None, atol: Any = 1e-5,
-                      rtol: Any = 1e-4, *, model: Any, batch: Any, loss: Any = None,
-                      device: Any = None) -> CheckResult:
-    """Appending `pad` masked (padding) elements along `dim` leaves the outputs unchanged.
-
-    ``mask`` names the mask input (int: positional, str: dict key or keyword); ``input_index``
-    the input(s) padded with it (``()``: the mask only). The mask gets ``pad_flag`` at the new
-    positions (0/False: the mask is 1/True for real elements; pass ``pad_flag=True`` for a
-    ``key_padding_mask``). The
-    padded elements are seeded random values (``pad_value=None``, zeros for integer inputs) or
-    ``pad_value``: masked content must not matter. Outputs that grew along ``dim`` by ``pad``
-    are compared on their first, real positions.
-
-    >>> import torch
-    >>> class MaskedMean(torch.nn.Module):
-    ...     def forward(self, x, m):
-    ...         return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
-    >>> x, m = torch.randn(2, 4, 3), torch.ones(2, 4)
-    >>> padding_invariant(1, model=MaskedMean(), batch=((x, m), None)).passed
-    True
-    """
+def _padded_inputs(data: Any, mask: Any, refs: tuple, dim: int, pad: int, pad_flag: Any,
+                   pad_value: Any) -> tuple:
+    """``(size along dim, {input ref: padded tensor})``: ``pad`` elements appended along ``dim``
+    to the mask (``pad_flag``) and to the inputs padded with it (``pad_value``; None: seeded
+    random values, zeros for integer inputs)."""
     import torch
 
-    from ..core.batch import copy_model, iter_tensors
-
-    work = copy_model(model).to(device).eval()
-    data = batch.clone().to(device)
     m = _get(data, mask)
-    tensors = {r: _get(data, r) for r in input_index}
+    tensors = {r: _get(data, r) for r in refs}
     n = _size_at(m, dim, mask)
     for r, t in tensors.items():
         if _size_at(t, dim, r) != n:
@@ -333,26 +309,71 @@ def padding_invariant(mask: Any, input_index: Any = 0, dim: Any = 1, pad: Any = 
 
     new = {r: padded(t, pad_value) for r, t in tensors.items()}
     new[mask] = padded(m, pad_flag)
-    base = list(iter_tensors(_forward(work, data.clone()), "output"))
-    got = list(iter_tensors(_forward(work, _replaced(data.clone(), new)), "output"))
-    expected = (f"expected outputs unchanged when {pad} elements masked by {_ref_text(mask)} are"
-                f" appended along dim {dim}")
-    metrics = {"size": n, "pad": pad, "outputs": len(base)}
+    return n, new
+
+
+def _padding_leak(base: list, got: list, dim: int, pad: int, atol: float,
+                  rtol: float) -> Optional[tuple]:
+    """``(output path, shapes (a, b) or None, comparison or None)`` of the first output that
+    the padding changed (outputs grown by ``pad`` along ``dim`` compared on their first
+    positions), or None."""
     for (path, a), (_, b) in zip(base, got):
         if a.shape != b.shape and a.dim() == b.dim() and -a.dim() <= dim < a.dim() \
                 and b.shape[dim] == a.shape[dim] + pad:
             b = b.narrow(dim, 0, a.shape[dim])
         if a.shape != b.shape:
-            return CheckResult("padding_invariant", False, f"{expected}, observed {path} shape"
-                               f" {list(a.shape)} -> {list(b.shape)}", "", metrics)
+            return path, (list(a.shape), list(b.shape)), None
         c = _compare(a, b, atol, rtol)
         if c["bad"]:
-            metrics.update({"max_diff": c["max"], "output": path, "sample": c["sample"]})
-            return CheckResult(
-                "padding_invariant", False,
-                f"{expected}, observed max |diff| {c['max']:.3g} in {path} at sample {c['sample']}",
-                "remedy: the padded elements leak in: pool with the mask (sum(x * m) / sum(m),"
-                " masked_fill(-inf) before max/softmax), pass key_padding_mask to attention,"
-                " and check which mask value means padding (pad_flag)", metrics)
-    return CheckResult("padding_invariant", True, f"{expected}, observed equal outputs"
-                       f" ({len(base)} output tensors)", "", metrics)
+            return path, None, c
+    return None
+
+
+PADDING_REMEDY = ("remedy: the padded elements leak in: pool with the mask (sum(x * m) / sum(m),"
+                  " masked_fill(-inf) before max/softmax), pass key_padding_mask to attention,"
+                  " and check which mask value means padding (pad_flag)")
+
+
+@check(default=False, validate=_validate_padding)
+def padding_invariant(mask: Any, input_index: Any = 0, dim: Any = 1, pad: Any = 3,
+                      pad_flag: Any = 0, pad_value: Any = None, atol: Any = 1e-5,
+                      rtol: Any = 1e-4, *, subject: Subject) -> CheckResult:
+    """Appending `pad` masked (padding) elements along `dim` leaves the outputs unchanged.
+
+    ``mask`` names the mask input (int: positional, str: dict key or keyword); ``input_index``
+    the input(s) padded with it (``()``: the mask only). The mask gets ``pad_flag`` at the new
+    positions (0/False: the mask is 1/True for real elements; pass ``pad_flag=True`` for a
+    ``key_padding_mask``). The
+    padded elements are seeded random values (``pad_value=None``, zeros for integer inputs) or
+    ``pad_value``: masked content must not matter. Outputs that grew along ``dim`` by ``pad``
+    are compared on their first, real positions.
+
+    >>> import torch
+    >>> class MaskedMean(torch.nn.Module):
+    ...     def forward(self, x, m):
+    ...         return (x * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True)
+    >>> x, m = torch.randn(2, 4, 3), torch.ones(2, 4)
+    >>> padding_invariant(1, model=MaskedMean(), batch=((x, m), None)).passed
+    True
+    """
+    from ..core.batch import iter_tensors
+
+    work = subject.model_copy("eval")
+    data = subject.batch_copy()
+    n, new = _padded_inputs(data, mask, input_index, dim, pad, pad_flag, pad_value)
+    base = list(iter_tensors(_forward(work, data.clone()), "output"))
+    got = list(iter_tensors(_forward(work, _replaced(data.clone(), new)), "output"))
+    expected = (f"expected outputs unchanged when {pad} elements masked by {_ref_text(mask)} are"
+                f" appended along dim {dim}")
+    metrics = {"size": n, "pad": pad, "outputs": len(base)}
+    leak = _padding_leak(base, got, dim, pad, atol, rtol)
+    if leak is None:
+        return subject.passed(f"{expected}, observed equal outputs ({len(base)} output tensors)",
+                              "", metrics)
+    path, shapes, c = leak
+    if shapes is not None:
+        return subject.failed(f"{expected}, observed {path} shape {shapes[0]} -> {shapes[1]}", "",
+                              metrics)
+    metrics.update({"max_diff": c["max"], "output": path, "sample": c["sample"]})
+    return subject.failed(f"{expected}, observed max |diff| {c['max']:.3g} in {path} at sample"
+                          f" {c['sample']}", PADDING_REMEDY, metrics)
