@@ -214,40 +214,42 @@ def _reload_failure(subject: Subject, diff: tuple, metrics: dict) -> CheckResult
                           " set at construction", metrics)
 
 
-def _where(mname: str, attr: str) -> str:
-    return f"'{attr}' of module '{mname}'" if mname else f"'{attr}' of the model"
+# what state_dict does not save, by stage: (a details line per finding, the remedy, the
+# headline's observation), formatted with the module prefix, attribute, output path, difference
+_UNSAVED = {
+    "nonpersistent_buffer": (
+        "non-persistent buffer {prefix}{attr}: as a fresh instance builds it, {path} differs by"
+        " up to {value}",
+        "remedy: register it with persistent=True (the default) so that state_dict saves the"
+        " value set after construction",
+        "non-persistent buffer {where} (not in state_dict) was changed after construction; a"
+        " fresh instance changes {path} by up to {value}"),
+    "plain_attribute": (
+        "plain tensor attribute {prefix}{attr}: re-created, {path} differs by up to {value}",
+        "remedy: self.register_buffer(name, tensor) so that state_dict saves it (and .to(device)"
+        " moves it)",
+        "plain tensor attribute {where} (not in state_dict) changes them, {path} by up to"
+        " {value}"),
+}
 
 
-def _unsaved(subject: Subject, stage: str, found: list, metrics: dict, details: list,
-             observed: str) -> CheckResult:
-    """The failure for state that state_dict does not save (first of ``found`` in the metrics)."""
+def _unsaved_failure(subject: Subject, stage: str, found: list, metrics: dict) -> CheckResult:
+    """The failure for state that state_dict does not save: ``found`` holds ``(module name,
+    attribute, (output path, max diff))`` of each culprit."""
+    line, remedy, observed = _UNSAVED[stage]
+
+    def words(mname: str, attr: str, path: str, value: float) -> dict:
+        return {"prefix": mname + "." if mname else "", "attr": attr, "path": path,
+                "value": fmt(value),
+                "where": f"'{attr}' of module '{mname}'" if mname else f"'{attr}' of the model"}
+
+    details = [line.format(**words(m, a, p, v)) for m, a, (p, v) in found] + [remedy]
     mname, attr, (path, value) = found[0]
     metrics.update({"stage": stage, "attribute": f"{mname}.{attr}" if mname else attr,
                     "output": path, "max_abs_diff": value})
     return subject.failed(f"expected a reloaded state_dict to reproduce the outputs, observed"
-                          f" {observed}{and_more(found)}", details, metrics)
-
-
-def _lost_buffer_failure(subject: Subject, lost: list, metrics: dict) -> CheckResult:
-    mname, attr, (path, value) = lost[0]
-    details = [f"non-persistent buffer {m + '.' if m else ''}{a}: as a fresh instance builds"
-               f" it, {p} differs by up to {fmt(v)}" for m, a, (p, v) in lost]
-    details.append("remedy: register it with persistent=True (the default) so that"
-                   " state_dict saves the value set after construction")
-    return _unsaved(subject, "nonpersistent_buffer", lost, metrics, details,
-                    f"non-persistent buffer {_where(mname, attr)} (not in state_dict) was changed"
-                    f" after construction; a fresh instance changes {path} by up to {fmt(value)}")
-
-
-def _attribute_failure(subject: Subject, culprits: list, metrics: dict) -> CheckResult:
-    mname, attr, (path, value) = culprits[0]
-    details = [f"plain tensor attribute {m + '.' if m else ''}{a}: re-created, {p} differs by"
-               f" up to {fmt(v)}" for m, a, (p, v) in culprits]
-    details.append("remedy: self.register_buffer(name, tensor) so that state_dict saves it"
-                   " (and .to(device) moves it)")
-    return _unsaved(subject, "plain_attribute", culprits, metrics, details,
-                    f"plain tensor attribute {_where(mname, attr)} (not in state_dict) changes"
-                    f" them, {path} by up to {fmt(value)}")
+                          f" {observed.format(**words(mname, attr, path, value))}"
+                          f"{and_more(found)}", details, metrics)
 
 
 @check(default=True, validate=_validate_roundtrip)
@@ -304,10 +306,10 @@ def state_roundtrip(factory: Any = None, *, subject: Subject) -> CheckResult:
     if factory is None:
         culprits = _attribute_culprits(work, fresh, reference, forward, gen, metrics)
         if culprits:
-            return _attribute_failure(subject, culprits, metrics)
+            return _unsaved_failure(subject, "plain_attribute", culprits, metrics)
         lost = _lost_nonpersistent_buffers(work, fresh, reference, forward)
         metrics["nonpersistent_buffers_lost"] = len(lost)
         if lost:
-            return _lost_buffer_failure(subject, lost, metrics)
+            return _unsaved_failure(subject, "nonpersistent_buffer", lost, metrics)
     return subject.passed(f"expected a reloaded state_dict to reproduce the outputs, observed"
                           f" identical outputs ({len(saved)} saved tensors)", metrics=metrics)
