@@ -23,12 +23,15 @@ This module imports neither torch nor pytest at import time.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Optional
 
 from ..core.errors import ModelError, UsageError
 from ..core.result import CheckResult
-from .invariance import _compare, _get, _is_int, _ref_text, _replaced, _tolerances
+from ..core.units import is_int
+from .invariance import _compare, _get, _ref_text, _replaced, _tolerances
 from .registry import SkipCheck, check
+from .subject import Subject
 
 TOKEN_KEYS = ("input_ids", "inputs_embeds", "tokens", "ids", "x")
 MASK_KEYS = ("attention_mask",)
@@ -40,7 +43,7 @@ LEAK_PROBES = 64   # at most this many single-position probes to measure a leak'
 # shared helpers
 # --------------------------------------------------------------------------------------------
 def _input_ref(value: Any, arg: str = "input_index") -> Any:
-    if value is None or _is_int(value) or (isinstance(value, str) and value):
+    if value is None or is_int(value) or (isinstance(value, str) and value):
         return value
     raise UsageError(f"{arg}={value!r}: expected None (the first positional tensor, else"
                      " input_ids), a positional input index (int) or an input key (str) such as"
@@ -111,16 +114,16 @@ def _bad_positions(a: Any, b: Any, dim: int, atol: float, rtol: float) -> list:
 # --------------------------------------------------------------------------------------------
 def _validate_causal(dim: Any = 1, input_index: Any = None, positions: Any = None,
                      vocab_size: Any = None, atol: Any = 1e-5, rtol: Any = 1e-4) -> dict:
-    if not _is_int(dim):
+    if not is_int(dim):
         raise UsageError(f"dim={dim!r}: expected an int, the time (sequence) dimension of the"
                          " input and the output, such as 1 for (batch, time, ...)")
     if positions is not None:
         items = tuple(positions) if isinstance(positions, (list, tuple)) else (positions,)
-        if not items or not all(_is_int(p) and p >= 1 for p in items):
+        if not items or not all(is_int(p) and p >= 1 for p in items):
             raise UsageError(f"positions={positions!r}: expected None or a list of ints >= 1, the"
                              " boundaries s: inputs at positions >= s are altered")
         positions = tuple(sorted(set(items)))
-    if vocab_size is not None and (not _is_int(vocab_size) or vocab_size < 2):
+    if vocab_size is not None and (not is_int(vocab_size) or vocab_size < 2):
         raise UsageError(f"vocab_size={vocab_size!r}: expected None (read from the nn.Embedding"
                          " the ids feed) or an int >= 2, the number of token ids")
     return {"dim": dim, "input_index": _input_ref(input_index), "positions": positions,
@@ -153,6 +156,7 @@ def _alter(x: Any, dim: int, where: Any, vocab: Optional[int], gen: Any) -> Any:
         scale = max(float(x.detach().float().std()) if x.numel() > 1 else 1.0, 1.0)
         other = x + (torch.randn(x.shape, generator=gen) * scale).to(x.device, x.dtype)
     else:
+        assert vocab is not None, "token ids are altered within a vocabulary"
         shift = torch.randint(1, vocab, x.shape, generator=gen).to(x.device, x.dtype)
         other = (x + shift) % vocab
     return torch.where(sel, other, x)
@@ -202,10 +206,113 @@ def _first_leaking_module(work: Any, forward: Callable, x: Any, altered: Any, di
     return ""
 
 
+def _token_vocab(work: Any, data: Any, ref: Any, x: Any, vocab_size: Any) -> Optional[int]:
+    """The number of token ids to draw replacements from (None for float or bool inputs)."""
+    import torch
+
+    if x.is_floating_point() or x.is_complex() or x.dtype == torch.bool:
+        return None
+    vocab = vocab_size or _embedding_vocab(work, data, ref)
+    if vocab is None:
+        vocab = int(x.max()) + 1
+    if vocab < 2 or int(x.min()) < 0 or int(x.max()) >= vocab:
+        raise UsageError(f"{_ref_text(ref)}: cannot alter the token ids (ids in"
+                         f" [{int(x.min())}, {int(x.max())}], vocabulary {vocab}); pass"
+                         " vocab_size=")
+    return vocab
+
+
+@dataclass
+class _Leak:
+    """Output position ``t`` changed when inputs at positions >= ``s`` were altered; it sees the
+    input ``t + k`` (``k`` None: not found among the probes)."""
+
+    s: int
+    t: int
+    bad: list
+    size: float
+    k: Optional[int]
+    culprit: str
+
+
+@dataclass
+class _Probe:
+    """How the altered inputs are made and run: the prediction of ``forward(input)``."""
+
+    forward: Callable
+    x: Any
+    dim: int
+    vocab: Optional[int]
+    atol: float
+    rtol: float
+    gen: Any = None
+
+    def altered(self, where: Any) -> Any:
+        return _alter(self.x, self.dim, where, self.vocab, self.gen)
+
+    def changed(self, a: Any, b: Any) -> list:
+        return _bad_positions(a, b, self.dim, self.atol, self.rtol)
+
+
+def _leak_offset(probe: _Probe, base: Any, t: int, n: int) -> Optional[int]:
+    """The smallest k for which altering only the input at ``t + k`` changes output ``t``."""
+    import torch
+
+    ar, dim = torch.arange(n), probe.dim
+    for j in range(t + 1, min(n, t + 1 + LEAK_PROBES)):
+        got = probe.forward(probe.altered(ar == j))
+        if probe.changed(base.narrow(dim, t, 1), got.narrow(dim, t, 1)):
+            return j - t
+    return None
+
+
+def _find_leak(work: Any, probe: _Probe, base: Any, boundaries: tuple, n: int) -> Optional[_Leak]:
+    """The first boundary s whose altered future changes an output before s, or None."""
+    import torch
+
+    ar, dim = torch.arange(n), probe.dim
+    for s in boundaries:
+        altered = probe.altered(ar >= s)
+        got = probe.forward(altered)
+        a, b = base.narrow(dim, 0, s), got.narrow(dim, 0, s)
+        bad = probe.changed(a, b)
+        if not bad:
+            continue
+        t = bad[-1]
+        size = float(_positions_diff(a, b, dim)[t])
+        k = _leak_offset(probe, base, t, n)
+        culprit = _first_leaking_module(work, probe.forward, probe.x, altered, dim, s, probe.atol,
+                                        probe.rtol)
+        return _Leak(s, t, bad, size, k, culprit)
+    return None
+
+
+CAUSAL_REMEDY = ("remedy: mask attention with an upper-triangular mask that excludes the future"
+                 " (torch.triu(..., diagonal=1) set to -inf, or is_causal=True), pad convolutions on"
+                 " the left only, and keep pooling and normalisation over time out of the"
+                 " per-position path")
+
+
+def _leak_result(subject: Subject, expected: str, leak: _Leak, metrics: dict) -> CheckResult:
+    s, t, k = leak.s, leak.t, leak.k
+    seen = (f"it sees position {t + k}, {k} ahead" if k is not None else
+            f"it sees some position >= {s}, at least {s - t} ahead")
+    if leak.culprit:
+        metrics["module"] = leak.culprit.split(" (forward at")[0]
+    metrics.update({"boundary": s, "position": t, "leak_offset": k if k is not None else s - t,
+                    "max_diff": leak.size})
+    bad = leak.bad
+    details = ([f"first module whose output changed there: {leak.culprit}"] if leak.culprit else [])
+    details += [f"positions changed below boundary {s}: {bad[:16]}{' ...' if len(bad) > 16 else ''}",
+                CAUSAL_REMEDY]
+    return subject.failed(f"{expected}, observed output position {t} changed when only inputs at"
+                          f" positions >= {s} were altered: {seen} (max |diff| {leak.size:.2g})",
+                          details, metrics)
+
+
 @check(default=False, validate=_validate_causal)
 def causal(dim: Any = 1, input_index: Any = None, positions: Any = None, vocab_size: Any = None,
-           atol: Any = 1e-5, rtol: Any = 1e-4, *, model: Any, batch: Any, loss: Any = None,
-           device: Any = None) -> CheckResult:
+           atol: Any = 1e-5, rtol: Any = 1e-4, *, subject: Subject) -> CheckResult:
     """The output at position t does not depend on inputs after t (along `dim`).
 
     For each boundary s (``positions``; by default 1, the quarter points and the last two), the
@@ -225,31 +332,22 @@ def causal(dim: Any = 1, input_index: Any = None, positions: Any = None, vocab_s
     ...     def forward(self, x):
     ...         return x - x.mean(1, keepdim=True)
     >>> result = causal(model=Centred(), batch=torch.randn(2, 6, 3))
-    >>> print(result.headline.split("observed ")[1].split(" (max")[0])
-    output position 0 changed when only inputs at positions >= 1 were altered: it sees
-    position 1, 1 ahead
+    >>> print(result.headline.split("observed ")[1].split(": ")[0])
+    output position 0 changed when only inputs at positions >= 1 were altered
+    >>> print(result.headline.split(": ")[-1].split(" (max")[0])
+    it sees position 1, 1 ahead
     """
     import torch
 
-    from ..core.batch import copy_model
     from ..core.forward import run_forward
 
-    work = copy_model(model).to(device).eval()
-    data = batch.clone().to(device)
+    work, data = subject.model_copy("eval"), subject.batch_copy()
     ref, x = _pick_input(data, input_index)
     n = _time_size(x, dim, ref)
     if n < 2:
         raise UsageError(f"dim={dim}: {_ref_text(ref)} has {n} position(s) there; causality needs"
                          " at least 2")
-    vocab = None
-    if not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-        vocab = vocab_size or _embedding_vocab(work, data, ref)
-        if vocab is None:
-            vocab = int(x.max()) + 1
-        if vocab < 2 or int(x.min()) < 0 or int(x.max()) >= vocab:
-            raise UsageError(f"{_ref_text(ref)}: cannot alter the token ids (ids in"
-                             f" [{int(x.min())}, {int(x.max())}], vocabulary {vocab}); pass"
-                             " vocab_size=")
+    vocab = _token_vocab(work, data, ref, x, vocab_size)
     boundaries = positions or _default_boundaries(n)
     if boundaries[-1] >= n:
         raise UsageError(f"positions={list(positions)}: {_ref_text(ref)} has {n} positions along"
@@ -263,52 +361,22 @@ def causal(dim: Any = 1, input_index: Any = None, positions: Any = None, vocab_s
     if not -base.dim() <= dim < base.dim() or base.shape[dim] != n:
         raise UsageError(f"dim={dim}: the output has shape {list(base.shape)}, expected {n}"
                          f" positions along dim {dim} (one per input position)")
-    again = forward(x)
-    noise = _compare(base, again, atol, rtol)
+    noise = _compare(base, forward(x), atol, rtol)
     if noise["bad"]:
-        return CheckResult("causal", False, "expected a deterministic forward in eval mode,"
-                           f" observed two runs on the same input differ by {noise['max']:.3g}",
-                           "causality is judged by comparing outputs; make the forward"
-                           " deterministic in eval mode (no dropout or sampling)",
-                           {"max_diff": noise["max"]})
-    gen = torch.Generator().manual_seed(0)
-    ar = torch.arange(n)
+        return subject.failed("expected a deterministic forward in eval mode, observed two runs on"
+                              f" the same input differ by {noise['max']:.3g}",
+                              "causality is judged by comparing outputs; make the forward"
+                              " deterministic in eval mode (no dropout or sampling)",
+                              {"max_diff": noise["max"]})
+    probe = _Probe(forward, x, dim, vocab, atol, rtol, torch.Generator().manual_seed(0))
     expected = (f"expected outputs at positions < s unchanged when {_ref_text(ref)} is altered"
                 f" at positions >= s (dim {dim})")
     metrics: dict = {"positions": n, "boundaries": list(boundaries)}
-    for s in boundaries:
-        altered = _alter(x, dim, ar >= s, vocab, gen)
-        got = forward(altered)
-        a, b = base.narrow(dim, 0, s), got.narrow(dim, 0, s)
-        bad = _bad_positions(a, b, dim, atol, rtol)
-        if not bad:
-            continue
-        t = bad[-1]
-        size = float(_positions_diff(a, b, dim)[t])
-        k = None
-        for j in range(t + 1, min(n, t + 1 + LEAK_PROBES)):
-            probe = forward(_alter(x, dim, ar == j, vocab, gen))
-            if _bad_positions(base.narrow(dim, t, 1), probe.narrow(dim, t, 1), dim, atol, rtol):
-                k = j - t
-                break
-        seen = (f"it sees position {t + k}, {k} ahead" if k is not None else
-                f"it sees some position >= {s}, at least {s - t} ahead")
-        culprit = _first_leaking_module(work, forward, x, altered, dim, s, atol, rtol)
-        if culprit:
-            metrics["module"] = culprit.split(" (forward at")[0]
-        metrics.update({"boundary": s, "position": t, "leak_offset": k if k is not None else s - t,
-                        "max_diff": size})
-        return CheckResult(
-            "causal", False, f"{expected}, observed output position {t} changed when only inputs"
-            f" at positions >= {s} were altered: {seen} (max |diff| {size:.2g})",
-            (f"first module whose output changed there: {culprit}\n" if culprit else "")
-            + f"positions changed below boundary {s}: {bad[:16]}{' ...' if len(bad) > 16 else ''}\n"
-            "remedy: mask attention with an upper-triangular mask that excludes the future"
-            " (torch.triu(..., diagonal=1) set to -inf, or is_causal=True), pad convolutions on"
-            " the left only, and keep pooling and normalisation over time out of the per-position"
-            " path", metrics)
-    return CheckResult("causal", True, f"{expected}, observed no change at {len(boundaries)}"
-                       f" boundaries {list(boundaries)} of {n} positions", "", metrics)
+    leak = _find_leak(work, probe, base, boundaries, n)
+    if leak is not None:
+        return _leak_result(subject, expected, leak, metrics)
+    return subject.passed(f"{expected}, observed no change at {len(boundaries)} boundaries"
+                          f" {list(boundaries)} of {n} positions", "", metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,10 +384,10 @@ def causal(dim: Any = 1, input_index: Any = None, positions: Any = None, vocab_s
 # --------------------------------------------------------------------------------------------
 def _validate_kv(steps: Any = 4, prefix: Any = None, input_index: Any = None,
                  step_fn: Any = None, atol: Any = 1e-4, rtol: Any = 1e-4) -> dict:
-    if not _is_int(steps) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise UsageError(f"steps={steps!r}: expected an int >= 1, the tokens decoded one at a"
                          " time after the prefix")
-    if prefix is not None and (not _is_int(prefix) or prefix < 1):
+    if prefix is not None and (not is_int(prefix) or prefix < 1):
         raise UsageError(f"prefix={prefix!r}: expected None (all tokens but the last `steps`) or"
                          " an int >= 1, the tokens given in the first call")
     if step_fn is not None and not callable(step_fn):
@@ -410,10 +478,93 @@ def _user_stepper(work: Any, x: Any, step_fn: Callable) -> Callable:
     return step
 
 
+def _cache_route(model: Any, step_fn: Any) -> Optional[str]:
+    """The keyword a Hugging Face model takes its cache by (None with a ``step_fn``); SkipCheck
+    for a model with neither, or an encoder-decoder without a ``step_fn``."""
+    arg = _cache_arg(model) if step_fn is None else None
+    if step_fn is None and arg is None:
+        raise SkipCheck(f"{type(model).__name__}.forward takes no use_cache and cache (or"
+                        " past_key_values) arguments and no step_fn was given: pass"
+                        " step_fn(model, tokens, cache) -> (logits, cache) to check its cache")
+    if arg is not None and _takes(model, "decoder_input_ids"):
+        raise SkipCheck(f"{type(model).__name__} is an encoder-decoder (its forward takes"
+                        " decoder_input_ids): pass step_fn(model, tokens, cache) -> (logits, cache)"
+                        " to check the decoder's cache")
+    return arg
+
+
+@dataclass
+class _Decoded:
+    """What incremental decoding gave: the largest |diff| seen, and the first problem: no cache
+    returned, logits of another shape (``shape``: got, expected, start, stop), or logits off the
+    full forward's at ``position`` in call ``call`` (0: the prefix)."""
+
+    worst: float = 0.0
+    no_cache: bool = False
+    shape: Optional[tuple] = None
+    call: int = 0
+    position: Optional[int] = None
+    diff: float = 0.0
+
+
+def _decode(step: Callable, full: Any, calls: list, atol: float, rtol: float) -> _Decoded:
+    """Run ``step(start, stop, cache)`` over ``calls``, comparing each call's logits with
+    ``full[:, start:stop]``; stops at the first problem."""
+    got = _Decoded()
+    cache = None
+    for k, (start, stop) in enumerate(calls):
+        try:
+            logits, cache = step(start, stop, cache)
+        except _NoCache:
+            got.no_cache = True
+            return got
+        if logits.dim() == full.dim() - 1 and stop - start == 1:
+            logits = logits.unsqueeze(1)
+        ref_logits = full[:, start:stop]
+        if tuple(logits.shape) != tuple(ref_logits.shape):
+            got.shape = (list(logits.shape), list(ref_logits.shape), start, stop)
+            return got
+        diffs = _positions_diff(ref_logits, logits, 1)
+        got.worst = max(got.worst, float(diffs.max()))
+        bad = _bad_positions(ref_logits, logits, 1, atol, rtol)
+        if bad:
+            got.call, got.position, got.diff = k, start + bad[0], float(diffs[bad[0]])
+            return got
+    return got
+
+
+KV_REMEDY = ("remedy: the cached path must see exactly what the full forward sees: offset"
+             " positions (position_ids, rotary angles) by the cache length, append each new"
+             " key/value to the cache (not replace it), and mask the same past tokens")
+
+
+def _decode_result(subject: Subject, expected: str, got: _Decoded, first: int, steps: int,
+                   metrics: dict) -> CheckResult:
+    if got.no_cache:
+        return subject.failed(f"{expected}, observed no cache in the output of a call with"
+                              " use_cache=True", "", metrics)
+    if got.shape is not None:
+        shape, want, start, stop = got.shape
+        return subject.failed(f"{expected}, observed logits of shape {shape} for positions"
+                              f" {start}..{stop - 1}, expected {want}", "", metrics)
+    if got.position is not None:
+        pos, k = got.position, got.call
+        where = (f"position {pos} (in the prefix of {first} tokens)" if k == 0 else
+                 f"position {pos} (decode step {k} of {steps})")
+        metrics.update({"position": pos, "max_diff": got.diff})
+        return subject.failed(
+            f"{expected}, observed {where} off by max |diff| {got.diff:.3g}",
+            KV_REMEDY + ("" if k else "; a prefix mismatch means the forward itself is not causal"),
+            metrics)
+    metrics["max_diff"] = got.worst
+    return subject.passed(f"{expected}, observed equal logits at {first + steps} positions"
+                          f" (max |diff| {got.worst:.2g})", "", metrics)
+
+
 @check(default=False, validate=_validate_kv)
 def kv_cache_consistent(steps: Any = 4, prefix: Any = None, input_index: Any = None,
-                        step_fn: Any = None, atol: Any = 1e-4, rtol: Any = 1e-4, *, model: Any,
-                        batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+                        step_fn: Any = None, atol: Any = 1e-4, rtol: Any = 1e-4, *,
+                        subject: Subject) -> CheckResult:
     """Decoding one token at a time with the cache gives the full forward's logits.
 
     The tokens (``input_index``, shape (batch, time)) are split into a ``prefix`` (default: all
@@ -445,20 +596,12 @@ def kv_cache_consistent(steps: Any = 4, prefix: Any = None, input_index: Any = N
     >>> kv_cache_consistent(model=Bigram(), batch=ids).status   # no cache and no step_fn
     'skipped'
     """
-    from ..core.batch import copy_model
+    import torch
+
     from ..core.forward import run_forward
 
-    arg = _cache_arg(model) if step_fn is None else None
-    if step_fn is None and arg is None:
-        raise SkipCheck(f"{type(model).__name__}.forward takes no use_cache and cache (or"
-                        " past_key_values) arguments and no step_fn was given: pass"
-                        " step_fn(model, tokens, cache) -> (logits, cache) to check its cache")
-    if arg is not None and _takes(model, "decoder_input_ids"):
-        raise SkipCheck(f"{type(model).__name__} is an encoder-decoder (its forward takes"
-                        " decoder_input_ids): pass step_fn(model, tokens, cache) -> (logits, cache)"
-                        " to check the decoder's cache")
-    work = copy_model(model).to(device).eval()
-    data = batch.clone().to(device)
+    arg = _cache_route(subject.model, step_fn)
+    work, data = subject.model_copy("eval"), subject.batch_copy()
     if step_fn is None:
         data = _without_labels(data)
     ref, x = _pick_input(data, input_index)
@@ -470,53 +613,20 @@ def kv_cache_consistent(steps: Any = 4, prefix: Any = None, input_index: Any = N
     if n < 2 or first + steps > n:
         raise UsageError(f"prefix={prefix!r}, steps={steps}: {_ref_text(ref)} has {n} tokens;"
                          " prefix + steps must be at most that, with a prefix >= 1")
-    import torch
-
     with torch.no_grad():
         full = _prediction(run_forward(work, data))
     if full.dim() < 2 or tuple(full.shape[:2]) != tuple(x.shape[:2]):
         raise UsageError(f"the output has shape {list(full.shape)}; expected (batch, time, ...)"
                          f" logits for the {list(x.shape[:2])} tokens")
-    step = _user_stepper(work, x, step_fn) if step_fn is not None else \
+    step = _user_stepper(work, x, step_fn) if arg is None else \
         _hf_stepper(work, data, ref, x, arg)
     how = "step_fn" if step_fn is not None else f"use_cache=True and {arg}="
     expected = (f"expected the logits of incremental decoding ({how}; a prefix of {first} tokens,"
                 f" then {steps} single tokens) to equal the full forward's")
-    metrics: dict = {"prefix": first, "steps": steps, "tokens": n}
-    cache, worst = None, 0.0
     calls = [(0, first)] + [(i, i + 1) for i in range(first, first + steps)]
-    for k, (start, stop) in enumerate(calls):
-        try:
-            logits, cache = step(start, stop, cache)
-        except _NoCache:
-            return CheckResult("kv_cache_consistent", False, f"{expected}, observed no cache in"
-                               f" the output of a call with use_cache=True", "", metrics)
-        if logits.dim() == full.dim() - 1 and stop - start == 1:
-            logits = logits.unsqueeze(1)
-        ref_logits = full[:, start:stop]
-        if tuple(logits.shape) != tuple(ref_logits.shape):
-            return CheckResult("kv_cache_consistent", False, f"{expected}, observed logits of"
-                               f" shape {list(logits.shape)} for positions {start}..{stop - 1},"
-                               f" expected {list(ref_logits.shape)}", "", metrics)
-        diffs = _positions_diff(ref_logits, logits, 1)
-        worst = max(worst, float(diffs.max()))
-        bad = _bad_positions(ref_logits, logits, 1, atol, rtol)
-        if bad:
-            pos = start + bad[0]
-            where = (f"position {pos} (in the prefix of {first} tokens)" if k == 0 else
-                     f"position {pos} (decode step {k} of {steps})")
-            metrics.update({"position": pos, "max_diff": float(diffs[bad[0]])})
-            return CheckResult(
-                "kv_cache_consistent", False, f"{expected}, observed {where} off by max |diff|"
-                f" {float(diffs[bad[0]]):.3g}",
-                "remedy: the cached path must see exactly what the full forward sees: offset"
-                " positions (position_ids, rotary angles) by the cache length, append each new"
-                " key/value to the cache (not replace it), and mask the same past tokens"
-                + ("" if k else "; a prefix mismatch means the forward itself is not causal"),
-                metrics)
-    metrics["max_diff"] = worst
-    return CheckResult("kv_cache_consistent", True, f"{expected}, observed equal logits at"
-                       f" {first + steps} positions (max |diff| {worst:.2g})", "", metrics)
+    got = _decode(step, full, calls, atol, rtol)
+    return _decode_result(subject, expected, got, first, steps,
+                          {"prefix": first, "steps": steps, "tokens": n})
 
 
 # --------------------------------------------------------------------------------------------
@@ -584,9 +694,67 @@ def _untied(model: Any, group: tuple) -> Optional[str]:
     return None
 
 
+def _trained_stage(work: Any, data: Any, loss: Any) -> str:
+    """One Adam step (lr 1e-3) of ``work`` in train mode on ``loss`` (else the loss the model
+    computes, else mean(output**2)); the stage's name."""
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss, surrogate_loss
+    from ..core.outputs import model_loss, primary_output
+    from ..core.training import make_optimizer
+
+    work.train()
+    opt = make_optimizer("adam", work.parameters(), 1e-3)
+    opt.zero_grad(set_to_none=True)
+    out = run_forward(work, data)
+    if loss is not None:
+        total, _ = resolve_loss(loss, data, out).compute(out, data, work)
+    else:
+        total = model_loss(out)
+        if total is None:
+            total = surrogate_loss(primary_output(out))
+    if total.requires_grad:
+        total.backward()
+        opt.step()
+        return "after an optimizer step"
+    return "after a forward (the loss needs no grad: no step taken)"
+
+
+def _reloaded(work: Any, subject: Subject, factory: Any) -> Any:
+    """A fresh instance (``factory()`` or a copy of the user's model) on the device, loaded with
+    ``work``'s state_dict through ``torch.save``/``torch.load(weights_only=True)``."""
+    import io
+
+    import torch
+
+    from ..core.batch import copy_model
+
+    buffer = io.BytesIO()
+    torch.save(work.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = factory() if factory is not None else copy_model(subject.model)
+    fresh = fresh.to(subject.device)
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def _tied_stages(subject: Subject, factory: Any) -> Iterator[tuple]:
+    """``(stage, model)`` for each stage, made only when the previous one was judged."""
+    yield "as built", subject.model
+    work = subject.model_copy()
+    device = subject.device
+    yield (f"after .to({str(device)!r})" if device is not None else "after .to()"), work
+    yield _trained_stage(work, subject.batch_copy(), subject.loss), work
+    yield "after a state_dict save and load into a fresh instance", _reloaded(work, subject, factory)
+
+
+TIED_REMEDY = ("remedy: tie by assigning the same Parameter (self.head.weight = self.emb.weight)"
+               " and keep it so: do not re-create or clone either module in load_state_dict, .to()"
+               " or _apply, and re-tie after replacing one (Hugging Face: model.tie_weights())")
+
+
 @check(default=False, validate=_validate_tied)
-def tied_parameters(tied: Any, factory: Any = None, *, model: Any, batch: Any, loss: Any = None,
-                    device: Any = None) -> CheckResult:
+def tied_parameters(tied: Any, factory: Any = None, *, subject: Subject) -> CheckResult:
     """Declared tied parameters stay one tensor: as built, after .to(), a step and a reload.
 
     ``tied`` is a list of tuples of parameter names (as ``named_parameters(remove_duplicate=
@@ -609,71 +777,15 @@ def tied_parameters(tied: Any, factory: Any = None, *, model: Any, batch: Any, l
     >>> tied_parameters([("emb.weight", "head.weight")], model=TinyLM(), batch=ids).passed
     True
     """
-    import io
-
-    import torch
-
-    from ..core.batch import copy_model
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss, surrogate_loss
-    from ..core.outputs import model_loss, primary_output
-    from ..core.training import make_optimizer
-
-    _check_names(model, tied)
+    _check_names(subject.model, tied)
     pairs = "; ".join(" = ".join(g) for g in tied)
     expected = (f"expected {pairs} to be one tensor as built, after .to(), after an optimizer"
                 " step and after a state_dict save and load into a fresh instance")
     metrics: dict = {"groups": len(tied)}
-
-    def verdict(stage: str, work: Any) -> Optional[CheckResult]:
-        for group in tied:
-            why = _untied(work, group)
-            if why is not None:
-                metrics["stage"] = stage
-                return CheckResult(
-                    "tied_parameters", False, f"{expected}, observed {why} {stage}",
-                    "remedy: tie by assigning the same Parameter (self.head.weight ="
-                    " self.emb.weight) and keep it so: do not re-create or clone either module in"
-                    " load_state_dict, .to() or _apply, and re-tie after replacing one (Hugging"
-                    " Face: model.tie_weights())", metrics)
-        return None
-
-    bad = verdict("as built", model)
-    if bad:
-        return bad
-    work = copy_model(model).to(device)
-    bad = verdict(f"after .to({str(device)!r})" if device is not None else "after .to()", work)
-    if bad:
-        return bad
-    work.train()
-    data = batch.clone().to(device)
-    opt = make_optimizer("adam", work.parameters(), 1e-3)
-    opt.zero_grad(set_to_none=True)
-    out = run_forward(work, data)
-    if loss is not None:
-        total, _ = resolve_loss(loss, data, out).compute(out, data, work)
-    else:
-        total = model_loss(out)
-        if total is None:
-            total = surrogate_loss(primary_output(out))
-    if total.requires_grad:
-        total.backward()
-        opt.step()
-        stage = "after an optimizer step"
-    else:
-        stage = "after a forward (the loss needs no grad: no step taken)"
-    bad = verdict(stage, work)
-    if bad:
-        return bad
-    buffer = io.BytesIO()
-    torch.save(work.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
-    fresh = factory() if factory is not None else copy_model(model)
-    fresh = fresh.to(device)
-    fresh.load_state_dict(state)
-    bad = verdict("after a state_dict save and load into a fresh instance", fresh)
-    if bad:
-        return bad
-    return CheckResult("tied_parameters", True, f"{expected}, observed one tensor per group at all"
-                       " four stages", "", metrics)
+    for stage, work in _tied_stages(subject, factory):
+        why = next((w for w in (_untied(work, group) for group in tied) if w is not None), None)
+        if why is not None:
+            metrics["stage"] = stage
+            return subject.failed(f"{expected}, observed {why} {stage}", TIED_REMEDY, metrics)
+    return subject.passed(f"{expected}, observed one tensor per group at all four stages", "",
+                          metrics)
