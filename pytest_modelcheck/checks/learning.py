@@ -247,17 +247,18 @@ class _Learned:
     changed_buffers: list  # names
 
     @property
-    def s(self) -> str:
-        return "step" if self.steps == 1 else "steps"
+    def n_steps(self) -> str:
+        """``"1 step"`` or ``"N steps"``."""
+        return f"{self.steps} {'step' if self.steps == 1 else 'steps'}"
 
     @property
     def ran(self) -> str:
-        return f"{self.steps} {self.s}" + (
+        return self.n_steps + (
             f" (and {self.extra} more for zero-initialised parts to open)" if self.extra else "")
 
     @property
     def span(self) -> str:
-        return f"within {self.steps + self.extra} steps" if self.extra else f"after {self.steps} {self.s}"
+        return f"within {self.steps + self.extra} steps" if self.extra else f"after {self.n_steps}"
 
 
 def _train(run: _Run, steps: int) -> _Learned:
@@ -292,7 +293,7 @@ def _problem_lines(run: _Run, f: _Learned) -> list:
     """Details: parameters that did not (fully) change, frozen ones and buffers that did."""
     work, details = run.work, []
     if f.dead:
-        details.append(f"trainable parameters that did not change in {f.steps} {f.s} nor in"
+        details.append(f"trainable parameters that did not change in {f.n_steps} nor in"
                        f" {f.extra} more given for zero-initialised parts to open:" if f.extra else
                        "trainable parameters that did not change:")
         details += [f"  {n:40} {_WHY.get(g, g)}  ({owner(work, n)})" for n, g in f.dead[:20]]
@@ -319,7 +320,7 @@ def _healthy_lines(run: _Run, f: _Learned) -> list:
         zero_init = run.zero_initialised()
         gates = (f" (zero-initialised: {', '.join(zero_init[:3])}{and_more(zero_init[2:])})"
                  if zero_init else "")
-        details.append(f"information: {len(f.late)} tensors stayed unchanged after {f.steps} {f.s}"
+        details.append(f"information: {len(f.late)} tensors stayed unchanged after {f.n_steps}"
                        f" and moved once zero-initialised parts had a step to open{gates};"
                        " healthy:")
         details += [f"  {n:40} first nonzero gradient in step {run.first_grad.get(n, '?')}"
@@ -346,7 +347,7 @@ def _verdict(subject: Subject, run: _Run, f: _Learned, details: list,
                               f"{and_more(f.moved_frozen)}", details, metrics)
     if f.changed_buffers:
         n = f.changed_buffers[0]
-        return subject.failed(f"expected buffers of frozen modules unchanged after {f.steps} {f.s},"
+        return subject.failed(f"expected buffers of frozen modules unchanged after {f.n_steps},"
                               f" observed '{n}' ({owner(work, n)}) changed"
                               f"{and_more(f.changed_buffers)}", details, metrics)
     if f.dead:
