@@ -12,6 +12,7 @@ from ..core.errors import UsageError
 from ..core.result import CheckResult
 from ..core.units import UnitError, format_count, parse_count
 from .registry import check
+from .subject import Subject
 
 
 def _limit(limit: Any, example: str) -> int:
@@ -44,7 +45,9 @@ def _is_whole_count(limit: Any) -> bool:
     if not isinstance(limit, str):
         return True  # an int (parse_count refused the rest)
     num, rest = _split(limit, "")
-    factor = _COUNT_SUFFIXES[_COUNT_REST_RE.fullmatch(rest).group("suffix").lower()]
+    match = _COUNT_REST_RE.fullmatch(rest)
+    assert match is not None, "parse_count accepted the limit, so its rest is a suffix"
+    factor = _COUNT_SUFFIXES[match.group("suffix").lower()]
     with decimal.localcontext() as ctx:
         ctx.prec = 100
         return (decimal.Decimal(num) * factor) % 1 == 0
@@ -88,8 +91,7 @@ def _validate_params(limit: Any, trainable_only: Any = False) -> dict:
 
 
 @check(default=False, validate=_validate_flops)
-def flops_under(limit: Any, backward: bool = False, *, model: Any, batch: Any, loss: Any = None,
-                device: Any = None) -> CheckResult:
+def flops_under(limit: Any, backward: bool = False, *, subject: Subject) -> CheckResult:
     """FLOPs of one forward pass (backward=True: forward and backward) stay under `limit` (e.g. '4.1G').
 
     FLOPs = 2 x MACs (torch's convention; torchvision's published "GFLOPS" are MACs). Counted on
@@ -104,13 +106,11 @@ def flops_under(limit: Any, backward: bool = False, *, model: Any, batch: Any, l
     >>> flops_under(40, model=m, batch=torch.ones(2, 4)).passed
     False
     """
-    from ..core.batch import copy_model
     from ..core.flops import count_flops_batch
 
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
+    work, data = subject.model_copy(), subject.batch_copy()
     work.train(backward)
-    report = count_flops_batch(work, data, backward=backward, loss=loss)
+    report = count_flops_batch(work, data, backward=backward, loss=subject.loss)
     passed = report.flops <= limit
     what = "forward+backward FLOPs" if backward else "forward FLOPs"
     split = (f"; forward {format_count(report.forward_flops)}, backward"
@@ -140,7 +140,7 @@ def flops_under(limit: Any, backward: bool = False, *, model: Any, batch: Any, l
         "by_operator": dict(report.by_operator),
         "uncovered": dict(report.uncovered),
     }
-    return CheckResult("flops_under", passed, headline, "\n".join(details), metrics)
+    return subject.result(passed, headline, details, metrics)
 
 
 def _by_module_type(model: Any, trainable_only: bool) -> tuple:
@@ -164,8 +164,7 @@ def _by_module_type(model: Any, trainable_only: bool) -> tuple:
 
 
 @check(default=False, validate=_validate_params)
-def params_under(limit: Any, trainable_only: bool = False, *, model: Any, batch: Any,
-                 loss: Any = None, device: Any = None) -> CheckResult:
+def params_under(limit: Any, trainable_only: bool = False, *, subject: Subject) -> CheckResult:
     """The number of parameters (tied ones once; trainable_only=True: trainable only) stays under `limit` (e.g. '25M').
 
     One forward pass runs first, without gradients, on a copy of the model: it materializes
@@ -178,13 +177,11 @@ def params_under(limit: Any, trainable_only: bool = False, *, model: Any, batch:
     """
     import torch
 
-    from ..core.batch import copy_model
     from ..core.forward import run_forward
 
-    work = copy_model(model).to(device)
-    work.eval()
+    work = subject.model_copy("eval")
     with torch.no_grad():
-        run_forward(work, batch.clone().to(device))
+        run_forward(work, subject.batch_copy())
     by_type, tied = _by_module_type(work, trainable_only)
     total = sum(by_type.values())
     passed = total <= limit
@@ -203,4 +200,4 @@ def params_under(limit: Any, trainable_only: bool = False, *, model: Any, batch:
         details.append(f"over the limit by {format_count(total - limit)}")
     metrics = {"params": total, "limit_params": limit, "trainable_only": trainable_only,
                "by_module_type": dict(ranked), "tied": [list(t) for t in tied]}
-    return CheckResult("params_under", passed, headline, "\n".join(details), metrics)
+    return subject.result(passed, headline, details, metrics)

@@ -5,6 +5,7 @@ from typing import Any
 
 from ..core.result import CheckResult
 from .registry import check
+from .subject import Subject
 
 
 def _validate(spec: Any = None) -> dict:
@@ -14,8 +15,7 @@ def _validate(spec: Any = None) -> dict:
 
 
 @check(default=True, validate=_validate)
-def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
-              device: Any = None) -> CheckResult:
+def data_sane(spec: Any = None, *, subject: Subject) -> CheckResult:
     """The batch's inputs and target are finite, not constant per channel, and match ``spec``.
 
     Without a spec: every floating tensor is finite, and no channel (dim 1) of a floating input
@@ -37,15 +37,14 @@ def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
     """
     import torch
 
-    from ..core.batch import copy_model
     from ..core.datacheck import batch_problems, label_shift_problems
     from ..core.forward import run_forward
     from ..core.outputs import model_loss
 
-    data = batch.clone()
+    data = subject.batch.clone()  # judged where the user's batch lives, run on the device
     problems = batch_problems(data, spec)
     with torch.no_grad():  # the model accepts the data (a ModelError names the module otherwise)
-        out = run_forward(copy_model(model).to(device).eval(), data.clone().to(device))
+        out = run_forward(subject.model_copy("eval"), data.clone().to(subject.device))
     if (spec or {}).get("label_shift", True) and model_loss(out) is None:
         problems += label_shift_problems(data)
     metrics = {"problems": len(problems), "batch_size": data.batch_size,
@@ -54,9 +53,9 @@ def data_sane(spec: Any = None, *, model: Any, batch: Any, loss: Any = None,
     if problems:
         exp, obs = problems[0]
         extra = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-        return CheckResult("data_sane", False, f"expected {exp}, observed {obs}{extra}",
-                           details + "\nbatch: " + data.describe(), metrics)
+        return subject.failed(f"expected {exp}, observed {obs}{extra}",
+                              details + "\nbatch: " + data.describe(), metrics)
     what = "the declared spec" if spec else "finite values and varying channels"
-    return CheckResult("data_sane", True, f"expected {what}, observed them in a batch of"
-                       f" {data.batch_size} samples ({len(data.input_tensors())} input tensors)",
-                       "batch: " + data.describe(), metrics)
+    return subject.passed(f"expected {what}, observed them in a batch of {data.batch_size} samples"
+                          f" ({len(data.input_tensors())} input tensors)",
+                          "batch: " + data.describe(), metrics)

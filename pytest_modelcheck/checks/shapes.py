@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import ModelError, UsageError
 from ..core.result import CheckResult
 from .registry import check
+from .subject import Subject
 
 
 def _validate(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
@@ -100,10 +102,94 @@ def _build_inputs(obj: Any, spec: Any, env: dict) -> Any:
     return type(obj)(_build_inputs(o, s, env) for o, s in zip(obj, spec))
 
 
+@dataclass
+class _Inputs:
+    """The example batch and, with an ``inputs`` spec, its object and symbols bound on it."""
+
+    base: Any
+    spec: Any = None
+    obj: Any = None
+    env: dict = field(default_factory=dict)
+
+    def batch(self, combo: dict, bsz: int) -> tuple:
+        """``(env, batch)`` of one case: batch size ``bsz`` and the declared sizes ``combo``."""
+        from ..core.batch import Batch
+
+        if self.spec is None:
+            return {"B": bsz}, self.base.resized(bsz)
+        env = dict(self.env, **combo, B=bsz)
+        built = _build_inputs(self.obj, self.spec, env)
+        args = (built,) if self.obj is not self.base.args else tuple(built)
+        return env, Batch(args=args, kwargs=self.base.kwargs)
+
+
+def _batch_dim_errors(output: Any, bsz: int, fixed_env: dict) -> list:
+    """Without an ``out`` spec: each output tensor (but the model's own loss) leads with the batch
+    size and keeps its other dims (recorded in ``fixed_env``) across batch sizes."""
+    from ..core.batch import iter_tensors
+    from ..core.outputs import model_loss
+
+    errs = []
+    own_loss = model_loss(output)  # the loss a model computed itself is a scalar
+    for path, t in iter_tensors(output, "output"):
+        if t is own_loss:
+            continue
+        if t.dim() == 0 or t.shape[0] != bsz:
+            errs.append(f"{path} {tuple(t.shape)}: first dim is "
+                        f"{t.shape[0] if t.dim() else 'absent'}, expected B={bsz}")
+        else:
+            key = f"{path}.shape[1:]"
+            if key in fixed_env and fixed_env[key] != tuple(t.shape[1:]):
+                errs.append(f"{path} {tuple(t.shape)}: trailing dims changed from "
+                            f"{fixed_env[key]} with the batch size")
+            fixed_env.setdefault(key, tuple(t.shape[1:]))
+    return errs
+
+
+def _run_combo(work: Any, inputs: _Inputs, combo: dict, batch_sizes: tuple, out: Any,
+               runs: list, failures: list) -> None:
+    """Run every batch size at the declared sizes ``combo``; append to ``runs`` (``{"case",
+    "outputs"}``) and ``failures`` (``(label, message, batch)``)."""
+    import torch
+
+    from ..core.batch import iter_tensors
+    from ..core.forward import run_forward
+    from ..core.shapes import match_structure
+
+    # symbols seen only in the outputs (or trailing output dims) must stay constant across
+    # batch sizes; they may follow the declared input sizes, so they are re-bound per combo
+    fixed_env: dict = {}
+    for bsz in batch_sizes:
+        env, run_batch = inputs.batch(combo, bsz)
+        pristine = run_batch.clone()
+        label = ", ".join(f"{k}={v}" for k, v in env.items() if k == "B" or k in combo)
+        try:
+            with torch.no_grad():
+                output = run_forward(work, run_batch)
+        except ModelError as exc:
+            failures.append((label, str(exc), pristine))
+            continue
+        mutated = run_batch.differs_from(pristine)
+        if mutated:
+            failures.append((label, f"the model changed its input {mutated[0]} in place", pristine))
+            continue
+        env_out = dict(env, **{k: v for k, v in fixed_env.items() if k not in env})
+        if out is not None:
+            errs = match_structure(output, out, env_out)
+            for k, v in env_out.items():
+                if k not in env:
+                    fixed_env.setdefault(k, v)
+        else:
+            errs = _batch_dim_errors(output, bsz, fixed_env)
+        shapes = [f"{p} {tuple(t.shape)}" for p, t in iter_tensors(output, "output")]
+        runs.append({"case": label, "outputs": shapes})
+        if errs:
+            failures.append((label, errs[0], run_batch))
+
+
 @check(default=True, validate=_validate)
 def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any = None,
-                      sizes: Any = None, *, model: Any, batch: Any, loss: Any = None,
-                      device: Any = None) -> CheckResult:
+                      sizes: Any = None, *, subject: Subject) -> CheckResult:
     """Outputs follow `out` (e.g. ('B', 10)) for every batch size and declared input size; inputs untouched.
 
     Without ``out``, every output tensor must keep the batch size as its first dimension and
@@ -116,84 +202,30 @@ def shapes_consistent(out: Any = None, batch_sizes: Any = (1, 2, 3), inputs: Any
     >>> shapes_consistent(("B", 10), model=m, batch=torch.zeros(2, 4)).passed
     True
     """
-    import torch
-
-    from ..core.batch import Batch, copy_model, iter_tensors
-    from ..core.forward import run_forward
-    from ..core.outputs import model_loss
-    from ..core.shapes import match_structure
     from ..core.trace import trace_batch
 
-    work = copy_model(model).to(device).eval()
-    base = batch.clone().to(device)
+    work, base = subject.model_copy("eval"), subject.batch_copy()
+    given = _Inputs(base)
     if inputs is not None:
         in_obj, in_env = _input_env(base, inputs)
+        given = _Inputs(base, inputs, in_obj, in_env)
     symbols = sorted(sizes)
     combos = [dict(zip(symbols, vals)) for vals in itertools.product(*(sizes[s] for s in symbols))] or [{}]
-    runs, failures = [], []
+    runs: list = []
+    failures: list = []
     for combo in combos:
-        # symbols seen only in the outputs (or trailing output dims) must stay constant across
-        # batch sizes; they may follow the declared input sizes, so they are re-bound per combo
-        fixed_env: dict = {}
-        for bsz in batch_sizes:
-            if inputs is not None:
-                env = dict(in_env, **combo, B=bsz)
-                built = _build_inputs(in_obj, inputs, env)
-                args = (built,) if in_obj is not base.args else tuple(built)
-                run_batch = Batch(args=args, kwargs=base.kwargs)
-            else:
-                env = {"B": bsz}
-                run_batch = base.resized(bsz)
-            pristine = run_batch.clone()
-            label = ", ".join(f"{k}={v}" for k, v in env.items() if k == "B" or k in combo)
-            try:
-                with torch.no_grad():
-                    output = run_forward(work, run_batch)
-            except ModelError as exc:
-                failures.append((label, str(exc), pristine))
-                continue
-            mutated = run_batch.differs_from(pristine)
-            if mutated:
-                failures.append((label, f"the model changed its input {mutated[0]} in place", pristine))
-                continue
-            env_out = dict(env, **{k: v for k, v in fixed_env.items() if k not in env})
-            if out is not None:
-                errs = match_structure(output, out, env_out)
-            else:
-                errs = []
-                own_loss = model_loss(output)  # the loss a model computed itself is a scalar
-                for path, t in iter_tensors(output, "output"):
-                    if t is own_loss:
-                        continue
-                    if t.dim() == 0 or t.shape[0] != bsz:
-                        errs.append(f"{path} {tuple(t.shape)}: first dim is "
-                                    f"{t.shape[0] if t.dim() else 'absent'}, expected B={bsz}")
-                    else:
-                        key = f"{path}.shape[1:]"
-                        if key in fixed_env and fixed_env[key] != tuple(t.shape[1:]):
-                            errs.append(f"{path} {tuple(t.shape)}: trailing dims changed from "
-                                        f"{fixed_env[key]} with the batch size")
-                        fixed_env.setdefault(key, tuple(t.shape[1:]))
-            for k, v in env_out.items():
-                if k not in env and out is not None:
-                    fixed_env.setdefault(k, v)
-            shapes = [f"{p} {tuple(t.shape)}" for p, t in iter_tensors(output, "output")]
-            runs.append({"case": label, "outputs": shapes})
-            if errs:
-                failures.append((label, errs[0], run_batch))
+        _run_combo(work, given, combo, batch_sizes, out, runs, failures)
     metrics = {"cases": len(runs) + len(failures), "failed_cases": len(failures),
                "runs": runs[:20]}
     expect = f"outputs {out!r}" if out is not None else "outputs with leading dim B"
     cases = f"batch sizes {list(batch_sizes)}" + (f" and {dict(sizes)}" if sizes else "")
     if failures:
         label, msg, failed_batch = failures[0]
-        trace = trace_batch(copy_model(model).to(device).eval(), failed_batch.clone())
+        trace = trace_batch(subject.model_copy("eval"), failed_batch.clone())
         details = [f"case {label}: {msg}"]
         details += [f"case {lb}: {m}" for lb, m, _ in failures[1:6]]
         details += ["", f"forward data flow for case {label} (* = shape changes):", trace.render()]
-        return CheckResult("shapes_consistent", False,
-                           f"expected {expect} for {cases}, observed at {label}: {msg}",
-                           "\n".join(details), metrics)
-    return CheckResult("shapes_consistent", True,
-                       f"expected {expect} for {cases}, observed consistent shapes in"
-                       f" {len(runs)} cases", "", metrics)
+        return subject.failed(f"expected {expect} for {cases}, observed at {label}: {msg}", details,
+                              metrics)
+    return subject.passed(f"expected {expect} for {cases}, observed consistent shapes in"
+                          f" {len(runs)} cases", "", metrics)

@@ -39,6 +39,14 @@ def _validate_index(input_index: Any) -> int:
     return input_index
 
 
+def _validate_declared(sizes: Any, input_index: Any, example: str) -> dict:
+    """The ``sizes`` and ``input_index`` arguments of a check that tries declared sizes;
+    ``example`` completes "sizes=None: expected ..." when no sizes are given."""
+    if sizes is None:
+        raise UsageError(f"sizes=None: expected {example}")
+    return {"sizes": _validate_sizes(sizes, "sizes"), "input_index": _validate_index(input_index)}
+
+
 def _label(size: Any) -> str:
     """``20`` for a cube (or an int), ``(20, 24)`` otherwise."""
     if is_int(size):

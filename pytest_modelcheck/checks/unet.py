@@ -8,20 +8,18 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.errors import ModelError, UsageError
+from ..core.errors import ModelError
 from ..core.result import CheckResult
 from ..core.units import is_int
 from .registry import SkipCheck, check
 from .spatial import (_input_tensor, _label, _labels, _module_stack, _resized, _root_name,
-                      _validate_index, _validate_sizes)
+                      _validate_declared)
 from .subject import Subject
 
 
 def _validate_unet(sizes: Any = None, input_index: Any = 0) -> dict:
-    if sizes is None:
-        raise UsageError("sizes=None: expected the input sizes to try, such as sizes=[16, 24]"
-                         " or sizes=[(16, 16, 16), (24, 24, 24)]")
-    return {"sizes": _validate_sizes(sizes, "sizes"), "input_index": _validate_index(input_index)}
+    return _validate_declared(sizes, input_index, "the input sizes to try, such as sizes=[16, 24]"
+                              " or sizes=[(16, 16, 16), (24, 24, 24)]")
 
 
 def _cat_mismatch(shapes: list, dim: int) -> Optional[dict]:

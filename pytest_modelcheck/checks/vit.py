@@ -7,20 +7,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from ..core.errors import ModelError, UsageError
+from ..core.errors import ModelError
 from ..core.result import CheckResult
 from ..core.units import is_int
 from .registry import SkipCheck, check
 from .spatial import (_input_tensor, _label, _labels, _module_stack, _resized, _storage,
-                      _validate_index, _validate_sizes)
+                      _validate_declared)
 from .subject import Subject
 
 
 def _validate_vit(sizes: Any = None, input_index: Any = 0) -> dict:
-    if sizes is None:
-        raise UsageError("sizes=None: expected the image sizes to try, such as sizes=[16, 32]"
-                         " or sizes=[(16, 16, 16)]")
-    return {"sizes": _validate_sizes(sizes, "sizes"), "input_index": _validate_index(input_index)}
+    return _validate_declared(sizes, input_index, "the image sizes to try, such as sizes=[16, 32]"
+                              " or sizes=[(16, 16, 16)]")
 
 
 def _patch_embedding(model: Any) -> tuple:
