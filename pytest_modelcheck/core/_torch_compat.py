@@ -177,6 +177,21 @@ def mem_tracker_snapshot(tracker: Any) -> dict:
     return require("MemTracker._curr_mem_snap", lambda: tracker._curr_mem_snap)
 
 
+def mem_tracker_mod_state() -> type:
+    """``torch.distributed._tools.mem_tracker._ModState``: the module states (``PRE_FW``,
+    ``POST_FW``, ``PEAK_FW``, ...) that key a tracked module's snapshots.
+
+    >>> mem_tracker_mod_state().PEAK_FW.name
+    'PEAK_FW'
+    """
+    def get() -> type:
+        from torch.distributed._tools.mem_tracker import _ModState
+
+        return _ModState
+
+    return require("torch.distributed._tools.mem_tracker._ModState", get)
+
+
 def foreach_norm(tensors: list, ord: float = 2) -> list:
     """One norm per tensor in one fused call (``torch._foreach_norm``), a loop where absent.
 

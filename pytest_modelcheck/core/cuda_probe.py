@@ -141,7 +141,8 @@ def layout_alternatives(sig: str) -> list:
         if isinstance(x, list):
             return [contiguous(v) for v in x]
         if isinstance(x, dict) and "T" in x and len(x["T"]) >= 4 and x["T"][0] == 1:
-            strides, step = [], 1
+            strides: list = []
+            step = 1
             for n in reversed(x["T"]):
                 strides.insert(0, step)
                 step *= max(n, 1)

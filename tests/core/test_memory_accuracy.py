@@ -774,16 +774,16 @@ def test_convolution_cases_within_five_percent_on_sixteen_threads() -> None:
     ("ALL", "avx2", "avx2"), ("not-an-isa", "avx512", "avx512"), ("", "", "")])
 def test_onednn_isa_follows_the_cpu_and_its_limit(monkeypatch, limit: str, cpu: str,
                                                   isa: str) -> None:
-    import pytest_modelcheck.core.memory as memory
+    from pytest_modelcheck.core.memory.rules import onednn
 
-    monkeypatch.setattr(memory, "_cpu_isa", lambda: cpu)
+    monkeypatch.setattr(onednn, "_cpu_isa", lambda: cpu)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", limit)
-    assert memory._onednn_isa() == isa
+    assert onednn._onednn_isa() == isa
     # the older name is read where the newer one is not set
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
     monkeypatch.setenv("DNNL_MAX_CPU_ISA", limit)
-    assert memory._onednn_isa() == isa
+    assert onednn._onednn_isa() == isa
 
 
 def test_unmodelled_isa_adds_no_onednn_workspace(monkeypatch) -> None:
@@ -791,8 +791,9 @@ def test_unmodelled_isa_adds_no_onednn_workspace(monkeypatch) -> None:
     # workspace is added rather than another ISA's numbers. The im2col rule does not depend
     # on oneDNN and stays.
     import pytest_modelcheck.core.memory as memory
+    from pytest_modelcheck.core.memory.rules import onednn
 
-    monkeypatch.setattr(memory, "_onednn_isa", lambda: "")
+    monkeypatch.setattr(onednn, "_onednn_isa", lambda: "")
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 16, 3, padding=1)
     x = torch.randn(4, 16, 32, 32)
@@ -887,7 +888,9 @@ def test_fused_attention_rules_apply_to_cpu_and_cuda_estimates(monkeypatch) -> N
 
     seen = []
     rule = memory._attention_workspace
-    monkeypatch.setattr(memory, "_attention_workspace",
+    from pytest_modelcheck.core.memory.rules import attention
+
+    monkeypatch.setattr(attention, "_attention_workspace",
                         lambda name, args: seen.append(name) or rule(name, args))
     torch.manual_seed(0)
     model = _SelfAttention()
