@@ -1,6 +1,6 @@
 """memory_under: the peak memory of one training (or inference) step stays under a limit.
 
-The step runs on a deep copy of the model and of the batch (see ``core/memory.py``): measured
+The step runs on a deep copy of the model and of the batch (see ``core/memory/``): measured
 from the allocator on CPU, and on CUDA when a GPU is present; estimated on fake tensors when
 CUDA is requested on a machine without one, or when the model lives on the ``meta`` device.
 An estimate runs in a worker process (``core/isolate.py``): if fake tensors abort the
@@ -17,6 +17,7 @@ from ..core.result import CheckResult
 from ..core.training import validate_optimizer
 from ..core.units import UnitError, format_bytes, parse_bytes
 from .registry import SkipCheck, check
+from .subject import Subject
 
 PHASES = ("train", "inference")
 _SHORT_METHOD = {
@@ -59,8 +60,8 @@ def _short(value: Any) -> str:
 
 
 @check(default=False, validate=_validate, absent_device_ok=True)
-def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, model: Any,
-                 batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *,
+                 subject: Subject) -> CheckResult:
     """Peak memory of one training step (or phase='inference') stays under `limit` (e.g. '2 GiB').
 
     A training step is forward, loss, backward and one optimizer step (the optimizer state
@@ -76,33 +77,18 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
     >>> memory_under("1 MiB", phase="inference", model=m, batch=torch.ones(256, 1024)).passed
     False
     """
-    from ..core.isolate import IsolatedCrash, NotIsolatable, run_isolated
-    from ..core.memory import (EstimateError, isolated_estimate_step, step_is_estimated,
-                               step_memory)
+    from ..core.isolate import IsolatedCrash
+    from ..core.memory import EstimateError
 
     what = "a training step" if phase == "train" else "an inference step"
-    notes = []
+    notes: list = []
     try:
-        if step_is_estimated(model, device):
-            # Fake tensors can abort the interpreter: estimate in a worker process.
-            try:
-                report = run_isolated(isolated_estimate_step, model, batch, loss, phase=phase,
-                                      optimizer=optimizer, device=device, what="the estimate")
-            except NotIsolatable as exc:
-                notes.append(f"note: the estimate ran in the test process, not in a worker"
-                             f" process, because the model, batch or loss cannot be pickled"
-                             f" ({exc}); define them at the top level of an importable module"
-                             f" to guard the session against native crashes")
-                report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
-                                     device=device)
-        else:
-            report = step_memory(model, batch, loss, phase=phase, optimizer=optimizer,
-                                 device=device)
+        report = _step_report(subject, phase, optimizer, notes)
     except EstimateError as exc:
         raise SkipCheck(f"memory_under: cannot estimate the peak memory of {what} on"
-                        f" {device}: {exc}") from None
+                        f" {subject.device}: {exc}") from None
     except IsolatedCrash as exc:
-        return _crashed(exc, what, limit, phase, device)
+        return _crashed(subject, exc, what, limit, phase)
     passed = report.peak_bytes <= limit
     verb = "estimated" if report.estimated else "observed"
     method = _SHORT_METHOD.get(report.method, report.method)
@@ -113,24 +99,55 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
         how = f"measured: {method}"
     headline = (f"expected peak memory of {what} under {format_bytes(limit)}, {verb}"
                 f" {format_bytes(report.peak_bytes)} (peak in {report.peak_phase}; {how})")
-    details = [report.render()] + notes
+    details = [report.render()] + notes + _notes(report, passed, limit)
+    return subject.result(passed, headline, details, _metrics(report, limit),
+                          estimated=report.estimated)
+
+
+def _step_report(subject: Subject, phase: str, optimizer: Any, notes: list) -> Any:
+    """The step's ``MemoryReport``: measured, or estimated in a worker process (fake tensors
+    can abort the interpreter), or in this process when the inputs cannot be pickled (a note
+    is appended to ``notes`` then)."""
+    from ..core.isolate import NotIsolatable, run_isolated
+    from ..core.memory import isolated_estimate_step, step_is_estimated, step_memory
+
+    model, batch, loss, device = subject.model, subject.batch, subject.loss, subject.device
+    if step_is_estimated(model, device):
+        try:
+            return run_isolated(isolated_estimate_step, model, batch, loss, phase=phase,
+                                optimizer=optimizer, device=device, what="the estimate")
+        except NotIsolatable as exc:
+            notes.append(f"note: the estimate ran in the test process, not in a worker"
+                         f" process, because the model, batch or loss cannot be pickled"
+                         f" ({exc}); define them at the top level of an importable module"
+                         f" to guard the session against native crashes")
+    return step_memory(model, batch, loss, phase=phase, optimizer=optimizer, device=device)
+
+
+def _notes(report: Any, passed: bool, limit: int) -> list:
+    """The lines after the report: the second step's peak, cuDNN's bound, the remedy."""
+    lines = []
     if report.phase == "train" and report.optimizer_state_bytes:
         worst_fw_bw = max(v for p, v in report.phase_peaks.items() if p != "optimizer step")
         later = worst_fw_bw + report.optimizer_state_bytes
         if later > report.peak_bytes:
-            details.append(
+            lines.append(
                 f"note: from the second step on, the optimizer state"
                 f" ({format_bytes(report.optimizer_state_bytes)}) is alive during forward and"
                 f" backward too, which puts their peak near {format_bytes(later)}")
     upper = report.peak_upper_bytes
     if passed and upper is not None and upper > limit:
-        details.append(f"warning: under the limit as estimated, but cuDNN's convolution"
-                       f" workspaces (not in the estimate) could take the peak to up to"
-                       f" {format_bytes(upper)}, over {format_bytes(limit)}")
+        lines.append(f"warning: under the limit as estimated, but cuDNN's convolution"
+                     f" workspaces (not in the estimate) could take the peak to up to"
+                     f" {format_bytes(upper)}, over {format_bytes(limit)}")
     if not passed:
-        details.append(f"over the limit by {format_bytes(report.peak_bytes - limit)}")
-        details.append(_remedy(report))
-    metrics = {
+        lines.append(f"over the limit by {format_bytes(report.peak_bytes - limit)}")
+        lines.append(_remedy(report))
+    return lines
+
+
+def _metrics(report: Any, limit: int) -> dict:
+    return {
         "peak_bytes": report.peak_bytes,
         "limit_bytes": limit,
         "peak_phase": report.peak_phase,
@@ -142,13 +159,11 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *, m
         "breakdown": dict(report.breakdown),
         "phase_peaks": dict(report.phase_peaks),
         "top_modules": [list(item) for item in report.top_modules],
-        "peak_upper_bytes": upper,
+        "peak_upper_bytes": report.peak_upper_bytes,
     }
-    return CheckResult("memory_under", passed, headline, details="\n".join(details),
-                       metrics=metrics, estimated=report.estimated)
 
 
-def _crashed(exc: Any, what: str, limit: int, phase: str, device: Any) -> CheckResult:
+def _crashed(subject: Subject, exc: Any, what: str, limit: int, phase: str) -> CheckResult:
     """A failed result for an estimate whose worker process died (the session goes on)."""
     cause = exc.signal_name or f"exit status {exc.returncode}"
     if exc.signal_name == "SIGKILL":
@@ -164,10 +179,9 @@ def _crashed(exc: Any, what: str, limit: int, phase: str, device: Any) -> CheckR
     details.append("remedy: fake tensors or a native kernel aborted the interpreter; run the"
                    " step on a machine with the target device to measure it, or estimate on"
                    " device='cpu'")
-    metrics = {"limit_bytes": limit, "phase": phase, "device": str(device),
+    metrics = {"limit_bytes": limit, "phase": phase, "device": str(subject.device),
                "estimated": True, "crashed": cause, "returncode": exc.returncode}
-    return CheckResult("memory_under", False, headline, details="\n".join(details),
-                       metrics=metrics, estimated=True)
+    return subject.failed(headline, details, metrics, estimated=True)
 
 
 def _remedy(report: Any) -> str:

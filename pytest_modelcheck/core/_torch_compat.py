@@ -192,6 +192,21 @@ def mem_tracker_mod_state() -> type:
     return require("torch.distributed._tools.mem_tracker._ModState", get)
 
 
+def cpu_isa_support() -> dict:
+    """Whether this CPU has AVX-512 and AVX2, as torch's cpuinfo reads the hardware
+    (``torch.cpu._is_avx512_supported``, ``_is_avx2_supported``; environment variables such as
+    ATEN_CPU_CAPABILITY do not lower it).
+
+    >>> sorted(cpu_isa_support())
+    ['avx2', 'avx512']
+    """
+    import torch
+
+    avx512 = require("torch.cpu._is_avx512_supported", lambda: torch.cpu._is_avx512_supported)
+    avx2 = require("torch.cpu._is_avx2_supported", lambda: torch.cpu._is_avx2_supported)
+    return {"avx512": bool(avx512()), "avx2": bool(avx2())}
+
+
 def foreach_norm(tensors: list, ord: float = 2) -> list:
     """One norm per tensor in one fused call (``torch._foreach_norm``), a loop where absent.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..._torch_compat import conv_backend_members, select_conv_backend
+from ..._torch_compat import conv_backend_members, cpu_isa_support, select_conv_backend
 from ._common import _CONV_BLOCK, _PAGE, _SCRATCHPAD_PAD, _cdiv, _numel, _pad8, _pad16, _threads
 
 
@@ -26,8 +26,8 @@ def _cpu_isa() -> str:
 
     if not _CPU_ISA:
         try:
-            isa = "avx512" if torch.cpu._is_avx512_supported() else \
-                "avx2" if torch.cpu._is_avx2_supported() else ""
+            has = cpu_isa_support()
+            isa = "avx512" if has["avx512"] else "avx2" if has["avx2"] else ""
         except Exception:  # noqa: BLE001 - an older torch: ATen's capability (env can lower it)
             capability = str(torch.backends.cpu.get_cpu_capability()).upper()
             isa = "avx512" if capability.startswith("AVX512") else \
