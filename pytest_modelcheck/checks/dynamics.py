@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
 from .registry import SkipCheck, check, validate_steps
+from .subject import Subject
 
 SCHEDULES = ("warmup_cosine", "cosine", "linear_warmup", "cyclic", "triangular")
 
@@ -49,7 +50,8 @@ class _InferredLoss:
     so neither the copy nor the forward is needed."""
 
     def __init__(self, data: Any) -> None:
-        self.data, self.loss = data, None
+        self.data = data
+        self.loss: Any = None
 
     def compute(self, output: Any, batch: Any, model: Any = None) -> tuple:
         if self.loss is None:
@@ -207,10 +209,20 @@ def _save_plot(path: Any, lrs: list, expected: list, losses: list) -> None:
     fig.savefig(path, format="png")
 
 
+def _expected_lrs(expected: Any, lr: float, steps: int) -> tuple:
+    """``(expected lr per step, schedule name)`` of a validated ``expected``."""
+    if callable(expected):
+        fn, name = expected, getattr(expected, "__name__", "callable")
+    else:
+        kind, params = expected
+        fn, name = expected_lr(kind, params, lr, steps), kind
+    return [float(fn(t)) for t in range(steps)], name
+
+
 @check(default=False, validate=_validate_lr)
 def lr_schedule(scheduler: Any = None, expected: Any = None, steps: Any = 20, tolerance: Any = 0.02,
-                lr: Any = 0.01, optimizer: Any = "sgd", plot: Any = None, *, model: Any, batch: Any,
-                loss: Any = None, device: Any = None) -> CheckResult:
+                lr: Any = 0.01, optimizer: Any = "sgd", plot: Any = None, *,
+                subject: Subject) -> CheckResult:
     """The optimizer's learning rate over ``steps`` follows the declared schedule shape.
 
     ``scheduler`` is ``factory(optimizer) -> LR scheduler``; ``expected`` a name from
@@ -226,19 +238,11 @@ def lr_schedule(scheduler: Any = None, expected: Any = None, steps: Any = 20, to
     >>> lr_schedule(cos, "cosine", steps=10, model=m, batch=b).passed
     True
     """
-    from ..core.batch import copy_model
-
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
-    lossfn = _resolved_loss(loss, data, model, device)
+    work, data = subject.model_copy(), subject.batch_copy()
+    lossfn = _resolved_loss(subject.loss, data, subject.model, subject.device)
     lrs, losses = run_with_scheduler(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr,
                                      scheduler=scheduler)
-    if callable(expected):
-        fn, name = expected, getattr(expected, "__name__", "callable")
-    else:
-        kind, params = expected
-        fn, name = expected_lr(kind, params, lr, steps), kind
-    want = [float(fn(t)) for t in range(steps)]
+    want, name = _expected_lrs(expected, lr, steps)
     peak = max([abs(v) for v in want] + [lr])
     bad = [t for t in range(steps) if not abs(lrs[t] - want[t]) <= tolerance * peak]
     metrics = {"lrs": lrs, "expected_lrs": want, "losses": losses, "schedule": name,
@@ -248,16 +252,14 @@ def lr_schedule(scheduler: Any = None, expected: Any = None, steps: Any = 20, to
         metrics["plot"] = str(plot)
     rows = [f"  step {t:3d}: lr {lrs[t]:.4g}  expected {want[t]:.4g}  loss {losses[t]:.4g}"
             + ("   <- deviates" if t in bad else "") for t in range(steps)]
-    details = "\n".join(["per-step learning rate:"] + rows)
+    details = ["per-step learning rate:"] + rows
     if bad:
         t = bad[0]
-        return CheckResult("lr_schedule", False,
-                           f"expected a {name} schedule (lr {want[t]:.4g} at step {t}, tolerance"
-                           f" {tolerance:g} x {peak:.3g}), observed lr {lrs[t]:.4g} at step {t}"
-                           f" ({len(bad)}/{steps} steps deviate)", details, metrics)
-    return CheckResult("lr_schedule", True,
-                       f"expected a {name} schedule, observed it within {tolerance:g} x {peak:.3g}"
-                       f" over {steps} steps", details, metrics)
+        return subject.failed(f"expected a {name} schedule (lr {want[t]:.4g} at step {t}, tolerance"
+                              f" {tolerance:g} x {peak:.3g}), observed lr {lrs[t]:.4g} at step {t}"
+                              f" ({len(bad)}/{steps} steps deviate)", details, metrics)
+    return subject.passed(f"expected a {name} schedule, observed it within {tolerance:g} x"
+                          f" {peak:.3g} over {steps} steps", details, metrics)
 
 
 # ------------------------------------------------------------------------------------------
@@ -272,10 +274,48 @@ def _validate_grads(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1e-
             "optimizer": validate_optimizer(optimizer)}
 
 
+def _nonfinite_run(run: Any, steps: int) -> str:
+    """The failure headline of a run stopped by a non-finite loss or with a non-finite gradient
+    norm; '' otherwise."""
+    if run.stopped:
+        return (f"expected finite losses and gradients for {steps} steps, observed the"
+                f" {run.stopped}")
+    norms = run.grad_norms
+    bad = next((i for i, v in enumerate(norms) if not math.isfinite(v)), None)
+    if bad is not None:
+        return f"expected finite gradient norms, observed {norms[bad]} at step {bad}"
+    return ""
+
+
+def _vanishing_step(norms: list, losses: list, min_norm: float) -> Optional[int]:
+    """The first step before convergence whose gradient norm is below ``min_norm``.
+
+    >>> _vanishing_step([1.0, 1e-9, 1e-9], [1.0, 0.5, 1e-7], 1e-8)
+    1
+    >>> _vanishing_step([1.0, 0.5, 1e-9], [1.0, 0.5, 1e-7], 1e-8) is None
+    True
+    """
+    # a loss driven to (numerically) zero has no gradient left: that is convergence
+    floor = 1e-6 * max(abs(losses[0]), 1e-30) if losses else 0.0
+    converged = next((i for i, v in enumerate(losses) if abs(v) <= floor), len(norms))
+    return next((i for i, v in enumerate(norms[:converged]) if v < min_norm), None)
+
+
+def _exploding_step(norms: list, ratios: list, max_ratio: float) -> Optional[int]:
+    """The first step above ``max_ratio`` x the reference and above the first step.
+
+    A first step far above the later ones is a falling norm (ConvNeXt's layer scale of 1e-6
+    gets a gradient of ~29 at step 0, and the batch is fitted in one step: 29, 6e-4, 1e-4...).
+
+    >>> _exploding_step([1.0, 50.0, 500.0], [1.0, 50.0, 500.0], 100.0)
+    2
+    """
+    return next((i for i, r in enumerate(ratios) if r > max_ratio and norms[i] > norms[0]), None)
+
+
 @check(default=True, validate=_validate_grads)
 def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1e-8, lr: Any = 1e-3,
-                      optimizer: Any = "adam", *, model: Any, batch: Any, loss: Any = None,
-                      device: Any = None) -> CheckResult:
+                      optimizer: Any = "adam", *, subject: Subject) -> CheckResult:
     """Gradient norms over a short run neither vanish (< min_norm) nor explode (> max_ratio x start).
 
     Trains a seeded copy for ``steps`` steps on the batch; the reference is the median of the
@@ -290,56 +330,39 @@ def grad_norms_stable(steps: Any = 20, max_ratio: Any = 100.0, min_norm: Any = 1
     """
     import statistics
 
-    from ..core.batch import copy_model
     from ..core.training import sparkline, train_steps
 
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
-    lossfn = _training_loss(loss, data, model, device)
+    work, data = subject.model_copy(), subject.batch_copy()
+    lossfn = _training_loss(subject.loss, data, subject.model, subject.device)
     run = train_steps(work, data, lossfn, steps=steps, optimizer=optimizer, lr=lr)
     norms = run.grad_norms
     metrics = {"grad_norms": norms, "losses": run.losses, "steps_run": len(run.losses)}
     details = f"grad norm per step: {sparkline(norms)}  " + ", ".join(f"{v:.3g}" for v in norms[:40])
-    if run.stopped:
-        return CheckResult("grad_norms_stable", False,
-                           f"expected finite losses and gradients for {steps} steps, observed the"
-                           f" {run.stopped}", details, metrics)
-    bad = next((i for i, v in enumerate(norms) if not math.isfinite(v)), None)
-    if bad is not None:
-        return CheckResult("grad_norms_stable", False,
-                           f"expected finite gradient norms, observed {norms[bad]} at step {bad}",
-                           details, metrics)
+    nonfinite = _nonfinite_run(run, steps)
+    if nonfinite:
+        return subject.failed(nonfinite, details, metrics)
     if not norms:
         raise SkipCheck("no gradient was computed (the loss does not require grad)")
     reference = statistics.median(norms[:3])
     metrics["reference_norm"] = reference
-    # a loss driven to (numerically) zero has no gradient left: that is convergence
-    floor = 1e-6 * max(abs(run.losses[0]), 1e-30) if run.losses else 0.0
-    converged = next((i for i, v in enumerate(run.losses) if abs(v) <= floor), len(norms))
-    low = next((i for i, v in enumerate(norms[:converged]) if v < min_norm), None)
+    low = _vanishing_step(norms, run.losses, min_norm)
     if low is not None:
-        return CheckResult("grad_norms_stable", False,
-                           f"expected gradient norms >= {min_norm:g}, observed {norms[low]:.3g} at"
-                           f" step {low} (vanishing gradients)", details +
-                           "\nremedy: check saturating activations, tiny output scales and"
-                           " initialisation", metrics)
+        return subject.failed(f"expected gradient norms >= {min_norm:g}, observed {norms[low]:.3g}"
+                              f" at step {low} (vanishing gradients)", details +
+                              "\nremedy: check saturating activations, tiny output scales and"
+                              " initialisation", metrics)
     ratios = [v / reference for v in norms] if reference > 0 else [0.0] * len(norms)
     metrics["max_ratio_observed"] = max(ratios)
-    # exploding means growing: a step above max_ratio x the reference and above the first step.
-    # A first step far above the later ones is a falling norm (ConvNeXt's layer scale of 1e-6
-    # gets a gradient of ~29 at step 0, and the batch is fitted in one step: 29, 6e-4, 1e-4...)
-    high = next((i for i, r in enumerate(ratios) if r > max_ratio and norms[i] > norms[0]), None)
+    high = _exploding_step(norms, ratios, max_ratio)
     if high is not None:
-        return CheckResult("grad_norms_stable", False,
-                           f"expected gradient norms within {max_ratio:g} x the first steps'"
-                           f" {reference:.3g}, observed {norms[high]:.3g} at step {high}"
-                           f" ({ratios[high]:.3g} x; exploding gradients)",
-                           details + "\nremedy: lower the learning rate, clip gradients"
-                           " (torch.nn.utils.clip_grad_norm_) or normalise the inputs", metrics)
-    return CheckResult("grad_norms_stable", True,
-                       f"expected gradient norms in [{min_norm:g}, {max_ratio:g} x start], observed"
-                       f" {min(norms):.3g} to {max(norms):.3g} over {len(norms)} steps",
-                       details, metrics)
+        return subject.failed(f"expected gradient norms within {max_ratio:g} x the first steps'"
+                              f" {reference:.3g}, observed {norms[high]:.3g} at step {high}"
+                              f" ({ratios[high]:.3g} x; exploding gradients)",
+                              details + "\nremedy: lower the learning rate, clip gradients"
+                              " (torch.nn.utils.clip_grad_norm_) or normalise the inputs", metrics)
+    return subject.passed(f"expected gradient norms in [{min_norm:g}, {max_ratio:g} x start],"
+                          f" observed {min(norms):.3g} to {max(norms):.3g} over {len(norms)} steps",
+                          details, metrics)
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,7 +418,6 @@ def run_gan(model: Any, batch: Any, g_loss: Any, d_loss: Callable, *, steps: int
     """
     import torch
 
-    from ..core.forward import run_forward
     from ..core.training import make_optimizer
 
     disc = getattr(model, "discriminator", None)
@@ -411,40 +433,106 @@ def run_gan(model: Any, batch: Any, g_loss: Any, d_loss: Callable, *, steps: int
     rec: dict = {"d_total": [], "g_total": [], "terms": {}, "stopped": ""}
     cond, real = batch.args[0], batch.target
     for step in range(steps):
-        opt_d.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            fake = run_forward(model, batch)
-        d_total, d_terms = _sum_terms(d_loss(model, cond, real, fake.detach()), "d_loss")
-        rec["d_total"].append(float(d_total.detach()))
-        for k, v in d_terms.items():
-            rec["terms"].setdefault(f"D:{k}", []).append(float(v.detach()))
-        if not math.isfinite(rec["d_total"][-1]):
-            rec["stopped"] = f"discriminator loss became {rec['d_total'][-1]} at step {step}"
+        if not _d_step(model, batch, d_loss, (cond, real), opt_d, rec, step) or \
+                not _g_step(model, batch, g_loss, opt_g, rec, step):
             break
-        d_total.backward()
-        opt_d.step()
-        opt_g.zero_grad(set_to_none=True)
-        out = run_forward(model, batch)
-        g_total, g_terms = g_loss.compute(out, batch, model)
-        rec["g_total"].append(float(g_total.detach()))
-        for k, v in (g_terms or {"total": g_total}).items():
-            rec["terms"].setdefault(f"G:{k}", []).append(float(v.detach()))
-        if not math.isfinite(rec["g_total"][-1]):
-            rec["stopped"] = f"generator loss became {rec['g_total'][-1]} at step {step}"
-            break
-        g_total.backward()
-        opt_g.step()
     return rec
+
+
+def _d_step(model: Any, batch: Any, d_loss: Callable, cond_real: tuple, opt_d: Any, rec: dict,
+            step: int) -> bool:
+    """One discriminator step on the generator's detached output; False when its loss is not
+    finite (``rec["stopped"]`` says so)."""
+    import torch
+
+    from ..core.forward import run_forward
+
+    opt_d.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        fake = run_forward(model, batch)
+    d_total, d_terms = _sum_terms(d_loss(model, *cond_real, fake.detach()), "d_loss")
+    rec["d_total"].append(float(d_total.detach()))
+    for k, v in d_terms.items():
+        rec["terms"].setdefault(f"D:{k}", []).append(float(v.detach()))
+    if not math.isfinite(rec["d_total"][-1]):
+        rec["stopped"] = f"discriminator loss became {rec['d_total'][-1]} at step {step}"
+        return False
+    d_total.backward()
+    opt_d.step()
+    return True
+
+
+def _g_step(model: Any, batch: Any, g_loss: Any, opt_g: Any, rec: dict, step: int) -> bool:
+    """One generator step; False when its loss is not finite (``rec["stopped"]`` says so)."""
+    from ..core.forward import run_forward
+
+    opt_g.zero_grad(set_to_none=True)
+    out = run_forward(model, batch)
+    g_total, g_terms = g_loss.compute(out, batch, model)
+    rec["g_total"].append(float(g_total.detach()))
+    for k, v in (g_terms or {"total": g_total}).items():
+        rec["terms"].setdefault(f"G:{k}", []).append(float(v.detach()))
+    if not math.isfinite(rec["g_total"][-1]):
+        rec["stopped"] = f"generator loss became {rec['g_total'][-1]} at step {step}"
+        return False
+    g_total.backward()
+    opt_g.step()
+    return True
 
 
 def _mean_abs(values: list) -> float:
     return sum(abs(v) for v in values) / len(values) if values else 0.0
 
 
+def _gan_result(subject: Subject, rec: dict, steps: int, min_d_loss: float, max_ratio: Any,
+                details: list, metrics: dict) -> CheckResult:
+    """The GAN verdict: the discriminator does not collapse and, with ``max_ratio``, the G/D
+    losses stay within it (means of the last 3 steps)."""
+    d_tail = rec["d_total"][-3:]
+    g_tail = rec["g_total"][-3:]
+    d_final, g_final = sum(d_tail) / len(d_tail), sum(g_tail) / len(g_tail)
+    metrics.update({"d_total": rec["d_total"], "g_total": rec["g_total"],
+                    "d_final": d_final, "g_final": g_final})
+    if d_final < min_d_loss:
+        return subject.failed(f"expected the discriminator loss to stay above {min_d_loss:g},"
+                              f" observed {d_final:.3g} over the last steps (discriminator collapse:"
+                              " it wins outright and the generator gets no signal)", details,
+                              metrics)
+    if max_ratio is not None:
+        ratio = abs(g_final) / max(abs(d_final), 1e-12)
+        metrics["g_d_ratio"] = ratio
+        if ratio > max_ratio or ratio < 1 / max_ratio:
+            return subject.failed(f"expected the G/D loss ratio within [1/{max_ratio:g},"
+                                  f" {max_ratio:g}], observed {ratio:.3g} (G {g_final:.3g}, D"
+                                  f" {d_final:.3g}); rebalance loss weights or update rates",
+                                  details, metrics)
+    return subject.passed(f"expected a balanced GAN, observed D loss {d_final:.3g} and G loss"
+                          f" {g_final:.3g} after {steps} alternating steps", details, metrics)
+
+
+def _terms_result(subject: Subject, terms: dict, steps: int, max_ratio: Any, details: list,
+                  metrics: dict) -> CheckResult:
+    """The verdict on a dict-valued loss: with ``max_ratio``, no term's mean |value| above
+    ``max_ratio`` x another's."""
+    means = {k: _mean_abs(v) for k, v in terms.items()}
+    metrics["mean_abs"] = means
+    if max_ratio is not None and len(means) > 1:
+        big = max(means, key=lambda k: means[k])
+        small = min(means, key=lambda k: means[k])
+        ratio = means[big] / max(means[small], 1e-30)
+        metrics["max_ratio_observed"] = ratio
+        if ratio > max_ratio:
+            return subject.failed(f"expected no loss term above {max_ratio:g} x another, observed"
+                                  f" '{big}' (mean {means[big]:.3g}) = {ratio:.3g} x '{small}' (mean"
+                                  f" {means[small]:.3g})", details, metrics)
+    return subject.passed(f"expected finite, balanced loss terms, observed {len(terms)} terms"
+                          f" finite over {steps} steps ({', '.join(terms)})", details, metrics)
+
+
 @check(default=False, validate=_validate_components)
 def loss_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20, min_d_loss: Any = 1e-3,
-                    d_loss: Any = None, lr: Any = 1e-3, optimizer: Any = "adam", *, model: Any,
-                    batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+                    d_loss: Any = None, lr: Any = 1e-3, optimizer: Any = "adam", *,
+                    subject: Subject) -> CheckResult:
     """Each term of a dict-valued loss stays finite and none dominates; GANs keep G/D balanced.
 
     Trains a seeded copy for ``steps`` steps and tracks every term. With ``max_ratio``, the
@@ -460,12 +548,11 @@ def loss_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20, mi
     >>> loss_components(max_ratio=10, steps=3, model=m, batch=b, loss=lf).passed
     True
     """
-    from ..core.batch import copy_model
     from ..core.training import sparkline, train_steps
 
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
-    lossfn = _resolved_loss(loss, data, model, device)
+    work, data = subject.model_copy(), subject.batch_copy()
+    lossfn = _resolved_loss(subject.loss, data, subject.model, subject.device)
+    rec: dict = {}
     if gan:
         rec = run_gan(work, data, lossfn, d_loss, steps=steps, optimizer=optimizer, lr=lr)
         terms, stopped = rec["terms"], rec["stopped"]
@@ -482,46 +569,8 @@ def loss_components(max_ratio: Any = None, gan: Any = False, steps: Any = 20, mi
                 if not math.isfinite(x)), None)
     if bad or stopped:
         what = f"term '{bad[0]}' = {bad[2]} at step {bad[1]}" if bad else stopped
-        return CheckResult("loss_components", False,
-                           f"expected every loss term finite, observed {what}", "\n".join(details),
-                           metrics)
+        return subject.failed(f"expected every loss term finite, observed {what}", details,
+                              metrics)
     if gan:
-        d_tail = rec["d_total"][-3:]
-        g_tail = rec["g_total"][-3:]
-        d_final, g_final = sum(d_tail) / len(d_tail), sum(g_tail) / len(g_tail)
-        metrics.update({"d_total": rec["d_total"], "g_total": rec["g_total"],
-                        "d_final": d_final, "g_final": g_final})
-        if d_final < min_d_loss:
-            return CheckResult("loss_components", False,
-                               f"expected the discriminator loss to stay above {min_d_loss:g},"
-                               f" observed {d_final:.3g} over the last steps (discriminator collapse:"
-                               " it wins outright and the generator gets no signal)",
-                               "\n".join(details), metrics)
-        if max_ratio is not None:
-            ratio = abs(g_final) / max(abs(d_final), 1e-12)
-            metrics["g_d_ratio"] = ratio
-            if ratio > max_ratio or ratio < 1 / max_ratio:
-                return CheckResult("loss_components", False,
-                                   f"expected the G/D loss ratio within [1/{max_ratio:g},"
-                                   f" {max_ratio:g}], observed {ratio:.3g} (G {g_final:.3g}, D"
-                                   f" {d_final:.3g}); rebalance loss weights or update rates",
-                                   "\n".join(details), metrics)
-        return CheckResult("loss_components", True,
-                           f"expected a balanced GAN, observed D loss {d_final:.3g} and G loss"
-                           f" {g_final:.3g} after {steps} alternating steps", "\n".join(details),
-                           metrics)
-    means = {k: _mean_abs(v) for k, v in terms.items()}
-    metrics["mean_abs"] = means
-    if max_ratio is not None and len(means) > 1:
-        big = max(means, key=means.get)
-        small = min(means, key=means.get)
-        ratio = means[big] / max(means[small], 1e-30)
-        metrics["max_ratio_observed"] = ratio
-        if ratio > max_ratio:
-            return CheckResult("loss_components", False,
-                               f"expected no loss term above {max_ratio:g} x another, observed"
-                               f" '{big}' (mean {means[big]:.3g}) = {ratio:.3g} x '{small}' (mean"
-                               f" {means[small]:.3g})", "\n".join(details), metrics)
-    return CheckResult("loss_components", True,
-                       f"expected finite, balanced loss terms, observed {len(terms)} terms finite"
-                       f" over {steps} steps ({', '.join(terms)})", "\n".join(details), metrics)
+        return _gan_result(subject, rec, steps, min_d_loss, max_ratio, details, metrics)
+    return _terms_result(subject, terms, steps, max_ratio, details, metrics)

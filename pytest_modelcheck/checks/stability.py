@@ -7,6 +7,7 @@ from typing import Any
 from ..core.errors import ModelError, UsageError
 from ..core.result import CheckResult
 from .registry import check
+from .subject import Subject
 
 #: Edge cases tried for every fuzzed input, simplest first (Hypothesis shrinks towards the first).
 KINDS = ("random", "zeros", "constant", "constant_rows", "tiny", "huge", "low_edge", "high_edge")
@@ -63,6 +64,7 @@ def _range(name: str, value: Any) -> tuple:
 
 def _validate(ranges: Any = None, max_sensitivity: Any = None, examples: Any = 30,
               eps: Any = 1e-3) -> dict:
+    checked_ranges: Any
     if ranges is None:
         checked_ranges = None
     elif isinstance(ranges, dict):
@@ -249,10 +251,165 @@ def _describe_case(case: dict, data: Any, fuzzed: list, tokens: tuple = ()) -> s
     return (f"{case['kind']} inputs, batch size {size}: " + ", ".join(parts))
 
 
+def _declared_ranges(ranges: Any, data: Any, fuzzed: list) -> dict:
+    """Input path -> (lo, hi): the declared range (one for all, or by index or key), else the
+    input's own range widened (``_default_range``)."""
+    tensors = data.input_tensors()
+
+    def range_for(path: str, t: Any) -> tuple:
+        if isinstance(ranges, tuple):
+            return ranges
+        if isinstance(ranges, dict):
+            for k in _keys(path):
+                if k in ranges:
+                    return ranges[k]
+        return _default_range(t)
+
+    return {path: range_for(path, tensors[i][1]) for i, path in fuzzed}
+
+
+class _Fuzzer:
+    """Builds the fuzzed batch of a case (kind, size, seed) and judges it; every finding is kept
+    by case, with its description when it failed."""
+
+    def __init__(self, work: Any, data: Any, declared: dict, tokens: tuple, device: Any,
+                 max_sensitivity: Any, eps: float) -> None:
+        self.work, self.data, self.declared, self.tokens = work, data, declared, tokens
+        self.device, self.max_sensitivity, self.eps = device, max_sensitivity, eps
+        self.bsz = data.batch_size or 1
+        self.odd = self.bsz + 1 if self.bsz % 2 == 0 else self.bsz + 2
+        self.templates: dict = {}
+        self.runs = 0
+        self.max_sens = 0.0
+        self.findings: dict = {}  # (kind, size, seed) -> (problem, description)
+
+    def template(self, size: str) -> Any:
+        if size not in self.templates:
+            n = {"example": self.bsz, "one": 1, "odd": self.odd}[size]
+            try:
+                self.templates[size] = self.data if n == self.bsz else \
+                    self.data.resized(n).to(self.device)
+            except UsageError:
+                self.templates[size] = self.data
+        return self.templates[size]
+
+    def make(self, case: dict) -> tuple:
+        """The fuzzed batch of a case, its new floating inputs and the case's generator."""
+        import torch
+
+        from ..core.tokens import fuzz_tokens
+
+        gen = torch.Generator().manual_seed(case["seed"])
+        tmpl = self.template(case["size"])
+        tensors = tmpl.input_tensors()
+        new = {}
+        for i, path in _fuzz_paths(tmpl):
+            lo, hi = self.declared.get(path) or _default_range(tensors[i][1])
+            new[i] = _fill(tensors[i][1], case["kind"], lo, hi, gen)
+        floats = dict(new)
+        for spec in self.tokens:
+            if spec.index < len(tensors):
+                new[spec.index] = fuzz_tokens(spec, tensors[spec.index][1], case["kind"], gen)
+        return _replace(tmpl, new), floats, gen
+
+    def evaluate(self, case: dict) -> str:
+        """'' when the case is fine, else what went wrong."""
+        import torch
+
+        from ..core.forward import run_forward
+
+        key = (case["kind"], case["size"], case["seed"])
+        if key in self.findings:
+            return self.findings[key][0]
+        x, new, gen = self.make(case)  # gen goes on to draw the sensitivity perturbation
+        self.runs += 1
+        problem = ""
+        try:
+            with torch.no_grad():
+                out = run_forward(self.work, x)
+                problem = _nonfinite_output(out)
+                if not problem and self.max_sensitivity is not None:
+                    problem = self._sensitivity(x, new, gen, out)
+        except ModelError as exc:
+            problem = str(exc)
+        # described only when it fails: the text is for the failure report
+        self.findings[key] = (problem, _describe_case(case, x, _fuzz_paths(x), self.tokens)
+                              if problem else "")
+        return problem
+
+    def _sensitivity(self, x: Any, new: dict, gen: Any, out: Any) -> str:
+        """'' when ``||f(x+d)-f(x)|| / ||d||`` for a random ``d`` of relative size ``eps`` is
+        within ``max_sensitivity`` (the largest seen is kept), else the problem."""
+        import torch
+
+        from ..core.forward import run_forward
+
+        deltas, dnorm2 = {}, 0.0
+        for i, t in new.items():
+            u = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+            scale = self.eps * max(float(t.double().norm()), 1.0) / max(float(u.norm()), 1e-300)
+            d = (u * scale).to(t.dtype).to(t.device)
+            deltas[i] = t + d
+            dnorm2 += float(((t + d).double() - t.double()).pow(2).sum())
+        out2 = run_forward(self.work, _replace(x, deltas))
+        diff = float((_flat_outputs(out2) - _flat_outputs(out)).norm())
+        sens = diff / math.sqrt(dnorm2) if dnorm2 > 0 else 0.0
+        if not math.isfinite(sens):
+            return f"non-finite output under a perturbation of size {math.sqrt(dnorm2):.3g}"
+        self.max_sens = max(self.max_sens, sens)
+        if sens > self.max_sensitivity:
+            return f"sensitivity ||f(x+d)-f(x)||/||d|| = {sens:.4g} > {self.max_sensitivity:g}"
+        return ""
+
+
+def _minimal_failure(fuzzer: _Fuzzer, examples: int) -> Any:
+    """The minimal failing case: every edge case at the example size first, then Hypothesis
+    over kinds, sizes and seeds; None when every case passes."""
+    from hypothesis import HealthCheck, settings, strategies as st
+
+    strategy = st.fixed_dictionaries({
+        "kind": st.sampled_from(KINDS),
+        "size": st.sampled_from(SIZES),
+        "seed": st.integers(min_value=0, max_value=2 ** 16),
+    })
+    conf = settings(max_examples=examples, derandomize=True, database=None, deadline=None,
+                    suppress_health_check=list(HealthCheck))
+    explicit = [{"kind": k, "size": "example", "seed": 0} for k in KINDS]
+    for case in explicit[:examples]:
+        if fuzzer.evaluate(case):
+            return case
+    # the explicit cases are already in Hypothesis's shrink order
+    return _search(strategy, lambda c: bool(fuzzer.evaluate(c)), conf)
+
+
+def _failure(subject: Subject, fuzzer: _Fuzzer, minimal: dict, max_sensitivity: Any,
+             metrics: dict) -> CheckResult:
+    """The failure naming the minimal failing input, its problem and a NaN/Inf's origin."""
+    key = (minimal["kind"], minimal["size"], minimal["seed"])
+    problem, where = fuzzer.findings[key]
+    metrics.update({"failing_kind": minimal["kind"], "failing_size": minimal["size"],
+                    "failing_seed": minimal["seed"]})
+    failures = sorted({f"{k[0]}@{k[1]}" for k, (p, _) in fuzzer.findings.items() if p})
+    origin = ""
+    if problem.startswith(("NaN in", "Inf in")):
+        origin = _nonfinite_origin(fuzzer.work, fuzzer.make(minimal)[0])
+    if origin:
+        metrics["origin"] = origin
+    details = [f"minimal failing input (shrunk by Hypothesis): {where}", f"problem: {problem}",
+               *([f"origin: {origin}"] if origin else []),
+               f"failing edge cases: {', '.join(failures)}",
+               "remedy: add an eps to divisions, logs and square roots (x / (s + 1e-8)),"
+               " clamp before exp, or declare the real input ranges with ranges=(lo, hi)"]
+    expected = ("finite outputs" if max_sensitivity is None or "sensitivity" not in problem
+                else f"sensitivity <= {max_sensitivity:g}")
+    return subject.failed(f"expected {expected} for inputs in the declared ranges, observed"
+                          f" {problem} on {where}{'; ' + origin if origin else ''}", details,
+                          metrics)
+
+
 @check(default=True, validate=_validate)
 def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: Any = 30,
-                    eps: Any = 1e-3, *, model: Any, batch: Any, loss: Any = None,
-                    device: Any = None) -> CheckResult:
+                    eps: Any = 1e-3, *, subject: Subject) -> CheckResult:
     """Fuzzed inputs within the declared ranges give finite outputs and bounded sensitivity.
 
     Hypothesis draws inputs shaped like the example batch's floating inputs: random values,
@@ -275,149 +432,31 @@ def operator_stable(ranges: Any = None, max_sensitivity: Any = None, examples: A
     True
     """
     import torch
-    from hypothesis import HealthCheck, settings, strategies as st
 
     from ..core.forward import run_forward
-    from ..core.batch import copy_model
+    from ..core.tokens import token_inputs
 
-    work = copy_model(model).to(device).eval()
-    data = batch.clone().to(device)
+    work, data = subject.model_copy("eval"), subject.batch_copy()
     with torch.no_grad():
         base_out = run_forward(work, data)  # the example batch itself must run
     fuzzed = _fuzz_paths(data)
-    from ..core.tokens import fuzz_tokens, token_inputs
-
     tokens = tuple(token_inputs(work, data))
     if not fuzzed and not tokens:
-        return CheckResult("operator_stable", None,
-                           "skipped: the batch has no floating input tensor, token ids or"
-                           " attention mask to fuzz")
-    all_tensors = data.input_tensors()
-
-    def range_for(path: str, t: Any) -> tuple:
-        if isinstance(ranges, tuple):
-            return ranges
-        if isinstance(ranges, dict):
-            for k in _keys(path):
-                if k in ranges:
-                    return ranges[k]
-        return _default_range(t)
-
-    declared = {path: range_for(path, all_tensors[i][1]) for i, path in fuzzed}
-    bsz = data.batch_size or 1
-    odd = bsz + 1 if bsz % 2 == 0 else bsz + 2
-    shapes_cache: dict = {}
-
-    def template(size: str) -> Any:
-        if size not in shapes_cache:
-            n = {"example": bsz, "one": 1, "odd": odd}[size]
-            try:
-                shapes_cache[size] = data if n == bsz else data.resized(n).to(device)
-            except UsageError:
-                shapes_cache[size] = data
-        return shapes_cache[size]
-
-    state = {"runs": 0, "max_sens": 0.0, "findings": {}}
-
-    def make(case: dict) -> tuple:
-        """The fuzzed batch of a case, its new floating inputs and the case's generator."""
-        gen = torch.Generator().manual_seed(case["seed"])
-        tmpl = template(case["size"])
-        tensors = tmpl.input_tensors()
-        new = {}
-        for i, path in _fuzz_paths(tmpl):
-            lo, hi = declared.get(path) or _default_range(tensors[i][1])
-            new[i] = _fill(tensors[i][1], case["kind"], lo, hi, gen)
-        floats = dict(new)
-        for spec in tokens:
-            if spec.index < len(tensors):
-                new[spec.index] = fuzz_tokens(spec, tensors[spec.index][1], case["kind"], gen)
-        return _replace(tmpl, new), floats, gen
-
-    def evaluate(case: dict) -> str:
-        """'' when the case is fine, else what went wrong."""
-        key = (case["kind"], case["size"], case["seed"])
-        if key in state["findings"]:
-            return state["findings"][key][0]
-        x, new, gen = make(case)  # gen goes on to draw the sensitivity perturbation
-        state["runs"] += 1
-        problem = ""
-        try:
-            with torch.no_grad():
-                out = run_forward(work, x)
-                problem = _nonfinite_output(out)
-                if not problem and max_sensitivity is not None:
-                    deltas, dnorm2 = {}, 0.0
-                    for i, t in new.items():
-                        u = torch.randn(t.shape, generator=gen, dtype=torch.float64)
-                        scale = eps * max(float(t.double().norm()), 1.0) / max(float(u.norm()), 1e-300)
-                        d = (u * scale).to(t.dtype).to(t.device)
-                        deltas[i] = t + d
-                        dnorm2 += float(((t + d).double() - t.double()).pow(2).sum())
-                    out2 = run_forward(work, _replace(x, deltas))
-                    diff = float((_flat_outputs(out2) - _flat_outputs(out)).norm())
-                    sens = diff / math.sqrt(dnorm2) if dnorm2 > 0 else 0.0
-                    if not math.isfinite(sens):
-                        problem = f"non-finite output under a perturbation of size {math.sqrt(dnorm2):.3g}"
-                    else:
-                        state["max_sens"] = max(state["max_sens"], sens)
-                        if sens > max_sensitivity:
-                            problem = (f"sensitivity ||f(x+d)-f(x)||/||d|| = {sens:.4g}"
-                                       f" > {max_sensitivity:g}")
-        except ModelError as exc:
-            problem = str(exc)
-        # described only when it fails: the text is for the failure report
-        state["findings"][key] = (problem, _describe_case(case, x, _fuzz_paths(x), tokens)
-                                  if problem else "")
-        return problem
-
-    strategy = st.fixed_dictionaries({
-        "kind": st.sampled_from(KINDS),
-        "size": st.sampled_from(SIZES),
-        "seed": st.integers(min_value=0, max_value=2 ** 16),
-    })
-    conf = settings(max_examples=examples, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=list(HealthCheck))
-    # Every edge case at the example size first, then Hypothesis over kinds, sizes and seeds.
-    explicit = [{"kind": k, "size": "example", "seed": 0} for k in KINDS]
-    minimal = None
-    for case in explicit[:examples]:
-        if evaluate(case):
-            minimal = case
-            break
-    if minimal is None:  # the explicit cases are already in Hypothesis's shrink order
-        minimal = _search(strategy, lambda c: bool(evaluate(c)), conf)
-    metrics: dict = {"examples_run": state["runs"],
+        return subject.skipped("skipped: the batch has no floating input tensor, token ids or"
+                               " attention mask to fuzz")
+    declared = _declared_ranges(ranges, data, fuzzed)
+    fuzzer = _Fuzzer(work, data, declared, tokens, subject.device, max_sensitivity, eps)
+    minimal = _minimal_failure(fuzzer, examples)
+    metrics: dict = {"examples_run": fuzzer.runs,
                      "fuzzed_inputs": [p for _, p in fuzzed] + [t.path for t in tokens],
                      "ranges": {p: list(r) for p, r in declared.items()}}
     if max_sensitivity is not None:
-        metrics["max_sensitivity_observed"] = state["max_sens"]
+        metrics["max_sensitivity_observed"] = fuzzer.max_sens
     del base_out
     if minimal is not None:
-        key = (minimal["kind"], minimal["size"], minimal["seed"])
-        problem, where = state["findings"][key]
-        metrics.update({"failing_kind": minimal["kind"], "failing_size": minimal["size"],
-                        "failing_seed": minimal["seed"]})
-        failures = sorted({f"{k[0]}@{k[1]}" for k, (p, _) in state["findings"].items() if p})
-        origin = ""
-        if problem.startswith(("NaN in", "Inf in")):
-            origin = _nonfinite_origin(work, make(minimal)[0])
-        if origin:
-            metrics["origin"] = origin
-        details = [f"minimal failing input (shrunk by Hypothesis): {where}", f"problem: {problem}",
-                   *([f"origin: {origin}"] if origin else []),
-                   f"failing edge cases: {', '.join(failures)}",
-                   "remedy: add an eps to divisions, logs and square roots (x / (s + 1e-8)),"
-                   " clamp before exp, or declare the real input ranges with ranges=(lo, hi)"]
-        expected = ("finite outputs" if max_sensitivity is None or "sensitivity" not in problem
-                    else f"sensitivity <= {max_sensitivity:g}")
-        return CheckResult("operator_stable", False,
-                           f"expected {expected} for inputs in the declared ranges, observed"
-                           f" {problem} on {where}{'; ' + origin if origin else ''}",
-                           "\n".join(details), metrics)
-    sens = (f", max sensitivity {state['max_sens']:.3g} <= {max_sensitivity:g}"
+        return _failure(subject, fuzzer, minimal, max_sensitivity, metrics)
+    sens = (f", max sensitivity {fuzzer.max_sens:.3g} <= {max_sensitivity:g}"
             if max_sensitivity is not None else "")
-    return CheckResult("operator_stable", True,
-                       f"expected finite outputs on fuzzed inputs, observed finite on"
-                       f" {state['runs']} inputs (edge cases {', '.join(KINDS)}){sens}",
-                       "", metrics)
+    return subject.passed(f"expected finite outputs on fuzzed inputs, observed finite on"
+                          f" {fuzzer.runs} inputs (edge cases {', '.join(KINDS)}){sens}", "",
+                          metrics)

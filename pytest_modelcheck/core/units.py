@@ -125,6 +125,16 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def dtype_name(dtype: Any) -> str:
+    """A torch dtype's name without the ``torch.`` prefix (``float32``, ``bfloat16``).
+
+    >>> import torch
+    >>> dtype_name(torch.float32), dtype_name(torch.complex64)
+    ('float32', 'complex64')
+    """
+    return str(dtype).replace("torch.", "")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
