@@ -129,9 +129,9 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     if args.model is None:
         if not args.target:
             raise CliError("inspect: give --model package.module:factory or a checkpoint file")
-        info = inspect_checkpoint(args.target)
-        print(info.render())
-        return {"checkpoint": info.to_dict()}
+        ckinfo = inspect_checkpoint(args.target)
+        print(ckinfo.render())
+        return {"checkpoint": ckinfo.to_dict()}
     config = load_config(args.config)
     model = build_model(args.model, config)
     print(_section(f"Model: {type(model).__name__}  ({args.model})"))

@@ -106,7 +106,7 @@ class CheckSpec:
 
         by_budget = budget_left is not None and (timeout is None or budget_left < timeout)
         if by_budget:
-            budget_left = max(float(budget_left), 0.001)
+            budget_left = max(float(budget_left or 0.0), 0.001)
             timeout = budget_left
         context = {"loss": loss, "device": device}
         context.update({k: v for k, v in values.items() if k in MARKER_CONTEXT and v is not None})
@@ -192,7 +192,7 @@ def budget_skip(name: str, budget: Optional[float] = None, ran: Optional[int] = 
     text += f" of {budget:g} s was spent" if budget is not None else " was spent"
     if ran is not None and total is not None:
         text += f" (ran {ran} of {total} checks)"
-    metrics = {"budget_spent": True}
+    metrics: dict = {"budget_spent": True}
     if budget is not None:
         metrics["budget_s"] = budget
     return CheckResult(name, None, text, metrics=metrics,
@@ -483,7 +483,8 @@ def _check_bare_index(index: int) -> None:
         accelerator = getattr(torch, "accelerator", None)
         try:
             current = accelerator.current_accelerator() if accelerator is not None else None
-            count = int(accelerator.device_count()) if current is not None else 0
+            count = int(accelerator.device_count()) if accelerator is not None \
+                and current is not None else 0
             kind = getattr(current, "type", "accelerator")
         except Exception:  # noqa: BLE001 - no usable accelerator API: none
             count = 0

@@ -363,7 +363,7 @@ def crash_result(name: str, status: int, killed: bool, dump: str, timeout: Optio
                     f" after {timeout + grace_s(timeout):g} s while running {name} (the time"
                     f" budget's alarm was ignored or its handler replaced, or it sat in native"
                     f" code); the process was stopped")
-        metrics = {"timeout_s": timeout, "hung": True}
+        metrics: dict = {"timeout_s": timeout, "hung": True}
         details = (f"{test}the check ran in a {process} process; its stacks when it was stopped"
                    f" (most recent call first):\n{stacks or '(no stacks were written)'}")
         return CheckResult(name, False, headline, details=details, metrics=metrics)

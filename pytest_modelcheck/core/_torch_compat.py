@@ -287,7 +287,7 @@ def probe() -> dict:
             torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 3, 3), None, [1, 1], [0, 0], [1, 1],
             False, [0, 0], 1) or require("torch._C._select_conv_backend", lambda: None) or 1,
         "ConvBackend enum": lambda: conv_backend_members() or require(
-            "torch._C._ConvBackend", lambda: torch._C._ConvBackend),
+            "torch._C._ConvBackend", lambda: getattr(torch._C, "_ConvBackend")),
         "_foreach_norm": lambda: require("torch._foreach_norm", lambda: torch._foreach_norm),
         "default device": default_device,
     }

@@ -174,9 +174,10 @@ def _validate(phase: Any, runs: Any, warmup: Any, threshold: Any, p: Any, timer:
         raise UsageError(f"phase={phase!r}: expected one of {', '.join(map(repr, PHASES))}")
     _positive_int("runs", runs, 2)
     _positive_int("warmup", warmup, 0)
-    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or threshold < 0:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) \
+            or float(threshold) < 0:
         raise UsageError(f"threshold={threshold!r}: expected a fraction >= 0 such as 0.10")
-    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < p < 1:
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0 < float(p) < 1:
         raise UsageError(f"p={p!r}: expected a significance level between 0 and 1")
     if timer is not None and not callable(timer):
         raise UsageError(f"timer={timer!r}: expected a zero-argument clock returning seconds")
@@ -289,7 +290,7 @@ def compare_ab(model_a: Any, model_b: Any, batch: Any, *, phase: str = "inferenc
             steps["A"]()
             steps["B"]()
         rng = random.Random(seed)
-        times = {"A": [], "B": []}
+        times: dict = {"A": [], "B": []}
         order = []
         for _ in range(runs):
             pair = "AB" if rng.random() < 0.5 else "BA"

@@ -236,8 +236,10 @@ def _checked(data: dict, where: str = "") -> tuple:
     entries['a']['t::x']['model.parameters'] holds a non-finite number (nan)
     entries['b'] is a list, expected an object
     """
-    problems = []
-    machines, saved, entries = {}, {}, {}
+    problems: list = []
+    machines: dict = {}
+    saved: dict = {}
+    entries: dict = {}
     for key, fp in data.get("machines", {}).items():
         if isinstance(fp, dict) and _value_problem(fp) is None:
             machines[key] = fp
@@ -377,7 +379,7 @@ def machine_fingerprint() -> dict:
     try:
         import torch
     except ImportError:
-        torch = None
+        torch = None  # type: ignore[assignment]
     if torch is not None:
         facts["torch"] = torch.__version__.split("+")[0]
         facts["cuda"] = torch.version.cuda
@@ -813,7 +815,7 @@ def _doubts(old_entry: dict, entry: dict, v: Any, tol: float) -> str:
     reasons = []
     po, pn = old_entry.get("parallelism") or {}, entry.get("parallelism") or {}
     wo, wn = po.get("xdist_workers"), pn.get("xdist_workers")
-    if (wo is None) != (wn is None) and (wo or wn) > 1:
+    if (wo is None) != (wn is None) and (wo or wn or 0) > 1:
         known, unknown, par = (("this run", "the baseline", pn) if wo is None
                                else ("the baseline", "this run", po))
         reasons.append(f"{unknown} did not record its parallelism (an older version) and"

@@ -335,10 +335,9 @@ def keywords_call(model: Any, inputs: dict) -> bool:
     if is_hf_pretrained(model):
         return True
     try:
-        params = inspect.signature(model.forward).parameters.values()
+        params = list(inspect.signature(model.forward).parameters.values())
     except (AttributeError, TypeError, ValueError):
         return False
-    params = list(params)
     if any(p.kind is p.POSITIONAL_ONLY and p.default is p.empty for p in params):
         return False
     named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -278,7 +278,7 @@ def _constant_channels(batch: Batch) -> list:
     """
     import torch
 
-    problems = []
+    problems: list = []
     size = batch.batch_size or 0
     if size < MIN_SAMPLES_FOR_CONSTANT:
         return problems
@@ -401,7 +401,7 @@ def sample_hashes(batch: Batch) -> list:
     skip = batch.target_path
     parts = [t.detach().cpu().contiguous() for p, t in batch.input_tensors()
              if size and t.dim() > 0 and t.shape[0] == size and p != skip]
-    if not parts:
+    if not parts or not size:
         return []
     out = []
     for i in range(size):
@@ -444,7 +444,9 @@ def check_data(loader_or_batches: Any, spec: Any = None, *, max_batches: int = 5
             hasattr(loader_or_batches, "__iter__") or callable(loader_or_batches)):
         raise UsageError(f"loader_or_batches={loader_or_batches!r}: expected a DataLoader or an"
                          " iterable of batches")
-    problems, seen, samples, n_batches = [], {}, 0, 0
+    problems: list = []
+    seen: dict = {}
+    samples = n_batches = 0
     for bi, b in enumerate(_batches(loader_or_batches, max_batches)):
         n_batches += 1
         for exp, obs in batch_problems(b, spec):
@@ -453,14 +455,14 @@ def check_data(loader_or_batches: Any, spec: Any = None, *, max_batches: int = 5
             seen.setdefault(h, samples + si)
         samples += b.batch_size or 0
     metrics: dict = {"batches": n_batches, "samples": samples, "problems": len(problems)}
-    dup, example = 0, None
+    dup, example = 0, (0, 0)
     if val is not None:
         vsamples = 0
         for b in _batches(val, max_batches):
             for si, h in enumerate(sample_hashes(b)):
                 if h in seen:
                     dup += 1
-                    if example is None:
+                    if dup == 1:
                         example = (vsamples + si, seen[h])
             vsamples += b.batch_size or 0
         metrics.update({"val_samples": vsamples, "duplicated_samples": dup})

@@ -39,6 +39,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
+from ._torch_compat import caller_frame
+
 _PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BACKWARD = "<backward>"
 LOSS = "<loss>"
@@ -153,7 +155,7 @@ def user_source() -> str:
     import torch
 
     torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-    frame = sys._getframe(1)
+    frame: Any = caller_frame(1)
     left_package = False
     while frame is not None:
         f = os.path.abspath(frame.f_code.co_filename)
@@ -305,9 +307,9 @@ def sync_site(project_root: str = "") -> dict:
     >>> s.origin, s.frames[0][2], s.caller
     ('user', 'Peek.forward', '')
     """
-    frame = sys._getframe(1)
+    frame: Any = caller_frame(1)
     left_package = False
-    out = {"origin": "", "source": "", "package": "", "caller": "", "frames": []}
+    out: dict = {"origin": "", "source": "", "package": "", "caller": "", "frames": []}
     while frame is not None:
         code = frame.f_code
         f = os.path.abspath(code.co_filename)
@@ -402,9 +404,9 @@ def _display(path: str) -> str:
 
 
 def _make_mode(record: dict) -> Any:
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from ._torch_compat import dispatch_mode_base
 
-    class OpCounterMode(TorchDispatchMode):
+    class OpCounterMode(dispatch_mode_base()):  # type: ignore[misc]
         """Counts every dispatched op and records host-device syncs into ``record``."""
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
@@ -514,7 +516,7 @@ def count_ops(model: Any, batch: Any, *, backward: bool = False, loss: Any = Non
 
     data = Batch.from_user(batch, model=model)
     names = {m: (n or ROOT) for n, m in model.named_modules()} if hasattr(model, "named_modules") else {}
-    record = {"stack": [], "phase": "forward", "by_op": Counter(), "by_module": Counter(),
+    record: dict = {"stack": [], "phase": "forward", "by_op": Counter(), "by_module": Counter(),
               "by_module_self": Counter(), "phase_total": Counter(), "syncs": []}
 
     def push(mod: Any, args: Any) -> None:

@@ -18,7 +18,7 @@ class UsageError(ValueError):
 class ModelError(RuntimeError):
     """The user's model raised while a check ran it; ``module`` names where, when known."""
 
-    def __init__(self, message: str, module: str = "", original: BaseException = None):
+    def __init__(self, message: str, module: str = "", original: Optional[BaseException] = None):
         super().__init__(message)
         self.module = module
         self.original = original

@@ -42,7 +42,7 @@ def remove_stale_temps(folder: str, prefix: str = ".modelcheck-",
     """
     import time
 
-    removed = []
+    removed: list = []
     try:
         names = os.listdir(folder)
     except OSError:

@@ -287,7 +287,7 @@ def tensor_stats(t: Any) -> dict:
     True
     """
     torch = _torch()
-    out = {"mean": None, "std": None, "min": None, "max": None, "zero_fraction": None,
+    out: dict = {"mean": None, "std": None, "min": None, "max": None, "zero_fraction": None,
            "nonfinite": None}
     if not _has_data(t) or t.is_complex() or t.layout != torch.strided:
         return out

@@ -152,7 +152,7 @@ def _outcome(returncode: int, out: bytes, err: bytes, what: str) -> Any:
         raise NotIsolatable(value)
     exc = value if isinstance(value, BaseException) else IsolatedError(value)
     try:
-        exc.isolated_traceback = remote_tb
+        exc.isolated_traceback = remote_tb  # type: ignore[attr-defined]
     except Exception:
         pass
     raise exc

@@ -28,7 +28,7 @@ from .outputs import model_loss, primary_output
 LOSS_NAMES = ("cross_entropy", "mse", "l1", "smooth_l1", "bce", "bce_with_logits", "nll")
 
 
-def _named_loss(name: str) -> Callable:
+def _named_loss(name: str) -> Any:
     import torch.nn.functional as F
 
     return {
@@ -270,7 +270,7 @@ def resolve_loss(loss: Any, batch: Batch, output: Any = None) -> Loss:
         return Loss(loss, _named_loss(loss), named=True)
     if callable(loss):
         try:
-            params = inspect.signature(loss).parameters
+            params: Any = inspect.signature(loss).parameters
         except (TypeError, ValueError):
             params = {}
         name = getattr(loss, "__name__", type(loss).__name__)

@@ -47,7 +47,7 @@ def _floating(obj: Any) -> list:
 def locate_nonfinite(model: Any, batch: Any, loss: Any) -> Optional[NonFiniteOrigin]:
     """Run forward+loss+backward on ``model`` (a copy) and return the first non-finite origin."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from ._torch_compat import dispatch_mode_base
 
     from .dispatch import user_source
     from .forward import run_forward
@@ -56,7 +56,7 @@ def locate_nonfinite(model: Any, batch: Any, loss: Any) -> Optional[NonFiniteOri
     stack: list = []
     found: list = []
 
-    class Detector(TorchDispatchMode):
+    class Detector(dispatch_mode_base()):  # type: ignore[misc]
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             out = func(*args, **(kwargs or {}))
             if not found:

@@ -144,13 +144,14 @@ def is_out_of_memory(exc: BaseException) -> bool:
     False
     """
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if type(exc).__name__ == "OutOfMemoryError":
+    cur: Any = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if type(cur).__name__ == "OutOfMemoryError":
             return True
-        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():
+        if isinstance(cur, RuntimeError) and "out of memory" in str(cur).lower():
             return True
-        exc = getattr(exc, "original", None) or exc.__cause__
+        cur = getattr(cur, "original", None) or cur.__cause__
     return False
 
 
@@ -278,7 +279,7 @@ def _count_flops(work: Any, data: Batch) -> int:
     try:
         from .flops import count_flops
     except ImportError:
-        count_flops = None
+        count_flops = None  # type: ignore[assignment]
     if count_flops is not None:
         return int(count_flops(work, *data.args, **data.kwargs).flops)
     from torch.utils.flop_counter import FlopCounterMode

@@ -57,7 +57,7 @@ def radial_power_spectrum(field: Any, ndim: Optional[int] = None) -> tuple:
     power = torch.fft.fftn(data, dim=dims).abs().pow(2).mean(0) / n_total ** 2
     grids = torch.meshgrid(*[torch.fft.fftfreq(n, dtype=torch.float64) * n for n in spatial],
                            indexing="ij")
-    kmag = torch.sqrt(sum(g ** 2 for g in grids))
+    kmag = torch.sqrt(torch.stack([g ** 2 for g in grids]).sum(0))
     kmax = min(spatial) // 2
     bins = torch.round(kmag).long().flatten()
     keep = (bins >= 1) & (bins <= kmax)

@@ -77,7 +77,7 @@ def preserved_globals() -> Iterator[None]:
         yield
     finally:
         random.setstate(py_state)
-        if np_state is not None:
+        if np_state is not None and np_mod is not None:
             np_mod.random.set_state(np_state)
         torch.set_rng_state(cpu_state)
         if cuda_states is not None:
@@ -130,9 +130,9 @@ def _cwd() -> Any:
 
 def _default_device(torch: Any) -> Any:
     """The device set by ``torch.set_default_device`` (None when none was set)."""
-    from torch.utils._device import CURRENT_DEVICE
+    from ._torch_compat import default_device
 
-    return CURRENT_DEVICE
+    return default_device()
 
 
 def _backend_flags(torch: Any) -> tuple:

@@ -130,15 +130,15 @@ def bootstrap_ratio_ci(a: Sequence[float], b: Sequence[float], *, n: int = 2000,
     """
     import numpy as np
 
-    a = np.asarray(_floats("a", a))
-    b = np.asarray(_floats("b", b))
+    xa = np.asarray(_floats("a", a))
+    xb = np.asarray(_floats("b", b))
     if not (isinstance(n, int) and n >= 1):
         raise UsageError(f"n: expected a positive int, got {n!r}")
     if not (0 < alpha < 1):
         raise UsageError(f"alpha: expected a level between 0 and 1, got {alpha!r}")
     rng = np.random.default_rng(seed)
-    ma = _median_rows(a[rng.integers(0, len(a), size=(n, len(a)))])
-    mb = _median_rows(b[rng.integers(0, len(b), size=(n, len(b)))])
+    ma = _median_rows(xa[rng.integers(0, len(xa), size=(n, len(xa)))])
+    mb = _median_rows(xb[rng.integers(0, len(xb), size=(n, len(xb)))])
     with np.errstate(divide="ignore", invalid="ignore"):
         ratios = mb / ma
     lo, hi = np.quantile(ratios, [alpha / 2, 1 - alpha / 2])

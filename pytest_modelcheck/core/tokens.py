@@ -61,13 +61,13 @@ def is_target_path(path: str) -> bool:
 def _embedding_bounds(model: Any, batch: Any) -> dict:
     """{storage pointer: number of embedding rows} for the tensors looked up in an embedding."""
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from ._torch_compat import dispatch_mode_base
 
     from .forward import run_forward
 
     bounds: dict = {}
 
-    class Recorder(TorchDispatchMode):
+    class Recorder(dispatch_mode_base()):  # type: ignore[misc]
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
             if name in ("embedding", "embedding_bag", "_embedding_bag", "_embedding_bag_forward_only"):
