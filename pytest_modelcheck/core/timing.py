@@ -33,12 +33,21 @@ from __future__ import annotations
 
 import math
 import numbers
-import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Any, Callable, Union
 
+from .rates import (
+    CONFIDENCE,
+    FAST_QUANTILE,
+    TimingStats,
+    _binomial_cdf,  # noqa: F401  (re-exported: was defined here)
+    _quantile,  # noqa: F401  (re-exported: was defined here)
+    _ratio,
+    fast_rank,
+    median_ranks,
+)
 from .units import format_duration, format_rate, parse_duration
 
 __all__ = [
@@ -54,85 +63,10 @@ __all__ = [
     "FAST_QUANTILE",
 ]
 
-#: Confidence of the throughput interval: two-sided for the median run time, one-sided for the
-#: fast-run bound.
-CONFIDENCE = 0.95
-#: The quantile of run times that stands for the model's speed when nothing else is in the way.
-FAST_QUANTILE = 0.10
-
-
-def _quantile(ordered: Sequence[float], q: float) -> float:
-    """Quantile of sorted data by linear interpolation (numpy's default)."""
-    position = (len(ordered) - 1) * q
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    fraction = position - low
-    return ordered[low] + (ordered[high] - ordered[low]) * fraction
-
-
-def _ratio(numerator: float, denominator: float) -> float:
-    """``numerator / denominator`` with ``x / 0`` as infinity and ``0 / 0`` as 0."""
-    if denominator == 0:
-        return 0.0 if numerator == 0 else math.inf
-    return numerator / denominator
-
-
-def _binomial_cdf(k: int, n: int, p: float) -> float:
-    """``P(X <= k)`` for ``X ~ Binomial(n, p)``, ``0 < p < 1`` (log-space terms: no overflow)."""
-    if k < 0:
-        return 0.0
-    if k >= n:
-        return 1.0
-    log_p, log_q = math.log(p), math.log1p(-p)
-    base = math.lgamma(n + 1)
-    return min(1.0, math.fsum(
-        math.exp(base - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
-        for i in range(k + 1)))
-
-
-def median_ranks(n: int, confidence: float = CONFIDENCE) -> tuple[int, int]:
-    """1-based ranks ``(j, n + 1 - j)`` of the sorted run times that bracket the median run time.
-
-    Distribution-free (order statistics): whatever the distribution of run times,
-    ``P(t(j) <= median <= t(n+1-j)) = 1 - 2 * P(Binomial(n, 1/2) <= j - 1)``.  ``j`` is the
-    largest rank whose coverage is at least ``confidence``; with too few runs for that (fewer
-    than 6 at 95%) the extremes ``(1, n)`` are returned, whose coverage ``1 - 2**(1 - n)`` is
-    then below ``confidence``.
-
-    >>> median_ranks(10)       # 1 - 2 * 11/1024 = 97.9% >= 95%; (3, 8) would be 89%
-    (2, 9)
-    >>> median_ranks(100), median_ranks(3)
-    ((40, 61), (1, 3))
-    """
-    j = 1
-    while j + 1 <= (n + 1) // 2 and 1 - 2 * _binomial_cdf(j, n, 0.5) >= confidence:
-        j += 1
-    return j, n + 1 - j
-
-
 #: A failure whose fast-run bound (load allowance included) misses the floor by more than this
 #: factor is settled without more runs: a further run twice as fast as every run so far would
 #: be a different machine, not noise (a clear miss costs 10 runs, not ``max_time``).
 CLEAR_MISS = 2.0
-
-
-def fast_rank(n: int, q: float = FAST_QUANTILE, confidence: float = CONFIDENCE) -> tuple[int, float]:
-    """``(r, coverage)``: the sorted run time ``t(r)`` is a lower confidence bound of the
-    ``q``-quantile of run time, ``P(t(r) <= x_q) = P(Binomial(n, q) >= r) = coverage``.
-
-    ``r`` is the largest rank with ``coverage >= confidence``; when even the fastest run does
-    not reach it (``n < 29`` for the 10th percentile at 95%), ``r`` is 1 and ``coverage`` is
-    ``1 - (1 - q)**n``, below ``confidence``.
-
-    >>> fast_rank(10)[0], round(fast_rank(10)[1], 3)     # 1 - 0.9**10
-    (1, 0.651)
-    >>> fast_rank(29)[0], fast_rank(50)[0], fast_rank(200)[0]
-    (1, 2, 13)
-    """
-    r = 1
-    while r + 1 <= n and 1 - _binomial_cdf(r, n, q) >= confidence:
-        r += 1
-    return r, 1 - _binomial_cdf(r - 1, n, q)
 
 
 def machine_load() -> tuple[float | None, int]:
@@ -153,91 +87,6 @@ def _torch_threads() -> int | None:
     torch = sys.modules.get("torch")
     get = getattr(torch, "get_num_threads", None)
     return int(get()) if callable(get) else None
-
-
-@dataclass
-class TimingStats:
-    """Summary statistics of a list of run times, in seconds.
-
-    ``std`` is the sample standard deviation (0 for a single run); quantiles
-    (``q1``, ``median``, ``q3``, ``p90``) use linear interpolation between
-    the closest ranks, as numpy's default does; ``iqr`` is ``q3 - q1``.
-
-    >>> stats = TimingStats.from_times([4.0, 1.0, 3.0, 2.0])
-    >>> stats.median, stats.q1, stats.q3, stats.iqr
-    (2.5, 1.75, 3.25, 1.5)
-    >>> stats.min, stats.max, stats.p90
-    (1.0, 4.0, 3.7)
-    """
-
-    times: list[float]
-    median: float
-    mean: float
-    std: float
-    min: float
-    max: float
-    p90: float
-    q1: float
-    q3: float
-    iqr: float
-
-    @classmethod
-    def from_times(cls, times: Iterable[float]) -> "TimingStats":
-        """Compute the statistics of ``times`` (seconds, in run order).
-
-        Raises :class:`ValueError` if ``times`` is empty or holds a negative
-        or non-finite value.
-
-        >>> TimingStats.from_times([2.0, 1.0, 3.0]).median
-        2.0
-        """
-        values = [float(t) for t in times]
-        if not values:
-            raise ValueError("expected at least one run time, got none")
-        for index, value in enumerate(values):
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"expected run times that are finite and not negative, got {value!r} for run {index + 1}"
-                )
-        ordered = sorted(values)
-        q1 = _quantile(ordered, 0.25)
-        q3 = _quantile(ordered, 0.75)
-        return cls(
-            times=values,
-            median=_quantile(ordered, 0.5),
-            mean=statistics.fmean(values),
-            std=statistics.stdev(values) if len(values) > 1 else 0.0,
-            min=ordered[0],
-            max=ordered[-1],
-            p90=_quantile(ordered, 0.9),
-            q1=q1,
-            q3=q3,
-            iqr=q3 - q1,
-        )
-
-    @property
-    def spread(self) -> float:
-        """Relative spread ``iqr / median`` (infinite if the median is 0 but the IQR is not)."""
-        return _ratio(self.iqr, self.median)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The statistics as a dict of builtin types.
-
-        >>> TimingStats.from_times([1.0, 3.0]).to_dict()["median"]
-        2.0
-        """
-        return {
-            "times": [float(t) for t in self.times],
-            "median": float(self.median),
-            "mean": float(self.mean),
-            "std": float(self.std),
-            "min": float(self.min),
-            "max": float(self.max),
-            "p90": float(self.p90),
-            "q1": float(self.q1),
-            "q3": float(self.q3),
-            "iqr": float(self.iqr),
-        }
 
 
 @dataclass
@@ -647,8 +496,49 @@ def measure_throughput(
     elif not callable(load):
         raise TypeError(f"load: expected a callable returning (load average, cores), got {load!r}")
     device = str(device)
-    is_cuda = device.startswith("cuda")
+    method, settle, run_once = _runner(step, timer, sync, device)
 
+    for _ in range(warmup):
+        step()
+    settle()
+
+    load_before, cores = _read_load(load)
+    runs = _Runs(run_once, threads=_torch_threads())
+    for _ in range(min_runs):
+        runs.take()
+    # A cheap step gets up to ``cheap_runs`` runs when they fit in ``cheap_time`` seconds: the
+    # baseline gate needs about 30 runs a side to establish a 25% change against its interval
+    # rule, and for a millisecond forward they cost nothing.
+    if cheap_runs > len(runs.times) and runs.total / len(runs.times) * cheap_runs <= cheap_time:
+        for _ in range(min(cheap_runs, max_runs) - len(runs.times)):
+            runs.take()
+
+    def measurement(load_after: float | None, extended: bool) -> ThroughputMeasurement:
+        stats = TimingStats.from_times(runs.times)
+        return ThroughputMeasurement(
+            batch_size=batch_size, samples_per_s=_ratio(batch_size, stats.median), stats=stats,
+            runs=len(runs.times), warmup=warmup, noisy=stats.spread > noise, extended=extended,
+            device=device, method=method, spread=stats.spread, noise=noise,
+            load_before=load_before, load_after=load_after, cores=cores, threads=runs.threads,
+        )
+
+    extended = False
+    while (_wants_more(measurement(None, extended), floor)
+           and len(runs.times) < max_runs and runs.total < max_time):
+        extended = True
+        for _ in range(min(len(runs.times), max_runs - len(runs.times))):
+            runs.take()
+            if runs.total >= max_time:
+                break
+
+    return measurement(_read_load(load)[0], extended)
+
+
+def _runner(step: Callable[[], Any], timer: Timer | None, sync: Callable[[], Any] | None,
+            device: str) -> tuple[str, Callable[[], Any], Callable[[], float]]:
+    """``(method, settle, run_once)`` for :func:`measure_throughput`: the timing method's name,
+    a call that waits for queued work, and a call that runs ``step`` once and returns seconds."""
+    is_cuda = device.startswith("cuda")
     event_timer: CudaEventTimer | None = None
     if isinstance(timer, CudaEventTimer):
         if sync is not None:
@@ -666,105 +556,59 @@ def measure_throughput(
         raise TypeError(f"timer: expected a zero-argument clock or a CudaEventTimer, got {timer!r}")
 
     if event_timer is not None:
-        method = "cuda-events"
-        settle: Callable[[], Any] = event_timer.sync
         timed_step = event_timer
 
-        def run_once() -> float:
+        def run_events() -> float:
             return timed_step(step)
 
-    else:
-        method = "perf_counter"
-        clock: Callable[[], float] = time.perf_counter if timer is None else timer  # type: ignore[assignment]
-        if sync is None:
-            sync = _cuda_synchronizer(device) if is_cuda else _no_sync
-        settle = sync
-        host_sync = sync
+        return "cuda-events", event_timer.sync, run_events
 
-        def run_once() -> float:
-            host_sync()
-            start = clock()
-            step()
-            host_sync()
-            return clock() - start
+    clock: Callable[[], float] = time.perf_counter
+    if timer is not None and not isinstance(timer, CudaEventTimer):
+        clock = timer
+    host_sync = sync if sync is not None else (_cuda_synchronizer(device) if is_cuda else _no_sync)
 
-    def read_load() -> tuple[float | None, int | None]:
-        value, cores = load()
-        return (None if value is None else float(value)), (None if cores is None else int(cores))
-
-    for _ in range(warmup):
+    def run_once() -> float:
+        host_sync()
+        start = clock()
         step()
-    settle()
+        host_sync()
+        return clock() - start
 
-    load_before, cores = read_load()
-    threads = _torch_threads()
-    times: list[float] = []
-    total = 0.0
+    return "perf_counter", host_sync, run_once
 
-    def take_run() -> None:
-        nonlocal total
-        elapsed = float(run_once())
+
+def _read_load(load: Callable[[], tuple[float | None, int]]) -> tuple[float | None, int | None]:
+    value, cores = load()
+    return (None if value is None else float(value)), (None if cores is None else int(cores))
+
+
+class _Runs:
+    """The run times taken so far (seconds, in order) and their sum."""
+
+    def __init__(self, run_once: Callable[[], float], threads: int | None) -> None:
+        self.run_once = run_once
+        self.threads = threads
+        self.times: list[float] = []
+        self.total = 0.0
+
+    def take(self) -> None:
+        elapsed = float(self.run_once())
         if not math.isfinite(elapsed) or elapsed < 0:
             raise ValueError(
-                f"timer: expected a finite, non-negative run time, got {elapsed!r} for run {len(times) + 1}"
+                f"timer: expected a finite, non-negative run time, got {elapsed!r} for run {len(self.times) + 1}"
                 " (is the clock monotonic?)"
             )
-        times.append(elapsed)
-        total += elapsed
+        self.times.append(elapsed)
+        self.total += elapsed
 
-    for _ in range(min_runs):
-        take_run()
-    # A cheap step gets up to ``cheap_runs`` runs when they fit in ``cheap_time`` seconds: the
-    # baseline gate needs about 30 runs a side to establish a 25% change against its interval
-    # rule, and for a millisecond forward they cost nothing.
-    if cheap_runs > len(times) and total / len(times) * cheap_runs <= cheap_time:
-        for _ in range(min(cheap_runs, max_runs) - len(times)):
-            take_run()
-    stats = TimingStats.from_times(times)
 
-    def measurement(load_after: float | None) -> ThroughputMeasurement:
-        return ThroughputMeasurement(
-            batch_size=batch_size,
-            samples_per_s=_ratio(batch_size, stats.median),
-            stats=stats,
-            runs=len(times),
-            warmup=warmup,
-            noisy=stats.spread > noise,
-            extended=extended,
-            device=device,
-            method=method,
-            spread=stats.spread,
-            noise=noise,
-            load_before=load_before,
-            load_after=load_after,
-            cores=cores,
-            threads=threads,
-        )
-
-    def clear_miss() -> bool:
-        """Missed by more than CLEAR_MISS x even by the fast runs: settled, noisy or not."""
-        if floor is None:
-            return False
-        so_far = measurement(None)
-        return so_far.samples_per_s_interval[1] * CLEAR_MISS < floor
-
-    def unsettled() -> bool:
-        if floor is None:
-            return False
-        so_far = measurement(None)
-        return so_far.verdict(floor) != "passed" and not so_far.confident
-
-    extended = False
-    while ((stats.spread > noise or unsettled()) and not clear_miss() and len(times) < max_runs
-           and total < max_time):
-        extended = True
-        for _ in range(min(len(times), max_runs - len(times))):
-            take_run()
-            if total >= max_time:
-                break
-        stats = TimingStats.from_times(times)
-
-    return measurement(read_load()[0])
+def _wants_more(so_far: ThroughputMeasurement, floor: float | None) -> bool:
+    """Whether the measurement so far is noisy, or (given a floor) not settled, and not a miss
+    by more than CLEAR_MISS x even by the fast runs (settled, noisy or not)."""
+    unsettled = floor is not None and so_far.verdict(floor) != "passed" and not so_far.confident
+    clear_miss = floor is not None and so_far.samples_per_s_interval[1] * CLEAR_MISS < floor
+    return (so_far.noisy or unsettled) and not clear_miss
 
 
 def calibration_times(runs: int = 20, timer: Callable[[], float] | None = None) -> list:
