@@ -477,20 +477,8 @@ def measure_throughput(
     >>> m.runs, m.verdict(200), m.confident, m.threads is None or m.threads >= 1
     (40, 'failed', True, True)
     """
-    if not callable(step):
-        raise TypeError(f"step: expected a callable, got {step!r}")
-    batch_size = _check_int("batch_size", batch_size, 1)
-    warmup = _check_int("warmup", warmup, 0)
-    min_runs = _check_int("min_runs", min_runs, 1)
-    max_runs = _check_int("max_runs", max_runs, 1)
-    if max_runs < min_runs:
-        raise ValueError(f"max_runs: expected at least min_runs ({min_runs}), got {max_runs}")
-    if isinstance(max_time, str):
-        max_time = parse_duration(max_time)
-    max_time = _check_float("max_time", max_time)
-    noise = _check_float("noise", noise)
-    if floor is not None:
-        floor = _check_float("floor", floor)
+    batch_size, warmup, min_runs, max_runs, max_time, noise, floor = _checked(
+        step, batch_size, warmup, min_runs, max_runs, max_time, noise, floor)
     if load is None:
         load = machine_load
     elif not callable(load):
@@ -526,12 +514,29 @@ def measure_throughput(
     while (_wants_more(measurement(None, extended), floor)
            and len(runs.times) < max_runs and runs.total < max_time):
         extended = True
-        for _ in range(min(len(runs.times), max_runs - len(runs.times))):
-            runs.take()
-            if runs.total >= max_time:
-                break
-
+        runs.double(max_runs, max_time)
     return measurement(_read_load(load)[0], extended)
+
+
+def _checked(step: Any, batch_size: Any, warmup: Any, min_runs: Any, max_runs: Any,
+             max_time: Any, noise: Any, floor: Any,
+             ) -> tuple[int, int, int, int, float, float, float | None]:
+    """:func:`measure_throughput`'s numeric arguments, checked and converted."""
+    if not callable(step):
+        raise TypeError(f"step: expected a callable, got {step!r}")
+    batch_size = _check_int("batch_size", batch_size, 1)
+    warmup = _check_int("warmup", warmup, 0)
+    min_runs = _check_int("min_runs", min_runs, 1)
+    max_runs = _check_int("max_runs", max_runs, 1)
+    if max_runs < min_runs:
+        raise ValueError(f"max_runs: expected at least min_runs ({min_runs}), got {max_runs}")
+    if isinstance(max_time, str):
+        max_time = parse_duration(max_time)
+    max_time = _check_float("max_time", max_time)
+    noise = _check_float("noise", noise)
+    if floor is not None:
+        floor = _check_float("floor", floor)
+    return batch_size, warmup, min_runs, max_runs, max_time, noise, floor
 
 
 def _runner(step: Callable[[], Any], timer: Timer | None, sync: Callable[[], Any] | None,
@@ -601,6 +606,13 @@ class _Runs:
             )
         self.times.append(elapsed)
         self.total += elapsed
+
+    def double(self, max_runs: int, max_time: float) -> None:
+        """One extension round: as many runs again, within ``max_runs`` and ``max_time``."""
+        for _ in range(min(len(self.times), max_runs - len(self.times))):
+            self.take()
+            if self.total >= max_time:
+                break
 
 
 def _wants_more(so_far: ThroughputMeasurement, floor: float | None) -> bool:
