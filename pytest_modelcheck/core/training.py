@@ -52,7 +52,7 @@ def make_optimizer(optimizer: Any, params: Any, lr: float) -> Any:
 
 def grad_norm_tensor(model: Any) -> Any:
     """Global L2 norm of all gradients as a 0-d float64 tensor, without a host sync (None when
-    there is no gradient): one fused ``torch._foreach_norm`` per device, half-precision
+    there is no gradient): one fused ``_torch_compat.foreach_norm`` per device, half-precision
     gradients accumulated in float32 as ``grad_norm`` does.
 
     >>> import torch
@@ -63,6 +63,8 @@ def grad_norm_tensor(model: Any) -> Any:
     """
     import torch
 
+    from ._torch_compat import foreach_norm
+
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
@@ -70,7 +72,7 @@ def grad_norm_tensor(model: Any) -> Any:
         if ({g.dtype for g in grads} <= {torch.float32, torch.float64}
                 and len({g.device for g in grads}) == 1
                 and {g.layout for g in grads} == {torch.strided}):  # the common case: one op
-            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2)),
+            return torch.linalg.vector_norm(torch.stack(foreach_norm(grads, 2)),
                                             dtype=torch.float64)
         by_device: dict = {}
         for g in grads:
@@ -81,7 +83,7 @@ def grad_norm_tensor(model: Any) -> Any:
             if g.dtype in (torch.float16, torch.bfloat16):
                 g = g.float()
             by_device.setdefault(g.device, []).append(g)
-        parts = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, 2)),
+        parts = [torch.linalg.vector_norm(torch.stack(foreach_norm(group, 2)),
                                           dtype=torch.float64)  # stack promotes mixed dtypes
                  for group in by_device.values()]
         first = parts[0].device
@@ -197,34 +199,7 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
     error = every = None
 
     def flush() -> bool:
-        """Read the pending steps back and record them; True when the run ends at one of them."""
-        if not pending:
-            return False
-        scalars = []
-        for _, total, terms, _, norm, _ in pending:
-            scalars.append(total.reshape(()))
-            scalars += [v.reshape(()) for v in terms.values()]
-            if norm is not None:
-                scalars.append(norm)
-        values = iter(read_back(scalars))
-        steps_read, pending[:] = list(pending), []
-        for step, _, terms, step_lr, norm, updated in steps_read:
-            value = next(values)
-            run.losses.append(value)
-            for k in terms:
-                run.terms.setdefault(k, []).append(next(values))
-            run.lrs.append(step_lr)
-            if not math.isfinite(value):
-                run.stopped = f"loss became {value} at step {step}"
-                return True
-            if not updated:  # the step failed after a finite loss: its error is the run's
-                return False
-            run.grad_norms.append(0.0 if norm is None else next(values))
-            if on_step is not None:
-                on_step(step, value)
-            if stop is not None and stop(run.losses):
-                return True
-        return False
+        return _flush(pending, run, on_step, stop)
 
     for step in range(steps):
         entry = None
@@ -240,11 +215,7 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
                 pending.append(entry)
                 if flush():  # a non-finite loss ends the run before its missing gradient matters
                     return run
-                from .errors import ModelError
-
-                error = ModelError("the loss does not require grad: the forward detaches its"
-                                   " output (.detach(), torch.no_grad(), set_grad_enabled(False))"
-                                   " or no trainable parameter reaches it")
+                error = _detached_loss_error()
                 break
             total.backward()
             norm = grad_norm_tensor(model)
@@ -264,6 +235,47 @@ def train_steps(model: Any, batch: Batch, loss: Loss, *, steps: int, optimizer: 
         raise error
     flush()
     return run
+
+
+def _flush(pending: list, run: TrainingRun, on_step: Optional[Callable[[int, float], None]],
+           stop: Optional[Callable[[list], bool]]) -> bool:
+    """Read :func:`train_steps`' pending steps back and record them in ``run`` (``pending`` is
+    emptied); True when the run ends at one of them."""
+    if not pending:
+        return False
+    scalars = []
+    for _, total, terms, _, norm, _ in pending:
+        scalars.append(total.reshape(()))
+        scalars += [v.reshape(()) for v in terms.values()]
+        if norm is not None:
+            scalars.append(norm)
+    values = iter(read_back(scalars))
+    steps_read, pending[:] = list(pending), []
+    for step, _, terms, step_lr, norm, updated in steps_read:
+        value = next(values)
+        run.losses.append(value)
+        for k in terms:
+            run.terms.setdefault(k, []).append(next(values))
+        run.lrs.append(step_lr)
+        if not math.isfinite(value):
+            run.stopped = f"loss became {value} at step {step}"
+            return True
+        if not updated:  # the step failed after a finite loss: its error is the run's
+            return False
+        run.grad_norms.append(0.0 if norm is None else next(values))
+        if on_step is not None:
+            on_step(step, value)
+        if stop is not None and stop(run.losses):
+            return True
+    return False
+
+
+def _detached_loss_error() -> Exception:
+    from .errors import ModelError
+
+    return ModelError("the loss does not require grad: the forward detaches its"
+                      " output (.detach(), torch.no_grad(), set_grad_enabled(False))"
+                      " or no trainable parameter reaches it")
 
 
 def sparkline(values: list, width: int = 24) -> str:
