@@ -1,6 +1,6 @@
 """Find the op (and the user's source line) where samples of a batch first get mixed.
 
-A ``TorchDispatchMode`` records every op's output in a forward on the batch, then in one
+A dispatch mode (``_torch_compat.dispatch_mode_base()``) records every op's output in a forward on the batch, then in one
 forward per sample ``k`` with only sample ``k``'s inputs changed. An output element that
 changes when sample ``k`` changes depends on sample ``k``. An op keeps samples apart when each
 of its output elements depends on at most one sample and some axis of the output says which
@@ -16,8 +16,8 @@ moves (an ``argmax`` that keeps its answer) is not seen; bool and integer one-el
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
 MAX_OPS = 4000
 MAX_BYTES = 128 << 20  # op outputs kept from the first run (their labels take as much again)
@@ -107,83 +107,111 @@ def locate_mixing(model: Any, batch: Any, perturb: Callable[[Any, int], Any],
     ('aten.view', '<root>')
     """
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    from .dispatch import user_source
     from .forward import run_forward
 
-    names = {m: (name or "<root>") for name, m in model.named_modules()}
-    stack: list = []
-    state = {"mode": "base", "i": 0, "bytes": 0, "stop": MAX_OPS}
-    base: list = []     # (op, module, source, [outputs])
-    labels: list = []   # per op, per output: int32 label tensors
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
-            out = func(*args, **(kwargs or {}))
-            if not stack:
-                return out
-            i = state["i"]
-            if i >= state["stop"]:
-                return out
-            state["i"] = i + 1
-            outs = [t.detach() for t in _tensors(out)]
-            name = f"aten.{getattr(getattr(func, 'overloadpacket', None), '__name__', func)}"
-            if state["mode"] == "base":
-                size = sum(t.numel() * t.element_size() for t in outs)
-                if state["bytes"] + size > MAX_BYTES:
-                    state["stop"] = i
-                    return out
-                state["bytes"] += size
-                base.append((name, stack[-1], user_source(), [t.clone() for t in outs]))
-                labels.append([torch.full(t.shape, -1, dtype=torch.int32, device=t.device)
-                               for t in outs])
-                return out
-            k = state["mode"]
-            ref = base[i]
-            if ref[0] != name or len(ref[3]) != len(outs) or any(
-                    a.shape != b.shape or a.dtype != b.dtype for a, b in zip(ref[3], outs)):
-                state["stop"] = i  # the op sequence changed: compare only what came before
-                return out
-            for lab, a, b in zip(labels[i], ref[3], outs):
-                hit = _changed(a, b)
-                lab.copy_(torch.where(hit, torch.where(lab == -1, torch.full_like(lab, k),
-                                                       torch.where(lab == k, lab,
-                                                                   torch.full_like(lab, -2))),
-                                      lab))
-            return out
+    rec = _Record({m: (name or "<root>") for name, m in model.named_modules()})
+    recorder = _recorder_class(rec)
 
     def push(mod: Any, args: Any) -> None:
-        stack.append(names.get(mod, "<root>"))
+        rec.stack.append(rec.names.get(mod, "<root>"))
 
     def pop(mod: Any, args: Any, out: Any) -> None:
-        if stack:
-            stack.pop()
+        if rec.stack:
+            rec.stack.pop()
 
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     handles = []
     try:
-        for m in names:
+        for m in rec.names:
             handles.append(m.register_forward_pre_hook(push))
             handles.append(m.register_forward_hook(pop))
         for k in [None] + list(range(n)):
-            state["mode"] = "base" if k is None else k
-            state["i"] = 0
+            rec.mode = "base" if k is None else k
+            rec.i = 0
             data = batch if k is None else perturb(batch, k)
-            with torch.random.fork_rng(devices=[]), torch.no_grad(), Recorder():
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), recorder():
                 torch.manual_seed(0)
                 run_forward(model, data)
-            stack.clear()
+            rec.stack.clear()
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
     finally:
         for h in handles:
             h.remove()
-    types = {name: type(m).__name__ for m, name in names.items()}
-    for i in range(min(state["stop"], len(base))):
-        op, module, source, outs = base[i]
-        for lab, t in zip(labels[i], outs):
+    return _first_mixing(rec, n)
+
+
+@dataclass
+class _Record:
+    """What :func:`locate_mixing`'s dispatch mode has seen: the ops of the first run and, per op
+    output, an int32 label per element (-1: no sample moves it, k: sample k only, -2: several)."""
+
+    names: dict                      # module -> path
+    stack: list = field(default_factory=list)
+    mode: Union[str, int] = "base"   # "base" for the first run, else the perturbed sample
+    i: int = 0
+    bytes: int = 0
+    stop: int = MAX_OPS
+    base: list = field(default_factory=list)    # (op, module, source, [outputs])
+    labels: list = field(default_factory=list)  # per op, per output: int32 label tensors
+
+
+def _recorder_class(rec: _Record) -> Any:
+    """A dispatch mode class that hands every op's output to :func:`_observe`."""
+    from ._torch_compat import dispatch_mode_base
+
+    class Recorder(dispatch_mode_base()):  # type: ignore[misc]
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            out = func(*args, **(kwargs or {}))
+            if rec.stack and rec.i < rec.stop:
+                _observe(rec, func, out)
+            return out
+
+    return Recorder
+
+
+def _observe(rec: _Record, func: Any, out: Any) -> None:
+    """Record op number ``rec.i``'s outputs (first run) or label what changed (a later run)."""
+    import torch
+
+    from .dispatch import user_source
+
+    i = rec.i
+    rec.i = i + 1
+    outs = [t.detach() for t in _tensors(out)]
+    name = f"aten.{getattr(getattr(func, 'overloadpacket', None), '__name__', func)}"
+    k = rec.mode
+    if isinstance(k, str):  # "base"
+        size = sum(t.numel() * t.element_size() for t in outs)
+        if rec.bytes + size > MAX_BYTES:
+            rec.stop = i
+            return
+        rec.bytes += size
+        rec.base.append((name, rec.stack[-1], user_source(), [t.clone() for t in outs]))
+        rec.labels.append([torch.full(t.shape, -1, dtype=torch.int32, device=t.device)
+                           for t in outs])
+        return
+    ref = rec.base[i]
+    if ref[0] != name or len(ref[3]) != len(outs) or any(
+            a.shape != b.shape or a.dtype != b.dtype for a, b in zip(ref[3], outs)):
+        rec.stop = i  # the op sequence changed: compare only what came before
+        return
+    for lab, a, b in zip(rec.labels[i], ref[3], outs):
+        hit = _changed(a, b)
+        lab.copy_(torch.where(hit, torch.where(lab == -1, torch.full_like(lab, k),
+                                               torch.where(lab == k, lab,
+                                                           torch.full_like(lab, -2))),
+                              lab))
+
+
+def _first_mixing(rec: _Record, n: int) -> Optional[MixingOrigin]:
+    """The first recorded op with an output that mixes samples (see :func:`_violation`)."""
+    types = {name: type(m).__name__ for m, name in rec.names.items()}
+    for i in range(min(rec.stop, len(rec.base))):
+        op, module, source, outs = rec.base[i]
+        for lab, t in zip(rec.labels[i], outs):
             if t.numel() <= 1 and not (t.is_floating_point() or t.is_complex()):
                 continue  # a flag read by the host (``if mask.all():``), not data
             why = _violation(lab, n)
