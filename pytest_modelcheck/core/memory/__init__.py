@@ -26,6 +26,7 @@ from ..batch import Batch, copy_model
 from ..cuda_probe import probe_workspaces
 from ..cuda_workspace import CUDA_BLOCK_BYTES
 from ..errors import UsageError
+from .distributed import STRATEGIES, check_distributed, per_rank
 from .estimate import _estimate, _to_estimate
 from .fake import _fake_device, _mha_fastpath, _probe_kernels
 from .measure import _cuda_api, _measure_cpu, _measure_cuda, _tracked_run, allocation_profiler
@@ -42,7 +43,7 @@ from .workspaces import _add_kernel_workspaces, _cuda_attention_workspace, _kern
 
 __all__ = ["AMP_DTYPES", "BACKWARD", "CATEGORIES", "CRASH_SEAM_ENV", "CUDA_BLOCK_BYTES", "FORWARD",
            "METHOD_CPU", "METHOD_CUDA", "METHOD_FAKE", "OPTIMIZER_STEP", "PHASES", "ROOT",
-           "STEP_PHASES", "TOP_MODULES", "UNTRACKED", "EstimateError", "MemoryEstimate",
+           "STEP_PHASES", "STRATEGIES", "TOP_MODULES", "UNTRACKED", "EstimateError", "MemoryEstimate",
            "MemoryReport", "allocation_profiler", "estimate_memory", "estimate_step_memory",
            "isolated_estimate_step", "measure_step_memory", "step_is_estimated", "step_memory"]
 
@@ -201,7 +202,8 @@ def isolated_estimate_step(model: Any, batch: Any, loss: Any = None, *, phase: s
 def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
                     optimizer: Any = "adamw", amp: Optional[str] = None,
                     batch_sizes: Any = None, device: Any = None, loss: Any = None,
-                    lr: float = 1e-3) -> MemoryEstimate:
+                    lr: float = 1e-3, world_size: Optional[int] = None,
+                    strategy: Optional[str] = None) -> MemoryEstimate:
     """Estimate a step's memory, part by part, without allocating any tensor.
 
     ``model_or_factory`` is a module (real or on the ``meta`` device) or a zero-argument
@@ -213,6 +215,12 @@ def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
     (and the half-precision copies of the weights that autocast caches count too). The
     step, its phases and the breakdown are those of ``estimate_step_memory``; the figures of
     the first batch size are the result's own, and ``per_batch_size`` lists every size.
+
+    ``world_size`` and ``strategy`` ("ddp" or "fsdp", FSDP2 ``fully_shard`` with FULL_SHARD)
+    add ``per_rank``: the per-rank figures when the model trains data-parallel on
+    ``world_size`` ranks, each holding the given batch (the batch is the *per-rank* batch):
+    parameters, gradients, optimizer state, activations, communication buffers and the peak
+    (model: ``distributed.py`` and docs/memory-model.md). The other fields stay single-device.
 
     >>> import torch
     >>> def build():
@@ -227,12 +235,17 @@ def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
     True
     >>> [row["batch_size"] for row in e.per_batch_size]
     [1, 64]
+    >>> f = estimate_memory(build, torch.empty(8, 1024, device="meta"), world_size=4,
+    ...                     strategy="fsdp")
+    >>> f.per_rank["parameters_bytes"] == -(-f.parameters_bytes // 4)
+    True
     """
     import torch
 
     from ..state import preserved_globals
 
     phase = _check_phase(phase)
+    world_size, strategy = check_distributed(world_size, strategy)
     if amp not in (None,) + AMP_DTYPES:
         raise UsageError(f"amp={amp!r}: expected 'bf16', 'fp16' or None")
     amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
@@ -274,4 +287,6 @@ def estimate_memory(model_or_factory: Any, batch: Any, *, phase: str = "train",
             del held
     first = results[0]
     first.per_batch_size = [r.summary() for r in results]
+    if world_size is not None and strategy is not None:
+        first.per_rank = per_rank(first, model, world_size, strategy)
     return first

@@ -130,6 +130,8 @@ class MemoryEstimate:
     memory at the peak; ``module_activations`` is ``[[module path, bytes], ...]`` of activation
     bytes each module's own code left alive (submodules excluded), largest first.
     ``per_batch_size`` holds one dict of the same figures per requested batch size.
+    ``per_rank`` (only with ``world_size``/``strategy``) holds the per-rank figures of data
+    parallel training (see ``distributed.per_rank``); ``to_dict`` lists it only when set.
 
     >>> e = MemoryEstimate(batch_size=2, phase="train", optimizer="adamw", amp=None,
     ...                    device="cpu", peak_bytes=4096, peak_phase="optimizer step")
@@ -158,6 +160,7 @@ class MemoryEstimate:
     per_batch_size: list = field(default_factory=list)
     peak_upper_bytes: Optional[int] = None
     kernel_workspaces: str = ""
+    per_rank: Optional[dict] = None
 
     _SUMMARY = ("batch_size", "peak_bytes", "peak_phase", "parameters_bytes", "gradients_bytes",
                 "optimizer_state_bytes", "activations_bytes", "temporaries_bytes")
@@ -185,7 +188,7 @@ class MemoryEstimate:
             "peak_upper_bytes": (None if self.peak_upper_bytes is None
                                  else int(self.peak_upper_bytes)),
             "kernel_workspaces": str(self.kernel_workspaces),
-        }
+        } | ({} if self.per_rank is None else {"per_rank": dict(self.per_rank)})
 
     def render(self, top: int = 10) -> str:
         """A text table: peak, parts, breakdown at the peak, top modules, batch sizes."""
@@ -216,6 +219,10 @@ class MemoryEstimate:
             for row in self.per_batch_size:
                 lines.append(f"  {row['batch_size']:>7}{format_bytes(row['peak_bytes']):>12}"
                              f"{format_bytes(row['activations_bytes']):>14}  {row['peak_phase']}")
+        if self.per_rank is not None:
+            from .distributed import render_per_rank
+
+            lines.extend("  " + line for line in render_per_rank(self.per_rank))
         return "\n".join(lines)
 
 
