@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
@@ -238,10 +238,59 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     with torch.no_grad():
         probe = run_forward(copy_model(work).eval(), data)
     lossfn = resolve_loss(loss, data, probe)
+
+    done = _stop_rule(steps, target, target_ratio)
+    run = train_steps(work, data, lossfn, steps=3 * steps, optimizer=optimizer, lr=lr, seed=seed,
+                      stop=done)
+    initial, best = run.initial, run.best
+    goal = target if target is not None else target_ratio * initial
+    goal_text = (f"loss <= {target:.4g}" if target is not None
+                 else f"loss <= {target_ratio:g} x initial {initial:.4g} = {goal:.4g}")
+    curve = sparkline(run.losses)
+    metrics, details = _record(run, goal, optimizer, lr, lossfn.name, chance_level)
+    first = _first_run_verdict(run, steps, goal, goal_text, details, metrics, chance_level, target)
+    if first is not None:
+        return first
+    # A step size too large for this architecture is not a bug of the model: before failing,
+    # one more seeded run at RETRY_LR_FACTOR x lr (SqueezeNet, whose ReLU on the logits kills
+    # class channels under lr 3e-3 and fits at 1e-3). Models that cannot fit fail both runs.
+    retry_lr = lr * RETRY_LR_FACTOR
+    retry = train_steps(copy_model(model).to(device), data, lossfn, steps=3 * steps,
+                        optimizer=optimizer, lr=retry_lr, seed=seed, stop=done)
+    retry_goal = target if target is not None else target_ratio * retry.initial
+    metrics["retry"] = {"lr": retry_lr, "best_loss": retry.best, "steps_run": len(retry.losses),
+                        "goal_met_at_step": _goal_step(retry.losses, retry_goal)}
+    if not retry.stopped and math.isfinite(retry.best) and retry.best <= retry_goal:
+        details.append(f"at lr={lr:g} the best loss was {best:.5g}; at lr={retry_lr:g}:"
+                       f" {sparkline(retry.losses)} best {retry.best:.5g}")
+        return CheckResult("model_overfits", True,
+                           f"expected {goal_text} within {_steps(retry, steps)}, observed"
+                           f" {retry.best:.4g} at lr={retry_lr:g} ({_met(retry.losses, retry_goal, steps)};"
+                           f" lr={lr:g} fell short at {best:.4g}: lower the learning rate)"
+                           f" {sparkline(retry.losses)}",
+                           "\n".join(details), dict(metrics, passed_at_lr=retry_lr))
+    details.append(f"  a retry at lr={retry_lr:g} reached best {retry.best:.5g} too")
+    observed, at_chance = _observed_failure(run, chance_level)
+    with torch.no_grad():
+        trained = run_forward(work.eval(), data)
+    cause, specific, found = output_diagnosis(probe, trained, data.target,
+                                              lossfn.name if lossfn.named else "")
+    metrics.update(found)
+    if cause:
+        observed += f"; {cause}"
+    details += _hint_lines(specific)
+    metrics["stuck_at_chance"] = at_chance
+    return CheckResult("model_overfits", False,
+                       f"expected {goal_text} within {_steps(run, steps)}, observed {observed}"
+                       f" {curve}",
+                       "\n".join(details), metrics)
+
+
+def _stop_rule(steps: int, target: Any, target_ratio: float) -> Callable[[list], bool]:
+    """``stop(losses)`` for :func:`train_steps`: stop once the goal is met (after MIN_STEPS);
+    else run ``steps`` steps and, past them, go on (up to 3x) only while the loss is still
+    clearly falling, so a slow but healthy model is not flagged."""
     def done(losses: list) -> bool:
-        # Stop once the goal is met (after MIN_STEPS); else run `steps` steps and, past them, go
-        # on (up to 3x) only while the loss is still clearly falling, so a slow but healthy
-        # model is not flagged.
         n = len(losses)
         goal_now = target if target is not None else target_ratio * losses[0]
         if n >= min(MIN_STEPS, steps) and min(losses) <= goal_now:
@@ -254,24 +303,38 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         before, recent = min(losses[:-window]), min(losses[-window:])
         return not (recent < before - 0.02 * abs(before))
 
-    run = train_steps(work, data, lossfn, steps=3 * steps, optimizer=optimizer, lr=lr, seed=seed,
-                      stop=done)
+    return done
+
+
+def _record(run: Any, goal: float, optimizer: Any, lr: float, loss_name: str,
+            chance_level: Any) -> tuple[dict, list]:
+    """``(metrics, details)`` of the first run: its numbers and its loss curve."""
+    from ..core.training import sparkline
+
     initial, best, final = run.initial, run.best, run.final
-    goal = target if target is not None else target_ratio * initial
-    goal_text = (f"loss <= {target:.4g}" if target is not None
-                 else f"loss <= {target_ratio:g} x initial {initial:.4g} = {goal:.4g}")
-    curve = sparkline(run.losses)
     metrics = {"initial_loss": initial, "best_loss": best, "final_loss": final, "goal": goal,
-               "steps_run": len(run.losses), "goal_met_at_step": _goal_step(run.losses, goal), "optimizer": optimizer if isinstance(optimizer, str)
-               else getattr(optimizer, "__name__", "custom"), "lr": lr, "loss_fn": lossfn.name,
+               "steps_run": len(run.losses), "goal_met_at_step": _goal_step(run.losses, goal),
+               "optimizer": optimizer if isinstance(optimizer, str)
+               else getattr(optimizer, "__name__", "custom"), "lr": lr, "loss_fn": loss_name,
                "losses": [round(v, 6) if math.isfinite(v) else str(v) for v in run.losses],
                "chance_level": chance_level}
     if run.terms:
         metrics["terms"] = {k: [round(v, 6) for v in vs] for k, vs in run.terms.items()}
-    details = [f"loss curve ({len(run.losses)} steps, {optimizer} lr={lr:g}): {curve}",
+    details = [f"loss curve ({len(run.losses)} steps, {optimizer} lr={lr:g}): {sparkline(run.losses)}",
                f"  initial {initial:.5g}  best {best:.5g}  final {final:.5g}"]
     for k, vs in run.terms.items():
         details.append(f"  term {k}: {vs[0]:.4g} -> {min(vs):.4g}  {sparkline(vs)}")
+    return metrics, details
+
+
+def _first_run_verdict(run: Any, steps: int, goal: float, goal_text: str, details: list,
+                       metrics: dict, chance_level: Any, target: Any) -> Optional[CheckResult]:
+    """The verdict the first run settles (a non-finite loss, exploding initial outputs, the goal
+    met, a slow but steady fit), or None when a retry at a lower learning rate is due."""
+    from ..core.training import sparkline
+
+    initial, best = run.initial, run.best
+    curve = sparkline(run.losses)
     if run.stopped:
         return CheckResult("model_overfits", False,
                            f"expected {goal_text} within {steps} steps, observed a non-finite loss:"
@@ -298,25 +361,12 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
                            f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
                            f" and still falling steadily at the cap (a slow fit, not a stuck one)"
                            f" {curve}", "\n".join(details), dict(metrics, slow_fit=True))
-    # A step size too large for this architecture is not a bug of the model: before failing,
-    # one more seeded run at RETRY_LR_FACTOR x lr (SqueezeNet, whose ReLU on the logits kills
-    # class channels under lr 3e-3 and fits at 1e-3). Models that cannot fit fail both runs.
-    retry_lr = lr * RETRY_LR_FACTOR
-    retry = train_steps(copy_model(model).to(device), data, lossfn, steps=3 * steps,
-                        optimizer=optimizer, lr=retry_lr, seed=seed, stop=done)
-    retry_goal = target if target is not None else target_ratio * retry.initial
-    metrics["retry"] = {"lr": retry_lr, "best_loss": retry.best, "steps_run": len(retry.losses),
-                        "goal_met_at_step": _goal_step(retry.losses, retry_goal)}
-    if not retry.stopped and math.isfinite(retry.best) and retry.best <= retry_goal:
-        details.append(f"at lr={lr:g} the best loss was {best:.5g}; at lr={retry_lr:g}:"
-                       f" {sparkline(retry.losses)} best {retry.best:.5g}")
-        return CheckResult("model_overfits", True,
-                           f"expected {goal_text} within {_steps(retry, steps)}, observed"
-                           f" {retry.best:.4g} at lr={retry_lr:g} ({_met(retry.losses, retry_goal, steps)};"
-                           f" lr={lr:g} fell short at {best:.4g}: lower the learning rate)"
-                           f" {sparkline(retry.losses)}",
-                           "\n".join(details), dict(metrics, passed_at_lr=retry_lr))
-    details.append(f"  a retry at lr={retry_lr:g} reached best {retry.best:.5g} too")
+    return None
+
+
+def _observed_failure(run: Any, chance_level: Any) -> tuple[str, bool]:
+    """``(observed, at_chance)``: how a run that missed its goal ended."""
+    initial, best, final = run.initial, run.best, run.final
     at_chance = chance_level is not None and abs(final - chance_level) <= 0.05 * max(abs(chance_level), 1e-12)
     if at_chance:
         observed = f"stuck at chance level {chance_level:.4g} (final {final:.4g})"
@@ -324,18 +374,10 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         observed = f"loss flat at {best:.4g}"
     else:
         observed = f"best {best:.4g} (final {final:.4g})"
-    with torch.no_grad():
-        trained = run_forward(work.eval(), data)
-    cause, specific, found = output_diagnosis(probe, trained, data.target,
-                                              lossfn.name if lossfn.named else "")
-    metrics.update(found)
-    if cause:
-        observed += f"; {cause}"
-    details.append("hints:")
-    details += [f"  - {h}" for h in specific + [h for h in HINTS
-                                                 if not (specific and h == UNCONSTRAINED_HINT)]]
-    metrics["stuck_at_chance"] = at_chance
-    return CheckResult("model_overfits", False,
-                       f"expected {goal_text} within {_steps(run, steps)}, observed {observed}"
-                       f" {curve}",
-                       "\n".join(details), metrics)
+    return observed, at_chance
+
+
+def _hint_lines(specific: list) -> list:
+    """The failure's hint lines: the specific ones first, then the generic ones."""
+    return ["hints:"] + [f"  - {h}" for h in specific + [h for h in HINTS
+                                                        if not (specific and h == UNCONSTRAINED_HINT)]]
