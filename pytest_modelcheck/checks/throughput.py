@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..core.errors import UsageError
@@ -131,34 +132,13 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     >>> r.passed, r.metrics["inconclusive"], r.metrics["threads"] == torch.get_num_threads()
     (True, False, True)
     """
-    import torch
-
     from ..core.batch import copy_model
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss
-    from ..core.timing import calibration_times, measure_throughput, median_ranks
-    from ..core.training import make_optimizer
+    from ..core.timing import calibration_times, measure_throughput
 
     work = copy_model(model).to(device)
     data = (batch.resized(batch_size) if batch_size else batch.clone()).to(device)
     n = data.batch_size or 1
-    if phase == "inference":
-        work.eval()
-
-        def step() -> None:
-            with torch.no_grad():
-                run_forward(work, data)
-    else:
-        work.train()
-        with torch.no_grad():
-            lossfn = resolve_loss(loss, data, run_forward(work, data))
-        opt = make_optimizer("adam", work.parameters(), 1e-6)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            total, _ = lossfn.compute(run_forward(work, data), data, work)
-            total.backward()
-            opt.step()
+    step = _step(work, data, phase, loss)
 
     # Each run is timed on its own (two clock readings around one step), so the spread and the
     # interval below are over independent runs. `floor=rate` keeps measuring (within max_time)
@@ -177,44 +157,102 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     # measurement supports with confidence. Between the median and `hi` this machine cannot
     # tell a slow model from a busy runner: inconclusive, not failed (unless strict=True).
     verdict = m.verdict(rate)
-    inconclusive = verdict == "inconclusive"
-    lo, hi = m.samples_per_s_interval
-    q3_rate, q1_rate = m.samples_per_s_range
-    r, coverage = m.fast_rank
-    _, k = median_ranks(m.runs, m.confidence)
-    floor_text, median_text, lo_text, hi_text = _rates(rate, m.samples_per_s, lo, hi)
-    interval = _span(lo, hi)
-    spread = f"IQR {_percent(m.spread)} of the median over {m.runs} runs"
-    conditions = _load_text(m)
+    words = _Words.of(m, rate)
     xdist = _xdist_workers()
+    lo, hi = m.samples_per_s_interval
     metrics = {"samples_per_s": m.samples_per_s, "rate": rate, "batch_size": n, "phase": phase,
                "spread": m.spread, "runs": m.runs, "noisy": m.noisy, "extended": m.extended,
                "median_s": m.stats.median, "method": m.method, "times_s": m.stats.times[:200],
                "calibration_s": calibration,
                "interval_samples_per_s": [lo, hi], "fast_samples_per_s": m.fast_samples_per_s,
-               "fast_confidence": coverage, "load_allowance": m.load_allowance,
+               "fast_confidence": m.fast_rank[1], "load_allowance": m.load_allowance,
                "threads": m.threads, "xdist_workers": xdist, "load_before": m.load_before,
                "load_after": m.load_after, "cores": m.cores,
                # "inconclusive": passed without a verdict (a strict failure is a failure)
-               "verdict": verdict, "inconclusive": inconclusive and not strict,
+               "verdict": verdict, "inconclusive": verdict == "inconclusive" and not strict,
                "strict": bool(strict)}
-    details = (f"batch size {n}, {phase}, {m.method}: median {m.stats.median * 1e3:.3f} ms per batch,"
-               f" samples/s range (q3..q1 times) {' .. '.join(_rates(q3_rate, q1_rate))}; {spread}"
-               + ("; still noisy after extension" if m.noisy else "")
-               + f"\nconditions: {conditions}, {xdist} xdist worker" + ("s" if xdist != 1 else "")
-               + f"\ninterval {interval}: from {lo_text}, the 95% lower bound of the"
-               f" median rate (run {k} of {m.runs} by time), to {hi_text}, the fast runs (run {r}"
-               f" of {m.runs} by time: {coverage:.0%} confident that 90% of the runs were no"
-               f" faster)"
-               + (f" x {m.load_allowance:.2f} for the load" if m.load_allowance > 1 else ""))
+    details = _details(m, n, phase, xdist, words)
+    return _result(m, phase, verdict, bool(strict), words, details, metrics)
+
+
+def _step(work: Any, data: Any, phase: str, loss: Any) -> Callable[[], None]:
+    """One timed step on the working copy: a forward under ``no_grad`` (inference) or a
+    forward, backward and optimizer step (train)."""
+    import torch
+
+    from ..core.forward import run_forward
+    from ..core.losses import resolve_loss
+    from ..core.training import make_optimizer
+
+    if phase == "inference":
+        work.eval()
+
+        def infer() -> None:
+            with torch.no_grad():
+                run_forward(work, data)
+        return infer
+    work.train()
+    with torch.no_grad():
+        lossfn = resolve_loss(loss, data, run_forward(work, data))
+    opt = make_optimizer("adam", work.parameters(), 1e-6)
+
+    def train() -> None:
+        opt.zero_grad(set_to_none=True)
+        total, _ = lossfn.compute(run_forward(work, data), data, work)
+        total.backward()
+        opt.step()
+    return train
+
+
+@dataclass
+class _Words:
+    """The measurement's numbers as the headline and details print them."""
+
+    floor: str
+    median: str
+    lo: str
+    hi: str
+    interval: str
+    spread: str
+    conditions: str
+
+    @classmethod
+    def of(cls, m: Any, rate: float) -> "_Words":
+        lo, hi = m.samples_per_s_interval
+        floor_text, median_text, lo_text, hi_text = _rates(rate, m.samples_per_s, lo, hi)
+        return cls(floor_text, median_text, lo_text, hi_text, _span(lo, hi),
+                   f"IQR {_percent(m.spread)} of the median over {m.runs} runs", _load_text(m))
+
+
+def _details(m: Any, n: int, phase: str, xdist: int, words: _Words) -> str:
+    """The details text: the run times, the conditions and how the interval was made."""
+    from ..core.timing import median_ranks
+
+    q3_rate, q1_rate = m.samples_per_s_range
+    r, coverage = m.fast_rank
+    _, k = median_ranks(m.runs, m.confidence)
+    return (f"batch size {n}, {phase}, {m.method}: median {m.stats.median * 1e3:.3f} ms per batch,"
+            f" samples/s range (q3..q1 times) {' .. '.join(_rates(q3_rate, q1_rate))}; {words.spread}"
+            + ("; still noisy after extension" if m.noisy else "")
+            + f"\nconditions: {words.conditions}, {xdist} xdist worker" + ("s" if xdist != 1 else "")
+            + f"\ninterval {words.interval}: from {words.lo}, the 95% lower bound of the"
+            f" median rate (run {k} of {m.runs} by time), to {words.hi}, the fast runs (run {r}"
+            f" of {m.runs} by time: {coverage:.0%} confident that 90% of the runs were no"
+            f" faster)"
+            + (f" x {m.load_allowance:.2f} for the load" if m.load_allowance > 1 else ""))
+
+
+def _result(m: Any, phase: str, verdict: str, strict: bool, words: _Words, details: str,
+            metrics: dict) -> CheckResult:
+    """Word the verdict: passed, inconclusive (a pass, or a failure with strict=True), failed."""
     what = "inference" if phase == "inference" else "training"
-    expected = f"expected {what} throughput >= {floor_text}"
+    expected = f"expected {what} throughput >= {words.floor}"
     if verdict == "passed":
         return CheckResult("throughput_at_least", True,
-                           f"{expected}, observed {median_text} ({spread})", details, metrics)
-    if inconclusive:
-        measured = (f"{expected}, observed {median_text}, interval {interval} over"
-                    f" {m.runs} runs, {conditions}")
+                           f"{expected}, observed {words.median} ({words.spread})", details, metrics)
+    if verdict == "inconclusive":
+        measured = (f"{expected}, observed {words.median}, interval {words.interval} over"
+                    f" {m.runs} runs, {words.conditions}")
         if strict:
             return CheckResult(
                 "throughput_at_least", False,
@@ -231,6 +269,5 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     hint = ("\nremedy: look for Python loops over samples and host syncs (.item(), .cpu()) in"
             " forward; larger batch sizes amortize per-call overhead")
     return CheckResult("throughput_at_least", False,
-                       f"{expected}, observed {median_text}, at best {hi_text} ({spread}"
+                       f"{expected}, observed {words.median}, at best {words.hi} ({words.spread}"
                        + (", noisy" if m.noisy else "") + ")", details + hint, metrics)
-
