@@ -1,10 +1,13 @@
-"""The ``modelcheck`` command: ``inspect``, ``profile`` and ``compare`` on top of ``core/``.
+"""The ``modelcheck`` command: ``inspect``, ``profile``, ``compare`` and ``merge`` on top of the library.
 
     modelcheck inspect --model example_models.vit3d:build_model [--config cfg.yaml|json]
                        [--checkpoint ckpt.pt] [--batch-size N] [--verbose] [--json out.json]
     modelcheck inspect ckpt.pt                 # the checkpoint alone
     modelcheck profile --model pkg.mod:factory [--batch-sizes 1,2,4,8] [--json out.json]
     modelcheck compare a.pt b.pt
+    modelcheck merge shard*/report.json --json report.json \\
+                     --baseline shard1/baseline.json --baseline shard2/baseline.json \\
+                     --baseline-out .modelcheck/baseline.json
 
 User mistakes (unknown factory, bad config, unreadable file) print one line saying what to fix
 and exit with status 2.
@@ -233,6 +236,47 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     return report.to_dict()
 
 
+def cmd_merge(args: argparse.Namespace) -> dict:
+    """One report (and one baseline) from the ``--modelcheck-json`` reports (and the baselines)
+    of a suite's shards; a test that two shards hold differently is refused, named."""
+    from .core.baseline import Baseline
+    from .core.files import atomic_write_text
+    from .report.merge import merge_reports
+
+    if not args.reports and not args.baseline:
+        raise CliError("merge: expected shard reports (--modelcheck-json files) and/or"
+                       " --baseline files to merge")
+    docs = [_read_json(path, "report") for path in args.reports]
+    merged = merge_reports(docs, args.reports) if docs else {}
+    if docs:
+        s = merged["summary"]
+        print(f"merged {len(docs)} reports: {s['tests']} tests, {s['checks']} checks,"
+              f" {s['failed_checks']} failed")
+    if args.baseline:
+        from .core.shards import merge_baselines
+
+        if not args.baseline_out:
+            raise CliError("merge: --baseline given without --baseline-out; expected the file to"
+                           " write the merged baseline to")
+        base = merge_baselines([Baseline.load(path) for path in args.baseline], args.baseline)
+        atomic_write_text(args.baseline_out, json.dumps(base.to_dict(), indent=1, sort_keys=True,
+                                                        allow_nan=False) + "\n")
+        tests = sum(len(t) for t in base.entries.values())
+        print(f"merged {len(args.baseline)} baselines: {tests} tests on {len(base.machines)}"
+              f" machine(s), written to {args.baseline_out}")
+    return merged
+
+
+def _read_json(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise CliError(f"merge: {path}: cannot read the {what} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise CliError(f"merge: {path}: not a JSON {what} ({exc})") from None
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelcheck", description="Inspect, profile and compare"
                                 " PyTorch models and checkpoints.")
@@ -264,6 +308,14 @@ def parser() -> argparse.ArgumentParser:
     cmp_.add_argument("b")
     cmp_.add_argument("--json")
     cmp_.set_defaults(run=cmd_compare)
+    mer = sub.add_parser("merge", help="one report and one baseline from a sharded suite's"
+                         " shards (refuses a test two shards hold differently)")
+    mer.add_argument("reports", nargs="*", help="the shards' --modelcheck-json reports")
+    mer.add_argument("--baseline", action="append", default=[],
+                     help="a shard's baseline file (repeat for each shard)")
+    mer.add_argument("--baseline-out", help="where to write the merged baseline")
+    mer.add_argument("--json", help="where to write the merged report")
+    mer.set_defaults(run=cmd_merge)
     return p
 
 
