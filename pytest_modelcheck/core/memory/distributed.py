@@ -7,9 +7,10 @@ memory of distributed training"). No process group and no GPU are needed.
 * ``ddp``: every rank holds the whole model, its gradients and optimizer state, plus the
   reducer's gradient buckets (flat copies of the gradients, ``gradients_bytes`` in all).
 * ``fsdp`` (FSDP2 ``fully_shard``, FULL_SHARD, units as ``fsdp_units`` says):
-  parameters, gradients and optimizer state are divided by ``world_size``; the step adds the
-  largest unit's all-gathered parameters twice (the current unit and the prefetched one) and
-  its unsharded gradients (the reduce-scatter input) as communication buffers.
+  parameters, gradients and optimizer state are divided by ``world_size``; forward and
+  backward add the largest unit's all-gathered parameters twice (the current unit and the
+  prefetched one), backward also its unsharded gradients (the reduce-scatter input); the
+  optimizer step works on shards only. The peak is the largest of the three phases.
 """
 from __future__ import annotations
 
@@ -116,12 +117,19 @@ def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
         return row
     shard = -(-params // world_size), -(-grads // world_size), -(-opt // world_size)
     unit = largest_unit_bytes(model) if world_size > 1 else 0
-    comm = 2 * unit + (unit if estimate.phase == "train" and world_size > 1 else 0)
-    rest = max(0, int(estimate.peak_bytes) - params - grads - opt,
-               int(estimate.activations_bytes) + int(estimate.temporaries_bytes))
-    row.update(parameters_bytes=shard[0], gradients_bytes=shard[1],
+    train = estimate.phase == "train"
+    comm = 2 * unit + (unit if train else 0)
+    peaks = {str(k): int(v) for k, v in estimate.phase_peaks.items()}
+    acts = int(estimate.activations_bytes)
+    phases = [shard[0] + max(0, peaks.get("forward", estimate.peak_bytes) - params) + 2 * unit]
+    if train:
+        phases.append(shard[0] + shard[1] + 3 * unit
+                      + max(acts, peaks.get("backward", 0) - params - grads))
+        extra = max(0, peaks.get("optimizer step", 0) - params - grads - opt)
+        phases.append(sum(shard) + -(-extra // world_size))
+    row.update(parameters_bytes=shard[0], gradients_bytes=shard[1] if train else 0,
                optimizer_state_bytes=shard[2], communication_buffers_bytes=comm,
-               peak_bytes=sum(shard) + rest + comm)
+               peak_bytes=max(phases))
     return row
 
 
@@ -141,3 +149,114 @@ def render_per_rank(row: dict) -> list:
                 "communication_buffers"):
         lines.append(f"    {key.replace('_', ' '):<22}{format_bytes(row[key + '_bytes']):>12}")
     return lines
+
+
+def _rank_peak(rank: int, world_size: int, store: str, strategy: str, model: Any, batch: Any,
+               loss: Any, optimizer: Any, lr: float) -> int:
+    """One gloo rank: wrap ``model`` (DDP, or ``fully_shard`` on every unit), run one training
+    step on ``batch`` and return the rank's peak bytes from the CPU allocator events: what was
+    alive after wrapping (the rank's parameters or shards, DDP's buckets) plus the step."""
+    import torch
+    import torch.distributed as dist
+
+    from ..batch import Batch
+    from .measure import allocation_profiler
+    from .step import _prepare, _run_step
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size)
+    try:
+        with allocation_profiler() as prof:
+            work = _wrap(model, strategy, world_size)
+            mark = _now_us(prof)
+            data = Batch.from_user(batch, model=work)
+            opt = _prepare(work, "train", optimizer, lr)
+            keep = _run_step(work, data, loss, "train", opt, _no_phase)
+            del keep
+        return _peak_after(prof, mark)
+    finally:
+        dist.destroy_process_group()
+
+
+def _no_phase(name: str) -> Any:
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def _now_us(prof: Any) -> int:
+    import torch
+
+    _ = torch.empty(1)  # an allocator event marks the moment (1 element: 4 bytes)
+    return -1
+
+
+def _wrap(model: Any, strategy: str, world_size: int) -> Any:
+    import copy
+
+    work = copy.deepcopy(model)
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(work)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    for unit in fsdp_units(work):
+        fully_shard(unit, mesh=mesh)
+    return work
+
+
+def _peak_after(prof: Any, mark: int) -> int:
+    """Peak of the running sum of allocator events; ``mark`` is unused (the whole window)."""
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
+                    key=lambda e: e.start_ns())
+    alive = peak = 0
+    for e in events:
+        alive += e.nbytes()
+        peak = max(peak, alive)
+    return peak
+
+
+def measure_per_rank(model: Any, batch: Any, loss: Any = None, *, world_size: int = 2,
+                     strategy: str = "ddp", optimizer: Any = "adamw", lr: float = 1e-3,
+                     timeout: float = 300.0) -> list:
+    """Measured peak bytes of every rank of one DDP/FSDP2 training step on ``world_size`` local
+    gloo ranks (CPU), each holding ``batch`` (the per-rank batch). The model, batch and loss
+    must pickle. Used to validate ``per_rank`` (benchmarks/distributed_memory.py).
+
+    >>> import torch
+    >>> peaks = measure_per_rank(torch.nn.Linear(64, 64), torch.ones(8, 64), world_size=2)
+    >>> len(peaks), all(p > 4 * 64 * 64 for p in peaks)
+    (2, True)
+    """
+    import tempfile
+    import threading
+
+    from ..isolate import run_isolated
+
+    world_size, strategy = check_distributed(world_size, strategy)
+    peaks: list = [None] * world_size
+    errors: list = []
+    with tempfile.TemporaryDirectory(prefix="modelcheck-mem-") as tmp:
+        store = f"{tmp}/store"
+
+        def rank(r: int) -> None:
+            try:
+                peaks[r] = run_isolated(_rank_peak, r, world_size, store, strategy, model, batch,
+                                        loss, optimizer, lr, timeout=timeout,
+                                        what=f"{strategy} rank {r}")
+            except Exception as exc:  # noqa: BLE001 - reported once all ranks are done
+                errors.append(f"rank {r}: {exc}")
+
+        threads = [threading.Thread(target=rank, args=(r,), daemon=True)
+                   for r in range(world_size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise RuntimeError("; ".join(sorted(errors)))
+    return peaks
