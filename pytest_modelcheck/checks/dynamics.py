@@ -451,15 +451,7 @@ def _d_step(model: Any, batch: Any, d_loss: Callable, cond_real: tuple, opt_d: A
     with torch.no_grad():
         fake = run_forward(model, batch)
     d_total, d_terms = _sum_terms(d_loss(model, *cond_real, fake.detach()), "d_loss")
-    rec["d_total"].append(float(d_total.detach()))
-    for k, v in d_terms.items():
-        rec["terms"].setdefault(f"D:{k}", []).append(float(v.detach()))
-    if not math.isfinite(rec["d_total"][-1]):
-        rec["stopped"] = f"discriminator loss became {rec['d_total'][-1]} at step {step}"
-        return False
-    d_total.backward()
-    opt_d.step()
-    return True
+    return _record_step(rec, "D", d_total, d_terms, opt_d, step)
 
 
 def _g_step(model: Any, batch: Any, g_loss: Any, opt_g: Any, rec: dict, step: int) -> bool:
@@ -469,14 +461,22 @@ def _g_step(model: Any, batch: Any, g_loss: Any, opt_g: Any, rec: dict, step: in
     opt_g.zero_grad(set_to_none=True)
     out = run_forward(model, batch)
     g_total, g_terms = g_loss.compute(out, batch, model)
-    rec["g_total"].append(float(g_total.detach()))
-    for k, v in (g_terms or {"total": g_total}).items():
-        rec["terms"].setdefault(f"G:{k}", []).append(float(v.detach()))
-    if not math.isfinite(rec["g_total"][-1]):
-        rec["stopped"] = f"generator loss became {rec['g_total'][-1]} at step {step}"
+    return _record_step(rec, "G", g_total, g_terms or {"total": g_total}, opt_g, step)
+
+
+def _record_step(rec: dict, side: str, total: Any, terms: dict, opt: Any, step: int) -> bool:
+    """Record one side's loss and terms; step its optimizer unless the loss is not finite
+    (then ``rec["stopped"]`` says which loss, and False is returned)."""
+    key = "d_total" if side == "D" else "g_total"
+    rec[key].append(float(total.detach()))
+    for k, v in terms.items():
+        rec["terms"].setdefault(f"{side}:{k}", []).append(float(v.detach()))
+    if not math.isfinite(rec[key][-1]):
+        who = "discriminator" if side == "D" else "generator"
+        rec["stopped"] = f"{who} loss became {rec[key][-1]} at step {step}"
         return False
-    g_total.backward()
-    opt_g.step()
+    total.backward()
+    opt.step()
     return True
 
 
