@@ -400,21 +400,11 @@ Timer = Union[Callable[[], float], CudaEventTimer]
 
 
 def measure_throughput(
-    step: Callable[[], Any],
-    batch_size: int,
-    *,
-    warmup: int = 3,
-    min_runs: int = 10,
-    max_runs: int = 100,
-    max_time: float | str = 10.0,
-    noise: float = 0.10,
-    timer: Timer | None = None,
-    sync: Callable[[], Any] | None = None,
-    device: Any = "cpu",
-    load: Callable[[], tuple[float | None, int]] | None = None,
-    floor: float | None = None,
-    cheap_runs: int = 0,
-    cheap_time: float = 0.5,
+    step: Callable[[], Any], batch_size: int, *, warmup: int = 3, min_runs: int = 10,
+    max_runs: int = 100, max_time: float | str = 10.0, noise: float = 0.10,
+    timer: Timer | None = None, sync: Callable[[], Any] | None = None, device: Any = "cpu",
+    load: Callable[[], tuple[float | None, int]] | None = None, floor: float | None = None,
+    cheap_runs: int = 0, cheap_time: float = 0.5,
 ) -> ThroughputMeasurement:
     """Measure how many samples per second ``step()`` processes.
 
@@ -477,12 +467,8 @@ def measure_throughput(
     >>> m.runs, m.verdict(200), m.confident, m.threads is None or m.threads >= 1
     (40, 'failed', True, True)
     """
-    batch_size, warmup, min_runs, max_runs, max_time, noise, floor = _checked(
-        step, batch_size, warmup, min_runs, max_runs, max_time, noise, floor)
-    if load is None:
-        load = machine_load
-    elif not callable(load):
-        raise TypeError(f"load: expected a callable returning (load average, cores), got {load!r}")
+    batch_size, warmup, min_runs, max_runs, max_time, noise, floor, read = _checked(
+        step, batch_size, warmup, min_runs, max_runs, max_time, noise, floor, load)
     device = str(device)
     method, settle, run_once = _runner(step, timer, sync, device)
 
@@ -490,16 +476,11 @@ def measure_throughput(
         step()
     settle()
 
-    load_before, cores = _read_load(load)
+    load_before, cores = _read_load(read)
     runs = _Runs(run_once, threads=_torch_threads())
     for _ in range(min_runs):
         runs.take()
-    # A cheap step gets up to ``cheap_runs`` runs when they fit in ``cheap_time`` seconds: the
-    # baseline gate needs about 30 runs a side to establish a 25% change against its interval
-    # rule, and for a millisecond forward they cost nothing.
-    if cheap_runs > len(runs.times) and runs.total / len(runs.times) * cheap_runs <= cheap_time:
-        for _ in range(min(cheap_runs, max_runs) - len(runs.times)):
-            runs.take()
+    runs.add_cheap(cheap_runs, cheap_time, max_runs)
 
     def measurement(load_after: float | None, extended: bool) -> ThroughputMeasurement:
         stats = TimingStats.from_times(runs.times)
@@ -515,13 +496,15 @@ def measure_throughput(
            and len(runs.times) < max_runs and runs.total < max_time):
         extended = True
         runs.double(max_runs, max_time)
-    return measurement(_read_load(load)[0], extended)
+    return measurement(_read_load(read)[0], extended)
 
 
 def _checked(step: Any, batch_size: Any, warmup: Any, min_runs: Any, max_runs: Any,
-             max_time: Any, noise: Any, floor: Any,
-             ) -> tuple[int, int, int, int, float, float, float | None]:
-    """:func:`measure_throughput`'s numeric arguments, checked and converted."""
+             max_time: Any, noise: Any, floor: Any, load: Any,
+             ) -> tuple[int, int, int, int, float, float, float | None,
+                        Callable[[], tuple[float | None, int]]]:
+    """:func:`measure_throughput`'s numeric arguments, checked and converted, and its load
+    reader (:func:`machine_load` by default)."""
     if not callable(step):
         raise TypeError(f"step: expected a callable, got {step!r}")
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -536,7 +519,11 @@ def _checked(step: Any, batch_size: Any, warmup: Any, min_runs: Any, max_runs: A
     noise = _check_float("noise", noise)
     if floor is not None:
         floor = _check_float("floor", floor)
-    return batch_size, warmup, min_runs, max_runs, max_time, noise, floor
+    if load is None:
+        load = machine_load
+    elif not callable(load):
+        raise TypeError(f"load: expected a callable returning (load average, cores), got {load!r}")
+    return batch_size, warmup, min_runs, max_runs, max_time, noise, floor, load
 
 
 def _runner(step: Callable[[], Any], timer: Timer | None, sync: Callable[[], Any] | None,
@@ -606,6 +593,14 @@ class _Runs:
             )
         self.times.append(elapsed)
         self.total += elapsed
+
+    def add_cheap(self, cheap_runs: int, cheap_time: float, max_runs: int) -> None:
+        """A cheap step gets up to ``cheap_runs`` runs when they fit in ``cheap_time`` seconds:
+        the baseline gate needs about 30 runs a side to establish a 25% change against its
+        interval rule, and for a millisecond forward they cost nothing."""
+        if cheap_runs > len(self.times) and self.total / len(self.times) * cheap_runs <= cheap_time:
+            for _ in range(min(cheap_runs, max_runs) - len(self.times)):
+                self.take()
 
     def double(self, max_runs: int, max_time: float) -> None:
         """One extension round: as many runs again, within ``max_runs`` and ``max_time``."""
