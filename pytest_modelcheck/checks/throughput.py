@@ -134,11 +134,12 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     """
     from ..core.batch import copy_model
     from ..core.timing import calibration_times, measure_throughput
+    from ..core.training import make_step
 
     work = copy_model(model).to(device)
     data = (batch.resized(batch_size) if batch_size else batch.clone()).to(device)
     n = data.batch_size or 1
-    step = _step(work, data, phase, loss)
+    step = make_step(work, data, phase, loss, "adam", 1e-6)
 
     # Each run is timed on its own (two clock readings around one step), so the spread and the
     # interval below are over independent runs. `floor=rate` keeps measuring (within max_time)
@@ -173,35 +174,6 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
                "strict": bool(strict)}
     details = _details(m, n, phase, xdist, words)
     return _result(m, phase, verdict, bool(strict), words, details, metrics)
-
-
-def _step(work: Any, data: Any, phase: str, loss: Any) -> Callable[[], None]:
-    """One timed step on the working copy: a forward under ``no_grad`` (inference) or a
-    forward, backward and optimizer step (train)."""
-    import torch
-
-    from ..core.forward import run_forward
-    from ..core.losses import resolve_loss
-    from ..core.training import make_optimizer
-
-    if phase == "inference":
-        work.eval()
-
-        def infer() -> None:
-            with torch.no_grad():
-                run_forward(work, data)
-        return infer
-    work.train()
-    with torch.no_grad():
-        lossfn = resolve_loss(loss, data, run_forward(work, data))
-    opt = make_optimizer("adam", work.parameters(), 1e-6)
-
-    def train() -> None:
-        opt.zero_grad(set_to_none=True)
-        total, _ = lossfn.compute(run_forward(work, data), data, work)
-        total.backward()
-        opt.step()
-    return train
 
 
 @dataclass

@@ -50,6 +50,45 @@ def make_optimizer(optimizer: Any, params: Any, lr: float) -> Any:
     return cls(params, lr=lr, **kwargs)
 
 
+def make_step(model: Any, batch: Batch, phase: str, loss: Any, optimizer: Any = "adam",
+              lr: float = 1e-6) -> Callable[[], Any]:
+    """A zero-argument callable doing one forward of ``model`` on ``batch`` under ``no_grad``
+    (``phase="inference"``, model in eval mode; returns the output) or one training step
+    (forward, loss, backward, optimizer step; model in train mode; returns the loss).
+
+    >>> import torch
+    >>> step = make_step(torch.nn.Linear(4, 2), Batch.from_user(torch.zeros(3, 4)), "inference", None)
+    >>> tuple(step().shape)
+    (3, 2)
+    """
+    import torch
+
+    if phase == "inference":
+        model.eval()
+
+        def infer() -> Any:
+            with torch.no_grad():
+                return run_forward(model, batch)
+
+        return infer
+
+    from .losses import resolve_loss
+
+    model.train()
+    with torch.no_grad():
+        resolved = resolve_loss(loss, batch, run_forward(model, batch))
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+
+    def train() -> Any:
+        opt.zero_grad(set_to_none=True)
+        total, _ = resolved.compute(run_forward(model, batch), batch, model)
+        total.backward()
+        opt.step()
+        return total
+
+    return train
+
+
 def grad_norm_tensor(model: Any) -> Any:
     """Global L2 norm of all gradients as a 0-d float64 tensor, without a host sync (None when
     there is no gradient): one fused ``_torch_compat.foreach_norm`` per device, half-precision
