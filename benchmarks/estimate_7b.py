@@ -1,6 +1,7 @@
 """Estimate one training step of a 7-billion-parameter LLaMA-like model without allocating it.
 
     python benchmarks/estimate_7b.py [--layers N] [--seq S] [--amp bf16|fp16|none]
+        [--world-sizes 8 64] [--strategy fsdp|ddp]
 
 Batch 1, sequence 2048, AdamW, bf16 autocast by default. The model is built on the meta device
 and the step runs on fake tensors, so neither the 27 GB of weights nor anything else is
@@ -28,6 +29,9 @@ def main() -> None:
     parser.add_argument("--amp", default="bf16")
     parser.add_argument("--device", default=None, help="'cuda' rounds to 512-byte blocks and"
                         " uses foreach AdamW, as on a GPU")
+    parser.add_argument("--world-sizes", type=int, nargs="*", default=[],
+                        help="also print the per-rank figures on these numbers of ranks")
+    parser.add_argument("--strategy", default="fsdp", choices=["ddp", "fsdp"])
     args = parser.parse_args()
     start = time.perf_counter()
 
@@ -39,10 +43,16 @@ def main() -> None:
 
     cfg = LlamaConfig(n_layers=args.layers)
     amp = None if args.amp == "none" else args.amp
-    est = estimate_memory(lambda: LlamaLike(cfg),
+    with torch.device("meta"):
+        model = LlamaLike(cfg)
+    est = estimate_memory(model,
                           lambda n: make_batch(n, args.seq, cfg.vocab),
                           batch_sizes=[args.batch], optimizer="adamw", amp=amp, loss=lm_loss,
                           device=args.device)
+    from pytest_modelcheck.core.memory.distributed import per_rank, render_per_rank
+
+    for world in args.world_sizes:  # the batch is the per-rank batch
+        print("\n".join(render_per_rank(per_rank(est, model, world, args.strategy))))
     wall = time.perf_counter() - start
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
     n = cfg.parameter_count()

@@ -27,7 +27,8 @@ _SHORT_METHOD = {
 }
 
 
-def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam") -> dict:
+def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam", world_size: Any = None,
+              strategy: Any = None) -> dict:
     """Check the marker arguments before anything runs.
 
     >>> _validate("2 GiB")["limit"]
@@ -36,7 +37,11 @@ def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam") -> dict
     Traceback (most recent call last):
     ...
     pytest_modelcheck.core.errors.UsageError: phase='eval': expected 'train' or 'inference'
+    >>> _validate("2 GiB", world_size=8, strategy="fsdp")["world_size"]
+    8
     """
+    from ..core.memory.distributed import check_distributed
+
     try:
         limit_bytes = parse_bytes(limit)
     except UnitError as exc:
@@ -51,7 +56,11 @@ def _validate(limit: Any, phase: Any = "train", optimizer: Any = "adam") -> dict
                          " got a number too large to be a memory size") from None
     if not isinstance(phase, str) or phase not in PHASES:
         raise UsageError(f"phase={phase!r}: expected 'train' or 'inference'")
-    return {"limit": limit_bytes, "phase": phase, "optimizer": validate_optimizer(optimizer)}
+    world_size, strategy = check_distributed(world_size, strategy)
+    found = {"limit": limit_bytes, "phase": phase, "optimizer": validate_optimizer(optimizer)}
+    if world_size is not None:
+        found.update(world_size=world_size, strategy=strategy)
+    return found
 
 
 def _short(value: Any) -> str:
@@ -60,7 +69,8 @@ def _short(value: Any) -> str:
 
 
 @check(default=False, validate=_validate, absent_device_ok=True)
-def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *,
+def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam",
+                 world_size: Any = None, strategy: Any = None, *,
                  subject: Subject) -> CheckResult:
     """Peak memory of one training step (or phase='inference') stays under `limit` (e.g. '2 GiB').
 
@@ -68,6 +78,11 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *,
     created by the step counts); an inference step is one forward under ``no_grad`` in eval
     mode. Measured on CPU and CUDA; estimated with fake tensors for CUDA on a machine without
     it (``result.estimated``). The caller's model and batch are not changed.
+
+    With ``world_size`` and ``strategy`` ("ddp" or "fsdp"), the limit applies to the per-rank
+    peak of data-parallel training on ``world_size`` ranks, each holding the given batch (the
+    batch is the per-rank batch), estimated without GPUs or process groups
+    (``estimate_memory(world_size=, strategy=)``).
 
     >>> import torch
     >>> m = torch.nn.Linear(1024, 1024)
@@ -81,6 +96,8 @@ def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *,
     from ..core.memory import EstimateError
 
     what = "a training step" if phase == "train" else "an inference step"
+    if world_size is not None:
+        return _per_rank_result(subject, limit, phase, optimizer, world_size, strategy, what)
     notes: list = []
     try:
         report = _step_report(subject, phase, optimizer, notes)
@@ -122,6 +139,32 @@ def _step_report(subject: Subject, phase: str, optimizer: Any, notes: list) -> A
                          f" ({exc}); define them at the top level of an importable module"
                          f" to guard the session against native crashes")
     return step_memory(model, batch, loss, phase=phase, optimizer=optimizer, device=device)
+
+
+def _per_rank_result(subject: Subject, limit: int, phase: str, optimizer: Any,
+                     world_size: int, strategy: str, what: str) -> CheckResult:
+    """The verdict on the per-rank peak of ``strategy`` on ``world_size`` ranks (estimated)."""
+    from ..core.memory import EstimateError, estimate_memory
+
+    try:
+        est = estimate_memory(subject.model, subject.batch, phase=phase, optimizer=optimizer,
+                              device=subject.device, loss=subject.loss,
+                              world_size=world_size, strategy=strategy)
+    except EstimateError as exc:
+        raise SkipCheck(f"memory_under: cannot estimate the per-rank peak memory of {what}"
+                        f" with {strategy} on {world_size} ranks: {exc}") from None
+    row = est.per_rank or {}
+    peak = int(row["peak_bytes"])
+    passed = peak <= limit
+    headline = (f"expected per-rank peak memory of {what} with {strategy} on {world_size} ranks"
+                f" under {format_bytes(limit)}, estimated {format_bytes(peak)}")
+    details = [est.render()]
+    if not passed:
+        details.append(f"over the limit by {format_bytes(peak - limit)}")
+    metrics = {"peak_bytes": peak, "limit_bytes": limit, "estimated": True, "phase": phase,
+               "device": est.device, "single_device_peak_bytes": int(est.peak_bytes),
+               "per_rank": dict(row)}
+    return subject.result(passed, headline, details, metrics, estimated=True)
 
 
 def _notes(report: Any, passed: bool, limit: int) -> list:

@@ -150,3 +150,25 @@ def test_model_error_becomes_a_failed_result():
     result = memory_under("1 GiB", model=nn.Linear(3, 2), batch=torch.randn(4, 5))
     assert result.passed is False
     assert "forward raised" in result.headline
+
+
+def test_per_rank_limit_with_fsdp_and_ddp():
+    model, batch = small_model(), small_batch()
+    fsdp = memory_under("1 GiB", 'train', 'adam', 4, 'fsdp', model=model, batch=batch)
+    assert fsdp.passed and fsdp.estimated
+    assert "per-rank peak memory" in fsdp.headline and "fsdp on 4 ranks" in fsdp.headline
+    row = fsdp.metrics["per_rank"]
+    assert row["world_size"] == 4 and fsdp.metrics["peak_bytes"] == row["peak_bytes"]
+    ddp = memory_under("4 KiB", world_size=2, strategy="ddp", model=model, batch=batch)
+    assert not ddp.passed and "over the limit by" in ddp.details
+    assert ddp.metrics["peak_bytes"] > fsdp.metrics["peak_bytes"]
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"world_size": 0, "strategy": "ddp"}, "world_size"),
+    ({"world_size": 2, "strategy": "zero3"}, "strategy"),
+    ({"strategy": "fsdp"}, "strategy")])
+def test_per_rank_arguments_are_checked_with_one_line(kwargs, name):
+    with pytest.raises(UsageError) as info:
+        memory_under("1 GiB", model=small_model(), batch=small_batch(), **kwargs)
+    assert str(info.value).startswith(name + "=") and "\n" not in str(info.value)

@@ -9,7 +9,7 @@ memory of distributed training"). No process group and no GPU are needed.
 * ``fsdp`` (FSDP2 ``fully_shard``, FULL_SHARD, units as ``fsdp_units`` says):
   parameters, gradients and optimizer state are divided by ``world_size``; forward and
   backward add the largest unit's all-gathered parameters twice (the current unit and the
-  prefetched one), backward also its unsharded gradients (the reduce-scatter input); the
+  prefetched one, where there are two units with parameters), backward also its unsharded gradients (the reduce-scatter input); the
   optimizer step works on shards only. The peak is the largest of the three phases.
 """
 from __future__ import annotations
@@ -71,25 +71,34 @@ def fsdp_units(model: Any) -> list:
     return units + [model]
 
 
-def largest_unit_bytes(model: Any) -> int:
-    """Parameter bytes of the largest FSDP unit (see ``fsdp_units``); a unit owns the
+def unit_bytes(model: Any) -> list:
+    """Parameter bytes of every FSDP unit (see ``fsdp_units``), in order; a unit owns the
     parameters of its subtree that no earlier unit owns (the root: what is left).
 
     >>> import torch
-    >>> m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
-    >>> largest_unit_bytes(m)   # 4*4 + 4 floats
-    80
+    >>> unit_bytes(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    [80, 40, 0]
     """
     owned: set = set()
-    best = 0
+    sizes = []
     for unit in fsdp_units(model):
         size = 0
         for p in unit.parameters():
             if id(p) not in owned:
                 owned.add(id(p))
                 size += p.numel() * p.element_size()
-        best = max(best, size)
-    return best
+        sizes.append(size)
+    return sizes
+
+
+def largest_unit_bytes(model: Any) -> int:
+    """Parameter bytes of the largest FSDP unit.
+
+    >>> import torch
+    >>> largest_unit_bytes(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)))
+    80
+    """
+    return max(unit_bytes(model))
 
 
 def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
@@ -116,14 +125,16 @@ def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
                    peak_bytes=int(estimate.peak_bytes) + comm)
         return row
     shard = -(-params // world_size), -(-grads // world_size), -(-opt // world_size)
-    unit = largest_unit_bytes(model) if world_size > 1 else 0
+    sizes = unit_bytes(model) if world_size > 1 else [0]
+    unit = max(sizes)
+    gathered = unit * min(2, sum(1 for b in sizes if b))  # the current unit + the prefetched
     train = estimate.phase == "train"
-    comm = 2 * unit + (unit if train else 0)
+    comm = gathered + (unit if train else 0)
     peaks = {str(k): int(v) for k, v in estimate.phase_peaks.items()}
     acts = int(estimate.activations_bytes)
-    phases = [shard[0] + max(0, peaks.get("forward", estimate.peak_bytes) - params) + 2 * unit]
+    phases = [shard[0] + max(0, peaks.get("forward", estimate.peak_bytes) - params) + gathered]
     if train:
-        phases.append(shard[0] + shard[1] + 3 * unit
+        phases.append(shard[0] + shard[1] + gathered + unit
                       + max(acts, peaks.get("backward", 0) - params - grads))
         extra = max(0, peaks.get("optimizer step", 0) - params - grads - opt)
         phases.append(sum(shard) + -(-extra // world_size))
