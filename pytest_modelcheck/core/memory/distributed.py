@@ -180,12 +180,11 @@ def _rank_peak(rank: int, world_size: int, store: str, strategy: str, model: Any
     try:
         with allocation_profiler() as prof:
             work = _wrap(model, strategy, world_size)
-            mark = _now_us(prof)
             data = Batch.from_user(batch, model=work)
             opt = _prepare(work, "train", optimizer, lr)
             keep = _run_step(work, data, loss, "train", opt, _no_phase)
             del keep
-        return _peak_after(prof, mark)
+        return _peak(prof)
     finally:
         dist.destroy_process_group()
 
@@ -194,13 +193,6 @@ def _no_phase(name: str) -> Any:
     import contextlib
 
     return contextlib.nullcontext()
-
-
-def _now_us(prof: Any) -> int:
-    import torch
-
-    _ = torch.empty(1)  # an allocator event marks the moment (1 element: 4 bytes)
-    return -1
 
 
 def _wrap(model: Any, strategy: str, world_size: int) -> Any:
@@ -220,8 +212,8 @@ def _wrap(model: Any, strategy: str, world_size: int) -> Any:
     return work
 
 
-def _peak_after(prof: Any, mark: int) -> int:
-    """Peak of the running sum of allocator events; ``mark`` is unused (the whole window)."""
+def _peak(prof: Any) -> int:
+    """Peak of the running sum of the window's allocator events (in start order)."""
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.nbytes() != 0),
                     key=lambda e: e.start_ns())
     alive = peak = 0
