@@ -69,8 +69,8 @@ def _short(value: Any) -> str:
 
 
 @check(default=False, validate=_validate, absent_device_ok=True)
-def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam",
-                 world_size: Any = None, strategy: Any = None, *,
+def memory_under(limit: Any, phase: str = "train", optimizer: Any = "adam", *,
+                 world_size: Any = None, strategy: Any = None,
                  subject: Subject) -> CheckResult:
     """Peak memory of one training step (or phase='inference') stays under `limit` (e.g. '2 GiB').
 

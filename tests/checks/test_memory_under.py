@@ -154,7 +154,8 @@ def test_model_error_becomes_a_failed_result():
 
 def test_per_rank_limit_with_fsdp_and_ddp():
     model, batch = small_model(), small_batch()
-    fsdp = memory_under("1 GiB", 'train', 'adam', 4, 'fsdp', model=model, batch=batch)
+    fsdp = memory_under("1 GiB", world_size=4, strategy="fsdp", model=model,
+                        batch=batch)
     assert fsdp.passed and fsdp.estimated
     assert "per-rank peak memory" in fsdp.headline and "fsdp on 4 ranks" in fsdp.headline
     row = fsdp.metrics["per_rank"]
@@ -169,6 +170,10 @@ def test_per_rank_limit_with_fsdp_and_ddp():
     ({"world_size": 2, "strategy": "zero3"}, "strategy"),
     ({"strategy": "fsdp"}, "strategy")])
 def test_per_rank_arguments_are_checked_with_one_line(kwargs, name):
+    spec = memory_under.spec
+    assert spec.bind(("1 GiB",), {"world_size": 2, "strategy": "DDP"})["strategy"] == "ddp"
+    with pytest.raises(UsageError):
+        spec.bind(("1 GiB",), kwargs)
     with pytest.raises(UsageError) as info:
         memory_under("1 GiB", model=small_model(), batch=small_batch(), **kwargs)
     assert str(info.value).startswith(name + "=") and "\n" not in str(info.value)
