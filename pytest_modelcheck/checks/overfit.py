@@ -7,6 +7,7 @@ from typing import Any, Callable, Optional
 from ..core.errors import UsageError
 from ..core.result import CheckResult
 from .registry import check, validate_seed, validate_steps
+from .subject import Subject
 
 UNCONSTRAINED_HINT = ("outputs unconstrained where the loss expects a range (angles, probabilities):"
                       " add a bounded activation")
@@ -202,8 +203,8 @@ def _met(losses: list, goal: float, steps: int) -> str:
 
 @check(default=True, validate=_validate)
 def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", target_ratio: Any = 0.3,
-                   target: Any = None, chance_level: Any = None, seed: Any = 0, *, model: Any,
-                   batch: Any, loss: Any = None, device: Any = None) -> CheckResult:
+                   target: Any = None, chance_level: Any = None, seed: Any = 0, *,
+                   subject: Subject) -> CheckResult:
     """A seeded copy trained on the one batch gets its loss below target_ratio x initial (or target).
 
     Training stops as soon as the goal is met (after at least ``MIN_STEPS``, 10, steps); the
@@ -223,21 +224,22 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     >>> model_overfits(steps=60, lr=0.05, model=m, batch=(x, x.sum(1, keepdim=True))).passed
     True
     """
+    import torch
+
     from ..core.batch import copy_model
     from ..core.forward import run_forward
     from ..core.losses import resolve_loss
     from ..core.training import sparkline, train_steps
 
-    if not batch.has_target and loss is None:
+    if not subject.batch.has_target and subject.loss is None:
         raise UsageError("model_overfits needs a target in the batch or a loss= callable;"
                          " got a batch without target")
-    work = copy_model(model).to(device)
-    data = batch.clone().to(device)
-    import torch
+    work = subject.model_copy()
+    data = subject.batch_copy()
 
     with torch.no_grad():
         probe = run_forward(copy_model(work).eval(), data)
-    lossfn = resolve_loss(loss, data, probe)
+    lossfn = resolve_loss(subject.loss, data, probe)
 
     done = _stop_rule(steps, target, target_ratio)
     run = train_steps(work, data, lossfn, steps=3 * steps, optimizer=optimizer, lr=lr, seed=seed,
@@ -248,14 +250,15 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
                  else f"loss <= {target_ratio:g} x initial {initial:.4g} = {goal:.4g}")
     curve = sparkline(run.losses)
     metrics, details = _record(run, goal, optimizer, lr, lossfn.name, chance_level)
-    first = _first_run_verdict(run, steps, goal, goal_text, details, metrics, chance_level, target)
+    first = _first_run_verdict(subject, run, steps, goal, goal_text, details, metrics, chance_level,
+                               target)
     if first is not None:
         return first
     # A step size too large for this architecture is not a bug of the model: before failing,
     # one more seeded run at RETRY_LR_FACTOR x lr (SqueezeNet, whose ReLU on the logits kills
     # class channels under lr 3e-3 and fits at 1e-3). Models that cannot fit fail both runs.
     retry_lr = lr * RETRY_LR_FACTOR
-    retry = train_steps(copy_model(model).to(device), data, lossfn, steps=3 * steps,
+    retry = train_steps(subject.model_copy(), data, lossfn, steps=3 * steps,
                         optimizer=optimizer, lr=retry_lr, seed=seed, stop=done)
     retry_goal = target if target is not None else target_ratio * retry.initial
     metrics["retry"] = {"lr": retry_lr, "best_loss": retry.best, "steps_run": len(retry.losses),
@@ -263,12 +266,12 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
     if not retry.stopped and math.isfinite(retry.best) and retry.best <= retry_goal:
         details.append(f"at lr={lr:g} the best loss was {best:.5g}; at lr={retry_lr:g}:"
                        f" {sparkline(retry.losses)} best {retry.best:.5g}")
-        return CheckResult("model_overfits", True,
-                           f"expected {goal_text} within {_steps(retry, steps)}, observed"
-                           f" {retry.best:.4g} at lr={retry_lr:g} ({_met(retry.losses, retry_goal, steps)};"
-                           f" lr={lr:g} fell short at {best:.4g}: lower the learning rate)"
-                           f" {sparkline(retry.losses)}",
-                           "\n".join(details), dict(metrics, passed_at_lr=retry_lr))
+        return subject.result(True,
+                              f"expected {goal_text} within {_steps(retry, steps)}, observed"
+                              f" {retry.best:.4g} at lr={retry_lr:g} ({_met(retry.losses, retry_goal, steps)};"
+                              f" lr={lr:g} fell short at {best:.4g}: lower the learning rate)"
+                              f" {sparkline(retry.losses)}",
+                              "\n".join(details), dict(metrics, passed_at_lr=retry_lr))
     details.append(f"  a retry at lr={retry_lr:g} reached best {retry.best:.5g} too")
     observed, at_chance = _observed_failure(run, chance_level)
     with torch.no_grad():
@@ -280,10 +283,10 @@ def model_overfits(steps: Any = 100, lr: Any = 3e-3, optimizer: Any = "adam", ta
         observed += f"; {cause}"
     details += _hint_lines(specific)
     metrics["stuck_at_chance"] = at_chance
-    return CheckResult("model_overfits", False,
-                       f"expected {goal_text} within {_steps(run, steps)}, observed {observed}"
-                       f" {curve}",
-                       "\n".join(details), metrics)
+    return subject.result(False,
+                          f"expected {goal_text} within {_steps(run, steps)}, observed {observed}"
+                          f" {curve}",
+                          "\n".join(details), metrics)
 
 
 def _stop_rule(steps: int, target: Any, target_ratio: float) -> Callable[[list], bool]:
@@ -327,8 +330,9 @@ def _record(run: Any, goal: float, optimizer: Any, lr: float, loss_name: str,
     return metrics, details
 
 
-def _first_run_verdict(run: Any, steps: int, goal: float, goal_text: str, details: list,
-                       metrics: dict, chance_level: Any, target: Any) -> Optional[CheckResult]:
+def _first_run_verdict(subject: Subject, run: Any, steps: int, goal: float, goal_text: str,
+                       details: list, metrics: dict, chance_level: Any,
+                       target: Any) -> Optional[CheckResult]:
     """The verdict the first run settles (a non-finite loss, exploding initial outputs, the goal
     met, a slow but steady fit), or None when a retry at a lower learning rate is due."""
     from ..core.training import sparkline
@@ -336,31 +340,31 @@ def _first_run_verdict(run: Any, steps: int, goal: float, goal_text: str, detail
     initial, best = run.initial, run.best
     curve = sparkline(run.losses)
     if run.stopped:
-        return CheckResult("model_overfits", False,
-                           f"expected {goal_text} within {steps} steps, observed a non-finite loss:"
-                           f" {run.stopped} {curve}", "\n".join(details), metrics)
+        return subject.result(False,
+                              f"expected {goal_text} within {steps} steps, observed a non-finite loss:"
+                              f" {run.stopped} {curve}", "\n".join(details), metrics)
     if not math.isfinite(initial):
-        return CheckResult("model_overfits", False,
-                           f"expected a finite initial loss, observed {initial}", "", metrics)
+        return subject.result(False,
+                              f"expected a finite initial loss, observed {initial}", "", metrics)
     if chance_level is not None and chance_level > 0 and initial > INIT_OVER_CHANCE * chance_level:
-        return CheckResult("model_overfits", False,
-                           f"expected an initial loss near the chance level {chance_level:.4g},"
-                           f" observed {initial:.4g} ({initial / chance_level:.0f}x): outputs far"
-                           f" too large at initialization {curve}",
-                           "\n".join(details + ["hints:", "  - weights initialised too large"
-                                                 " (a gain or a scale applied twice)", "  - a"
-                                                 " missing normalization or a final layer that"
-                                                 " is not scaled down"]), metrics)
+        return subject.result(False,
+                              f"expected an initial loss near the chance level {chance_level:.4g},"
+                              f" observed {initial:.4g} ({initial / chance_level:.0f}x): outputs far"
+                              f" too large at initialization {curve}",
+                              "\n".join(details + ["hints:", "  - weights initialised too large"
+                                                    " (a gain or a scale applied twice)", "  - a"
+                                                    " missing normalization or a final layer that"
+                                                    " is not scaled down"]), metrics)
     if best <= goal:
-        return CheckResult("model_overfits", True,
-                           f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
-                           f" ({_met(run.losses, goal, steps)}) {curve}",
-                           "\n".join(details), metrics)
+        return subject.result(True,
+                              f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
+                              f" ({_met(run.losses, goal, steps)}) {curve}",
+                              "\n".join(details), metrics)
     if target is None and _slow_but_learning(run.losses, 3 * steps, initial):
-        return CheckResult("model_overfits", True,
-                           f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
-                           f" and still falling steadily at the cap (a slow fit, not a stuck one)"
-                           f" {curve}", "\n".join(details), dict(metrics, slow_fit=True))
+        return subject.result(True,
+                              f"expected {goal_text} within {_steps(run, steps)}, observed {best:.4g}"
+                              f" and still falling steadily at the cap (a slow fit, not a stuck one)"
+                              f" {curve}", "\n".join(details), dict(metrics, slow_fit=True))
     return None
 
 
