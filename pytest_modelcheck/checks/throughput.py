@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 from ..core.errors import UsageError
 from ..core.result import CheckResult
 from .registry import check
+from .subject import Subject
 
 # Seam for tests: a fake clock replaces time.perf_counter (never set in normal use).
 TIMER: Optional[Callable[[], float]] = None
@@ -103,8 +104,7 @@ def _xdist_workers() -> int:
 @check(default=False, validate=_validate)
 def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = None, warmup: Any = 3,
                         min_runs: Any = 10, max_time: Any = 10.0, strict: Any = False, *,
-                        model: Any, batch: Any, loss: Any = None,
-                        device: Any = None) -> CheckResult:
+                        subject: Subject) -> CheckResult:
     """Median samples/s of inference (or phase='train' steps) is at least `rate` (e.g. '500 samples/s').
 
     Warm-up runs first; each run is timed on its own and synchronized with the device (CUDA
@@ -132,21 +132,21 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
     >>> r.passed, r.metrics["inconclusive"], r.metrics["threads"] == torch.get_num_threads()
     (True, False, True)
     """
-    from ..core.batch import copy_model
     from ..core.timing import calibration_times, measure_throughput
     from ..core.training import make_step
 
-    work = copy_model(model).to(device)
-    data = (batch.resized(batch_size) if batch_size else batch.clone()).to(device)
+    work = subject.model_copy()
+    batch = subject.batch
+    data = (batch.resized(batch_size) if batch_size else batch.clone()).to(subject.device)
     n = data.batch_size or 1
-    step = make_step(work, data, phase, loss, "adam", 1e-6)
+    step = make_step(work, data, phase, subject.loss, "adam", 1e-6)
 
     # Each run is timed on its own (two clock readings around one step), so the spread and the
     # interval below are over independent runs. `floor=rate` keeps measuring (within max_time)
     # while the verdict is unsettled.
     m = measure_throughput(step, n, warmup=warmup, min_runs=min_runs,
                            max_runs=max(min_runs, 200), max_time=max_time, timer=TIMER,
-                           device=str(device), load=LOAD, floor=rate,
+                           device=str(subject.device), load=LOAD, floor=rate,
                            cheap_runs=30)
     calibration = calibration_times(runs=20)  # this session's speed, for the baseline gate
 
@@ -173,7 +173,7 @@ def throughput_at_least(rate: Any, phase: Any = "inference", batch_size: Any = N
                "verdict": verdict, "inconclusive": verdict == "inconclusive" and not strict,
                "strict": bool(strict)}
     details = _details(m, n, phase, xdist, words)
-    return _result(m, phase, verdict, bool(strict), words, details, metrics)
+    return _result(subject, m, phase, verdict, bool(strict), words, details, metrics)
 
 
 @dataclass
@@ -214,32 +214,32 @@ def _details(m: Any, n: int, phase: str, xdist: int, words: _Words) -> str:
             + (f" x {m.load_allowance:.2f} for the load" if m.load_allowance > 1 else ""))
 
 
-def _result(m: Any, phase: str, verdict: str, strict: bool, words: _Words, details: str,
-            metrics: dict) -> CheckResult:
+def _result(subject: Subject, m: Any, phase: str, verdict: str, strict: bool, words: _Words,
+            details: str, metrics: dict) -> CheckResult:
     """Word the verdict: passed, inconclusive (a pass, or a failure with strict=True), failed."""
     what = "inference" if phase == "inference" else "training"
     expected = f"expected {what} throughput >= {words.floor}"
     if verdict == "passed":
-        return CheckResult("throughput_at_least", True,
-                           f"{expected}, observed {words.median} ({words.spread})", details, metrics)
+        return subject.result(True,
+                              f"{expected}, observed {words.median} ({words.spread})", details, metrics)
     if verdict == "inconclusive":
         measured = (f"{expected}, observed {words.median}, interval {words.interval} over"
                     f" {m.runs} runs, {words.conditions}")
         if strict:
-            return CheckResult(
-                "throughput_at_least", False,
+            return subject.result(
+                False,
                 f"inconclusive, failed because strict=True: {measured}; the fast runs (allowing"
                 " for the load) reach the floor but the median does not", details
                 + "\nadvice: strict=True fails measurements a busy machine leaves undecided;"
                 " run on a dedicated runner, give more max_time, or drop strict=True on shared"
                 " runners", metrics)
-        return CheckResult(
-            "throughput_at_least", True,
+        return subject.result(
+            True,
             f"inconclusive: {measured}; this machine cannot tell a slow model from a busy one:"
             " use a dedicated runner, more max_time, or strict=True to fail instead",
             details, metrics)
     hint = ("\nremedy: look for Python loops over samples and host syncs (.item(), .cpu()) in"
             " forward; larger batch sizes amortize per-call overhead")
-    return CheckResult("throughput_at_least", False,
-                       f"{expected}, observed {words.median}, at best {words.hi} ({words.spread}"
-                       + (", noisy" if m.noisy else "") + ")", details + hint, metrics)
+    return subject.result(False,
+                          f"{expected}, observed {words.median}, at best {words.hi} ({words.spread}"
+                          + (", noisy" if m.noisy else "") + ")", details + hint, metrics)
