@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .result import _builtin
-from .units import format_bytes
+from .units import dtype_name, format_bytes
 
 __all__ = ["TensorRow", "ModelInfo", "inspect_model", "dump_model_info", "tensor_stats"]
 
@@ -326,10 +326,6 @@ def tensor_stats(t: Any) -> dict:
     return out
 
 
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def inspect_model(model: Any, statistics: bool = True) -> ModelInfo:
     """Count, size and describe every parameter and buffer of ``model`` (see the module doc).
 
@@ -373,7 +369,7 @@ def inspect_model(model: Any, statistics: bool = True) -> ModelInfo:
             owner = name.rpartition(".")[0]
             mtype = module_types.get(owner, type(model).__name__)
             nbytes = t.numel() * t.element_size()
-            row = TensorRow(name, tuple(int(s) for s in t.shape), _dtype_name(t.dtype), t.numel(),
+            row = TensorRow(name, tuple(int(s) for s in t.shape), dtype_name(t.dtype), t.numel(),
                             nbytes, bool(t.requires_grad), kind, mtype)
             if statistics:
                 stats = tensor_stats(t)
