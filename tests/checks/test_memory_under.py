@@ -102,7 +102,8 @@ def test_validation_happens_at_binding_time():
     values = spec.bind(("512 MiB",), {"phase": "inference"})
     assert values["limit"] == 512 * 2**20 and values["optimizer"] == "adam"
     assert spec.marker_help().startswith(
-        "memory_under(limit, phase='train', optimizer='adam', *, loss=None, device=None):")
+        "memory_under(limit, phase='train', optimizer='adam', *, world_size=None, strategy=None,"
+        " loss=None, device=None):")
 
 
 def test_result_is_serializable():
