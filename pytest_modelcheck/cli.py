@@ -129,6 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     from .core.inspect import inspect_model
 
     out: dict = {}
+    ranks = _distributed(args)  # before any work: a mistake costs nothing
     if args.model is None:
         if not args.target:
             raise CliError("inspect: give --model package.module:factory or a checkpoint file")
@@ -175,7 +176,7 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     out["memory"] = {}
     for amp in (None, "bf16"):
         try:
-            est = estimate_memory(model, batch, phase="train", amp=amp)
+            est = estimate_memory(model, batch, phase="train", amp=amp, **ranks)
         except Exception as exc:  # noqa: BLE001 - an estimate that cannot run is reported
             print(f"  {'fp32' if amp is None else amp}: not available ({type(exc).__name__}: {exc})")
             continue
@@ -184,6 +185,15 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
         out["memory"]["fp32" if amp is None else amp] = est.to_dict()
     del torch
     return out
+
+
+def _distributed(args: argparse.Namespace) -> dict:
+    """``world_size``/``strategy`` for the estimate when ``--world-size`` was given."""
+    if args.world_size is None:
+        return {}
+    if args.world_size < 1:
+        raise CliError(f"--world-size {args.world_size}: expected a positive integer")
+    return {"world_size": args.world_size, "strategy": args.strategy}
 
 
 def _call_make_batch(make_batch: Any, size: int) -> Any:
@@ -291,6 +301,10 @@ def parser() -> argparse.ArgumentParser:
                      " factory module's make_batch)")
     ins.add_argument("--batch-size", type=int, default=4)
     ins.add_argument("--verbose", action="store_true", help="every tensor and every module call")
+    ins.add_argument("--world-size", type=int, default=None,
+                     help="also estimate the per-rank memory of training on N ranks")
+    ins.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp",
+                     help="with --world-size: DistributedDataParallel or FSDP2 (default ddp)")
     ins.add_argument("--json", help="also write everything to this JSON file")
     ins.set_defaults(run=cmd_inspect)
     pro = sub.add_parser("profile", help="latency, throughput, memory and FLOPs per batch size")

@@ -83,3 +83,14 @@ def test_profile_prints_a_table_and_json(tmp_path):
     doc = json.loads(out.read_text())
     assert [row["batch_size"] for row in doc["batch_profiling"]] == [1, 2]
     assert {"config", "architecture", "single_input", "batch_profiling"} <= set(doc)
+
+
+def test_inspect_estimates_the_per_rank_memory_of_distributed_training(tmp_path):
+    out = tmp_path / "info.json"
+    r = run("inspect", "--model", "example_models.fno:build_model", "--world-size", "4",
+            "--strategy", "fsdp", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "per rank with fsdp on 4 ranks (the batch is the per-rank batch): peak" in r.stdout
+    assert json.loads(out.read_text())["memory"]["fp32"]["per_rank"]
+    bad = run("inspect", "--model", "example_models.fno:build_model", "--world-size", "0")
+    assert bad.returncode == 2 and "--world-size 0: expected a positive integer" in bad.stderr
