@@ -186,35 +186,9 @@ def _validate(phase: Any, runs: Any, warmup: Any, threshold: Any, p: Any, timer:
 def _make_step(model: Any, batch: Batch, phase: str, loss: Any, optimizer: Any,
                lr: float) -> Callable[[], Any]:
     """A zero-argument callable doing one forward (inference) or one training step."""
-    import torch
+    from .training import make_step
 
-    from .forward import run_forward
-
-    if phase == "inference":
-        model.eval()
-
-        def infer() -> Any:
-            with torch.no_grad():
-                return run_forward(model, batch)
-
-        return infer
-
-    from .losses import resolve_loss
-    from .training import make_optimizer
-
-    model.train()
-    with torch.no_grad():
-        resolved = resolve_loss(loss, batch, run_forward(model, batch))
-    opt = make_optimizer(optimizer, model.parameters(), lr)
-
-    def train() -> Any:
-        opt.zero_grad(set_to_none=True)
-        total, _ = resolved.compute(run_forward(model, batch), batch, model)
-        total.backward()
-        opt.step()
-        return total
-
-    return train
+    return make_step(model, batch, phase, loss, optimizer, lr)
 
 
 def _forward_flops(model: Any, batch: Batch) -> Optional[int]:
