@@ -3,7 +3,8 @@
 For each batch size, on a copy of the model in eval mode under ``torch.no_grad()``:
 
 - latency: ``warmup`` untimed forwards, then ``runs`` timed ones (``core.timing``; CUDA runs
-  are timed with CUDA events); mean, std, median, min, max and p90 in milliseconds;
+  are timed with CUDA events); mean, std, median, min, max and p90 in milliseconds
+  (``latency_ms``), and the p50/p90/p99 percentiles (``latency_percentiles_ms``);
 - throughput: ``batch_size / median latency`` in samples per second;
 - peak memory of an inference step: measured where the device allows it (CPU allocator events,
   the CUDA caching allocator, ``memory.measure_step_memory``), estimated on fake tensors
@@ -16,6 +17,9 @@ For each batch size, on a copy of the model in eval mode under ``torch.no_grad()
 
 ``single_input`` repeats the smallest batch size's latency, throughput and peak memory (batch
 size 1 by default); ``architecture["flops"]`` is the forward FLOPs of one sample.
+
+``progress=True`` shows a tqdm progress bar when stderr is a terminal, and one plain line per
+batch size (no carriage returns, no terminal escapes) when it is not (a CI log, a file).
 
 An out-of-memory error (``torch.cuda.OutOfMemoryError`` or a ``RuntimeError`` saying "out of
 memory") stops the sweep: memory is freed and the report says at which batch size and why.
@@ -37,12 +41,14 @@ from typing import Any, Callable, Optional
 from .batch import Batch, copy_model
 from .errors import ModelError, UsageError
 from .forward import count_parameters, model_device
-from .units import format_bytes, parse_bytes
+from .rates import _quantile
+from .units import format_bytes, format_count, parse_bytes
 
 DEFAULT_BATCH_SIZES = (1, 2, 4, 8, 16)
 HEADROOM = 0.2
 KNEE = 0.9
 _LATENCY_KEYS = ("mean", "std", "median", "min", "max", "p90")
+_PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
 
 @dataclass
@@ -74,26 +80,40 @@ class ProfileReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def render(self) -> str:
-        """A text table, one row per batch size, then the recommendations.
+        """A text table, one row per batch size (latency mean ± std and p50/p90/p99 in ms,
+        samples/s, forward FLOPs and achieved FLOP/s, peak memory), then the recommendations.
 
         >>> print(ProfileReport(batch_profiling=[{"batch_size": 1, "latency_ms": {"mean": 2.0,
-        ...     "std": 0.5}, "throughput": 500.0, "peak_memory_bytes": 1024,
-        ...     "memory_estimated": False}]).render().splitlines()[1].split())
-        ['1', '2.00', '±', '0.50', '500.0', '1.00', 'KiB']
+        ...     "std": 0.5}, "latency_percentiles_ms": {"p50": 1.9, "p90": 2.5, "p99": 3.0},
+        ...     "throughput": 500.0, "flops": 2_000_000, "achieved_flops_per_s": 1e9,
+        ...     "peak_memory_bytes": 1024, "memory_estimated": False}]).render())
+         batch  latency ms (mean ± std)     p50     p90     p99   samples/s   FLOPs  FLOP/s  peak memory
+             1            2.00 ±   0.50    1.90    2.50    3.00       500.0   2.00M   1.00G     1.00 KiB
         """
-        lines = [f"{'batch':>6} {'latency ms':>18} {'samples/s':>11} {'peak memory':>13}"]
+        lines = [f"{'batch':>6} {'latency ms (mean ± std)':>24} {'p50':>7} {'p90':>7} {'p99':>7}"
+                 f" {'samples/s':>11} {'FLOPs':>7} {'FLOP/s':>7} {'peak memory':>12}"]
         for r in self.batch_profiling:
             lat = r["latency_ms"]
+            pct = r.get("latency_percentiles_ms") or {"p50": lat.get("median"),
+                                                       "p90": lat.get("p90"), "p99": None}
             mem = format_bytes(r["peak_memory_bytes"]) + (" (est.)" if r["memory_estimated"]
                                                           else "")
-            lines.append(f"{r['batch_size']:>6} {lat['mean']:>9.2f} ± {lat['std']:>6.2f}"
-                         f" {r['throughput']:>11.1f} {mem:>13}")
+            cells = " ".join(f"{'-' if pct.get(k) is None else format(pct[k], '.2f'):>7}"
+                             for k in ("p50", "p90", "p99"))
+            flops, rate = r.get("flops"), r.get("achieved_flops_per_s")
+            lines.append(f"{r['batch_size']:>6} {lat['mean']:>15.2f} ± {lat['std']:>6.2f} {cells}"
+                         f" {r['throughput']:>11.1f} {_count(flops):>7} {_count(rate):>7}"
+                         f" {mem:>12}")
         if self.stopped:
             lines.append(f"stopped at batch {self.stopped['batch_size']}:"
                          f" {self.stopped['reason']}")
         for rec in self.recommendations:
             lines.append(f"{rec['kind']}: {rec['batch_size']} ({rec['reason']})")
         return "\n".join(lines)
+
+
+def _count(value: Any) -> str:
+    return "-" if value is None else format_count(value)
 
 
 def recommend(rows: list, memory_budget: Optional[int] = None, *, headroom: float = HEADROOM,
@@ -163,7 +183,8 @@ def profile_model(model: Any, make_batch: Any, *, batch_sizes: Any = DEFAULT_BAT
 
     ``make_batch`` is a ``make_batch(batch_size)`` factory or a batch whose tensors are
     resized. ``memory_budget`` is bytes or a string such as ``"8 GiB"``. ``progress`` is a
-    callable ``(done, total, message)`` or True for a line on stderr. ``timer`` is a clock
+    callable ``(done, total, message)`` or True for progress on stderr (a tqdm bar on a
+    terminal, one plain line per batch size otherwise). ``timer`` is a clock
     in seconds (injectable for tests). The caller's model is not changed.
 
     >>> import itertools, torch
@@ -176,8 +197,6 @@ def profile_model(model: Any, make_batch: Any, *, batch_sizes: Any = DEFAULT_BAT
     (68, 512)
     """
     import torch
-
-    from .timing import measure_throughput
 
     sizes = _check_sizes(batch_sizes)
     for name, value, low in (("warmup", warmup, 0), ("runs", runs, 1)):
@@ -203,6 +222,27 @@ def profile_model(model: Any, make_batch: Any, *, batch_sizes: Any = DEFAULT_BAT
                                                   if p.requires_grad),
                       "model_size_bytes": sum(p.numel() * p.element_size()
                                               for p in model.parameters())})
+    try:
+        _sweep(report, model, base, sizes, dev, warmup, runs, budget, timer, report_progress)
+    finally:
+        getattr(report_progress, "close", lambda: None)()
+    if report.batch_profiling:
+        first = report.batch_profiling[0]
+        report.single_input = {"batch_size": first["batch_size"],
+                               "input_shape": first["input_shape"],
+                               "latency_ms": dict(first["latency_ms"]),
+                               "throughput": first["throughput"],
+                               "peak_memory_bytes": first["peak_memory_bytes"]}
+        report.architecture["flops"] = first["flops"] // max(first["batch_size"], 1)
+    report.recommendations = recommend(report.batch_profiling, budget)
+    return report
+
+
+def _sweep(report: ProfileReport, model: Any, base: Batch, sizes: list, dev: Any, warmup: int,
+           runs: int, budget: Optional[int], timer: Any, report_progress: Any) -> None:
+    """Profile each size in turn into ``report``; out of memory stops the sweep."""
+    from .timing import measure_throughput
+
     total = len(sizes)
     for done, n in enumerate(sizes):
         report_progress(done, total, f"batch size {n}")
@@ -222,16 +262,6 @@ def profile_model(model: Any, make_batch: Any, *, batch_sizes: Any = DEFAULT_BAT
             break
         report.batch_profiling.append(row)
         report_progress(done + 1, total, f"batch size {n}: {row['throughput']:.4g} samples/s")
-    if report.batch_profiling:
-        first = report.batch_profiling[0]
-        report.single_input = {"batch_size": first["batch_size"],
-                               "input_shape": first["input_shape"],
-                               "latency_ms": dict(first["latency_ms"]),
-                               "throughput": first["throughput"],
-                               "peak_memory_bytes": first["peak_memory_bytes"]}
-        report.architecture["flops"] = first["flops"] // max(first["batch_size"], 1)
-    report.recommendations = recommend(report.batch_profiling, budget)
-    return report
 
 
 def _profile_size(model: Any, base: Batch, n: int, dev: Any, warmup: int, runs: int,
@@ -251,12 +281,15 @@ def _profile_size(model: Any, base: Batch, n: int, dev: Any, warmup: int, runs: 
     measured = measure_throughput(step, n, warmup=warmup, min_runs=runs, max_runs=runs,
                                   timer=timer, device=str(dev))
     stats = measured.stats
+    ordered = sorted(stats.times)
     flops = _count_flops(work, data)
     mem = step_memory(model, data, phase="inference", device=dev)
     row = {
         "batch_size": n,
         "input_shape": [list(t.shape) for _, t in data.input_tensors()],
         "latency_ms": {k: 1000.0 * float(getattr(stats, k)) for k in _LATENCY_KEYS},
+        "latency_percentiles_ms": {k: 1000.0 * float(_quantile(ordered, q))
+                                   for k, q in _PERCENTILES},
         "runs": measured.runs,
         "throughput": float(measured.samples_per_s),
         "peak_memory_bytes": int(mem.peak_bytes),
@@ -301,16 +334,43 @@ def _progress(progress: Any) -> Callable[[int, int, str], None]:
     if progress is None or progress is False:
         return lambda done, total, message: None
     if progress is True:
-        def line(done: int, total: int, message: str) -> None:
-            sys.stderr.write(f"\r[{done}/{total}] {message}\x1b[K")
-            if done == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-        return line
+        return _StderrProgress()
     if callable(progress):
         return progress
     raise UsageError(f"progress={progress!r}: expected a callable(done, total, message),"
                      " True or None")
+
+
+class _StderrProgress:
+    """``progress=True``: a tqdm bar when stderr is a terminal; otherwise one plain line per
+    finished batch size (``[2/5] batch size 2: 812 samples/s``), nothing that rewrites a line,
+    so a CI log or a redirected file stays readable."""
+
+    def __init__(self) -> None:
+        self.stream = sys.stderr
+        self.bar: Any = None
+        self.last = 0
+        isatty = getattr(self.stream, "isatty", None)
+        self.tty = bool(isatty()) if callable(isatty) else False
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc="profile", unit="size", file=self.stream,
+                                dynamic_ncols=True, leave=True)
+            self.bar.set_postfix_str(message, refresh=False)
+            self.bar.update(done - self.bar.n)
+        elif done > self.last:  # the line of a finished (or failed) batch size
+            self.last = done
+            self.stream.write(f"[{done}/{total}] {message}\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _check_sizes(batch_sizes: Any) -> list:
