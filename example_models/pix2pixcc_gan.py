@@ -34,6 +34,8 @@ __all__ = [
     "PatchDiscriminator3d",
     "MultiScaleDiscriminator3d",
     "Pix2PixCC",
+    "make_pair",
+    "make_pairs",
     "correlation_coefficient",
     "lsgan_generator_loss",
     "lsgan_discriminator_loss",
@@ -166,6 +168,18 @@ class MultiScaleDiscriminator3d(nn.Module):
         return outputs
 
 
+def make_pair(cond: torch.Tensor, volume: torch.Tensor) -> torch.Tensor:
+    """The discriminator input of a ``(cond, volume)`` pair: channels ``[cond, volume]``."""
+    return torch.cat([cond, volume], dim=1)
+
+
+def make_pairs(
+    cond: torch.Tensor, real: torch.Tensor, fake: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real pair ``(cond, real)`` and the fake pair ``(cond, fake)``, in one channel order."""
+    return make_pair(cond, real), make_pair(cond, fake)
+
+
 class Pix2PixCC(nn.Module):
     """Generator + multi-scale discriminator; ``forward(cond)`` runs the generator."""
 
@@ -190,7 +204,7 @@ class Pix2PixCC(nn.Module):
         return self.generator(cond)
 
     def discriminate(self, cond: torch.Tensor, volume: torch.Tensor) -> list[list[torch.Tensor]]:
-        return self.discriminator(torch.cat([cond, volume], dim=1))
+        return self.discriminator(make_pair(cond, volume))
 
 
 # --------------------------------------------------------------------------

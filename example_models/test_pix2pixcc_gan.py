@@ -29,3 +29,11 @@ def loss_fn():
 @pytest.mark.memory_under("256 MiB")
 def test_pix2pixcc_generator_health():
     """All three generator terms are finite and reach every G and D parameter; G overfits."""
+
+
+@pytest.mark.discriminator_scales(discriminator="discriminator", pairs=gan.make_pairs)
+@pytest.mark.gan_pairs(pairs=gan.make_pairs)
+def test_pix2pixcc_discriminator_scales_and_pairs():
+    """Each PatchGAN scale responds to (cond, real) and (cond, generated) pairs: none constant or
+    saturated (the per-scale comparison figure is in the HTML report); the real and fake pairs
+    share one channel order and the fake pair holds no real target."""

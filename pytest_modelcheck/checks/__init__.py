@@ -35,6 +35,7 @@ from .vit import vit_patches
 from .fno import fno_modes
 from .spectra import spectrum_matches
 from .distributed import ddp_consistent
+from .gan import discriminator_scales, gan_pairs
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
            "grads_finite", "shapes_consistent", "model_overfits",
@@ -45,4 +46,5 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
            "unet_skips", "vit_patches", "fno_modes", "spectrum_matches", "causal",
-           "kv_cache_consistent", "tied_parameters", "ddp_consistent"]
+           "kv_cache_consistent", "tied_parameters", "ddp_consistent",
+           "discriminator_scales", "gan_pairs"]

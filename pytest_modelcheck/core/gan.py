@@ -363,21 +363,22 @@ def save_scales_plot(facts: list, maps: list, path: Any, names: list) -> Optiona
         bars.set_xticks(range(len(seps)))
         bars.set_xlabel("layer (last = output map)")
         bars.set_ylabel("real/fake separation")
-        bars.set_title(f"{name}: separation per layer", fontsize=9)
+        bars.set_title(f"{name}\nreal/fake separation per layer", fontsize=9)
         out = layers[-1]
         if out.real_values is not None:
-            hist.hist(out.real_values, bins=40, alpha=0.6, label="real", color="tab:green")
-            hist.hist(out.fake_values, bins=40, alpha=0.6, label="fake", color="tab:orange")
+            bins = int(min(40, max(5, out.real_values.size // 2)))
+            hist.hist(out.real_values, bins=bins, alpha=0.6, label="real", color="tab:green")
+            hist.hist(out.fake_values, bins=bins, alpha=0.6, label="fake", color="tab:orange")
             hist.legend(fontsize=8)
         state = " (constant)" if out.constant else f" (saturated {out.saturated:.0%})" \
             if out.saturated >= SATURATED_FRACTION else ""
-        hist.set_title(f"{name}: output values{state}", fontsize=9)
+        hist.set_title(f"output map values{state}", fontsize=9)
         images = [_map_image(real_map), _map_image(fake_map)]
         lo = min(float(i.min()) for i in images)
         hi = max(float(i.max()) for i in images)
         for ax, image, which in ((real_ax, images[0], "real"), (fake_ax, images[1], "fake")):
             shown = ax.imshow(image, vmin=lo, vmax=hi if hi > lo else lo + 1e-12, cmap="viridis")
-            ax.set_title(f"{name}: output map, {which}", fontsize=9)
+            ax.set_title(f"output map, {which} (sample 0)", fontsize=9)
             ax.set_xticks([])
             ax.set_yticks([])
         fig.colorbar(shown, ax=fake_ax, fraction=0.046)
