@@ -356,7 +356,7 @@ class _StderrProgress:
     def __call__(self, done: int, total: int, message: str) -> None:
         if self.tty:
             if self.bar is None:
-                from tqdm import tqdm
+                from tqdm import tqdm  # type: ignore[import-untyped]  # no stubs shipped
 
                 self.bar = tqdm(total=total, desc="profile", unit="size", file=self.stream,
                                 dynamic_ncols=True, leave=True)
