@@ -191,7 +191,7 @@ def takes_three(build: Callable) -> bool:
     return True
 
 
-def build_pairs(build: Optional[Callable], cond: Any, real: Any, fake: Any) -> tuple:
+def build_pairs(build: Optional[Callable[..., Any]], cond: Any, real: Any, fake: Any) -> tuple:
     """``(real_pair, fake_pair)``: ``build(cond, real, fake)`` when it takes three arguments,
     else ``build(cond, real)`` and ``build(cond, fake)``; ``build=None`` is ``concat_pair``.
 
@@ -200,7 +200,8 @@ def build_pairs(build: Optional[Callable], cond: Any, real: Any, fake: Any) -> t
     >>> r.shape, f.shape
     (torch.Size([1, 2, 2]), torch.Size([1, 2, 2]))
     """
-    build = build or concat_pair
+    if build is None:
+        return concat_pair(cond, real), concat_pair(cond, fake)
     if takes_three(build):
         out = build(cond, real, fake)
         if not isinstance(out, (tuple, list)) or len(out) != 2:
