@@ -32,6 +32,7 @@ from .dynamics import grad_norms_stable, loss_components, lr_schedule
 from .budgets import flops_under, params_under
 from .unet import unet_skips
 from .vit import vit_patches
+from .attention import attention_maps
 from .fno import fno_modes
 from .spectra import spectrum_matches
 from .distributed import ddp_consistent
@@ -45,6 +46,6 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "output_range", "permutation_invariant", "permutation_equivariant",
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
-           "unet_skips", "vit_patches", "fno_modes", "spectrum_matches", "causal",
+           "unet_skips", "vit_patches", "attention_maps", "fno_modes", "spectrum_matches", "causal",
            "kv_cache_consistent", "tied_parameters", "ddp_consistent",
            "discriminator_scales", "gan_pairs"]
