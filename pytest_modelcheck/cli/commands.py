@@ -66,14 +66,12 @@ def _flow_and_memory(args: argparse.Namespace, model: Any, found: tuple, ranks: 
     make_batch, where = found
     batch = Batch.from_user(call_make_batch(make_batch, args.batch_size, where), model=model)
     print(section(f"Forward flow (batch size {args.batch_size}; * = shape changes)"))
-    try:
-        trace = trace_batch(model.eval(), batch)
-    except Exception as exc:  # noqa: BLE001 - the model did not take the batch
-        raise CliError(f"inspect: the model raised on the batch from {where} at batch size"
-                       f" {args.batch_size} ({type(exc).__name__}:"
-                       f" {first_line(exc, or_type=True, limit=200)}); {batch_hint('inspect')}"
-                       ) from None
+    trace = trace_batch(model.eval(), batch)
     print(trace.render(max_lines=400 if args.verbose else 60))
+    if trace.error:  # the model did not take the batch: the memory estimate cannot run either
+        raise CliError(f"inspect: the model raised on the batch from {where} at batch size"
+                       f" {args.batch_size} ({first_line(trace.error, limit=200)});"
+                       f" {batch_hint('inspect')}")
     out["flow"] = trace.to_dict()
     print(section(f"Memory estimate, training step at batch size {args.batch_size}"))
     out["memory"] = {}

@@ -9,6 +9,7 @@ import importlib
 import inspect as pyinspect
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -149,8 +150,8 @@ def parse_input_shape(text: str) -> tuple:
     ((3, 32, 32), (16,))
     """
     try:
-        shape = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
-        if not shape or min(shape) < 1:
+        shape = tuple(int(p) for p in re.split(r"[,x]", text.strip()))
+        if min(shape) < 1:
             raise ValueError
     except ValueError:
         raise CliError(f"--input-shape {text!r}: expected one sample's shape as positive"

@@ -219,7 +219,15 @@ def _as_state(x: Any, allow_unsafe: bool) -> tuple:
                              "got a dict without tensors")
         return "<dict>", state
     if isinstance(x, (str, os.PathLike)):
-        return str(x), load_state_dict(x, allow_unsafe=allow_unsafe)
+        try:
+            return str(x), load_state_dict(x, allow_unsafe=allow_unsafe)
+        except UsageError:
+            if not allow_unsafe:
+                raise
+            obj = _checkpoint._open(x, allow_unsafe, False, need_values=True)[2]
+            if not isinstance(obj, torch.nn.Module):
+                raise
+            return str(x), obj.state_dict()  # a whole model pickled (trusted: allow_unsafe)
     raise UsageError(f"compare_checkpoints: expected a path, a state dict or an nn.Module, got "
                      f"{type(x).__name__}")
 

@@ -87,11 +87,11 @@ class ProfileReport:
         ...     "std": 0.5}, "latency_percentiles_ms": {"p50": 1.9, "p90": 2.5, "p99": 3.0},
         ...     "throughput": 500.0, "flops": 2_000_000, "achieved_flops_per_s": 1e9,
         ...     "peak_memory_bytes": 1024, "memory_estimated": False}]).render())
-         batch  latency ms (mean ± std)     p50     p90     p99   samples/s   FLOPs  FLOP/s  peak memory
-             1            2.00 ±   0.50    1.90    2.50    3.00       500.0   2.00M   1.00G     1.00 KiB
+         batch  latency ms (mean ± std)     p50     p90     p99   samples/s    FLOPs   FLOP/s  peak memory
+             1            2.00 ±   0.50    1.90    2.50    3.00       500.0    2.00M    1.00G     1.00 KiB
         """
         lines = [f"{'batch':>6} {'latency ms (mean ± std)':>24} {'p50':>7} {'p90':>7} {'p99':>7}"
-                 f" {'samples/s':>11} {'FLOPs':>7} {'FLOP/s':>7} {'peak memory':>12}"]
+                 f" {'samples/s':>11} {'FLOPs':>8} {'FLOP/s':>8} {'peak memory':>12}"]
         for r in self.batch_profiling:
             lat = r["latency_ms"]
             pct = r.get("latency_percentiles_ms") or {"p50": lat.get("median"),
@@ -102,7 +102,7 @@ class ProfileReport:
                              for k in ("p50", "p90", "p99"))
             flops, rate = r.get("flops"), r.get("achieved_flops_per_s")
             lines.append(f"{r['batch_size']:>6} {lat['mean']:>15.2f} ± {lat['std']:>6.2f} {cells}"
-                         f" {r['throughput']:>11.1f} {_count(flops):>7} {_count(rate):>7}"
+                         f" {r['throughput']:>11.1f} {_count(flops):>8} {_count(rate):>8}"
                          f" {mem:>12}")
         if self.stopped:
             lines.append(f"stopped at batch {self.stopped['batch_size']}:"
