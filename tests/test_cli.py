@@ -80,6 +80,11 @@ def test_profile_prints_a_table_and_json(tmp_path):
     r = run("profile", "--model", "example_models.fno:build_model", "--batch-sizes", "1,2",
             "--warmup", "1", "--runs", "3", "--json", str(out))
     assert r.returncode == 0, r.stderr
+    for column in ("p50", "p90", "p99", "FLOPs", "FLOP/s"):
+        assert column in r.stdout.splitlines()[0].split()
+    # stderr is a pipe, not a terminal: plain progress lines, nothing that rewrites a line
+    assert "\r" not in r.stderr and "\x1b" not in r.stderr
+    assert "[1/2] batch size 1: " in r.stderr and "[2/2] batch size 2: " in r.stderr
     doc = json.loads(out.read_text())
     assert [row["batch_size"] for row in doc["batch_profiling"]] == [1, 2]
     assert {"config", "architecture", "single_input", "batch_profiling"} <= set(doc)
@@ -94,3 +99,22 @@ def test_inspect_estimates_the_per_rank_memory_of_distributed_training(tmp_path)
     assert json.loads(out.read_text())["memory"]["fp32"]["per_rank"]
     bad = run("inspect", "--model", "example_models.fno:build_model", "--world-size", "0")
     assert bad.returncode == 2 and "--world-size 0: expected a positive integer" in bad.stderr
+
+
+def test_exit_statuses_gate_ci(tmp_path):
+    """0 success, 1 a gate failed (here: a checkpoint whose head has another shape), 2 a usage
+    mistake; the failure is named on stderr."""
+    from example_models.fno import build_model
+
+    state = build_model().state_dict()
+    name = next(k for k, v in reversed(list(state.items())) if v.dim() >= 1)
+    state[name] = torch.zeros(state[name].shape[0] + 1, *state[name].shape[1:])
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    r = run("inspect", "--model", "example_models.fno:build_model", "--checkpoint", str(bad),
+            "--batch-size", "1")
+    assert r.returncode == 1, r.stderr
+    assert f"shape mismatch: {name}" in r.stdout
+    assert "modelcheck: failed: checkpoint" in r.stderr and "1 shape mismatch" in r.stderr
+    r = run("compare", str(bad), str(bad), "--fail-over", "-1")
+    assert r.returncode == 2 and "--fail-over '-1'" in r.stderr

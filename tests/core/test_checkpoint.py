@@ -434,3 +434,49 @@ def test_doctests(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp()
     result = doctest.testmod(checkpoint_mod, optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 10
+
+
+def test_compare_measures_zero_norm_tensors_absolutely_and_counters_apart():
+    a = {"fc.weight": torch.tensor([3.0, 4.0]),          # ||a|| = 5
+         "fc.bias": torch.zeros(2),                      # zero-initialised: no scale
+         "bn.running_mean": torch.zeros(3),
+         "bn.num_batches_tracked": torch.tensor(0),
+         "mask": torch.tensor([True, False, True])}
+    b = {"fc.weight": torch.tensor([3.0, 5.0]),          # 1/5 = 0.2 relative
+         "fc.bias": torch.tensor([3.0, 4.0]),            # ||b-a|| = 5 absolute
+         "bn.running_mean": torch.tensor([0.1, 0.0, 0.0]),
+         "bn.num_batches_tracked": torch.tensor(10),
+         "mask": torch.tensor([True, True, True])}
+    report = compare_checkpoints(a, b)
+    by_name = {t.name: t for t in report.tensors}
+    assert set(by_name) == {"fc.weight", "fc.bias", "bn.running_mean"}
+    assert by_name["fc.bias"].relative_change is None and by_name["fc.bias"].measure == "absolute"
+    assert by_name["fc.bias"].change == pytest.approx(5.0)
+    assert by_name["fc.weight"].measure == "relative" and by_name["fc.weight"].change == pytest.approx(0.2)
+    # relative movers are ranked first, then the tensors that started at zero
+    assert [t.name for t in report.tensors] == ["fc.weight", "fc.bias", "bn.running_mean"]
+    assert [c["name"] for c in report.counters] == ["bn.num_batches_tracked", "mask"]
+    counter = report.counters[0]
+    assert (counter["a"], counter["b"], counter["changed"]) == (0, 10, 1)
+    assert report.counters[1]["changed"] == 1 and report.counters[1]["a"] is None
+    assert dict(report.layers) == {"fc": pytest.approx(math.sqrt(26 / 25))}
+    assert report.layers_from_zero == [["bn", pytest.approx(0.1)]]
+    text = report.render()
+    assert "inf" not in text.lower() and "bn.num_batches_tracked: 0 -> 10" in text
+    assert "mask: 1 of 3 elements changed" in text
+    assert "inf" not in json.dumps(report.to_dict()).lower()
+    # the gate: relative change, absolute where the old norm is zero, counters never
+    assert [t.name for t in report.drift_over(0.15)] == ["fc.weight", "fc.bias"]
+    assert [t.name for t in report.drift_over(1.0)] == ["fc.bias"]
+    assert report.drift_over(10.0) == [] and report.matches
+
+
+def test_compare_a_trusted_full_model_pickle_with_allow_unsafe(tmp_path):
+    model = small_model()
+    path = tmp_path / "full.pt"
+    torch.save(model, path)
+    with pytest.raises(CheckpointError, match="allow_unsafe=True"):
+        compare_checkpoints(path, model)
+    report = compare_checkpoints(path, model, allow_unsafe=True)
+    assert report.matches and report.counters[0]["name"] == "1.num_batches_tracked"
+    assert set(report.unchanged) == set(model.state_dict()) - {"1.num_batches_tracked"}
