@@ -12,7 +12,9 @@ the positional embedding.
 Simplifications: 16^3 single-channel volumes with 4^3 patches (64 tokens),
 embedding dim 64, 4 blocks, no dropout / stochastic depth, and a linear head
 producing ``num_outputs`` values (regression by default; use the logits with a
-cross-entropy loss for classification).
+cross-entropy loss for classification). ``interpolate_pos=True`` (off by default)
+resizes the positional embedding trilinearly to the token grid of any input size
+divisible by the patch, so the model takes other volume sizes (token counts).
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class ViT3D(nn.Module):
         depth: int = 4,
         num_heads: int = 4,
         mlp_ratio: float = 2.0,
+        interpolate_pos: bool = False,
     ) -> None:
         super().__init__()
         if img_size % patch_size:
@@ -105,6 +108,7 @@ class ViT3D(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.num_patches = (img_size // patch_size) ** 3
+        self.interpolate_pos = interpolate_pos
         self.patch_embed = PatchEmbed3d(in_channels, embed_dim, patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim))
@@ -114,8 +118,27 @@ class ViT3D(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
 
+    def _pos_for(self, grid: tuple) -> torch.Tensor:
+        """The positional embedding for a token grid ``(D, H, W)``: the learned one, or (with
+        ``interpolate_pos``) its patch part resized trilinearly to ``grid``."""
+        n = self.img_size // self.patch_size
+        if not self.interpolate_pos or tuple(grid) == (n, n, n):
+            return self.pos_embed
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        dim = patch_pos.shape[-1]
+        cube = patch_pos.reshape(1, n, n, n, dim).permute(0, 4, 1, 2, 3)
+        cube = F.interpolate(cube, size=tuple(grid), mode="trilinear", align_corners=False)
+        return torch.cat([cls_pos, cube.flatten(2).transpose(1, 2)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x)
+        if self.interpolate_pos:
+            grid = tuple(s // self.patch_size for s in x.shape[2:])
+            cls = self.cls_token.expand(tokens.shape[0], -1, -1)
+            x = torch.cat([cls, tokens], dim=1) + self._pos_for(grid)
+            for block in self.blocks:
+                x = block(x)
+            return self.head(self.norm(x[:, 0]))
         n_tokens, n_pos = tokens.shape[1], self.pos_embed.shape[1] - 1
         if n_tokens != n_pos:
             raise ValueError(

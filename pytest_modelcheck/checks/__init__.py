@@ -31,7 +31,7 @@ from .data import data_sane
 from .dynamics import grad_norms_stable, loss_components, lr_schedule
 from .budgets import flops_under, params_under
 from .unet import unet_skips
-from .vit import vit_patches
+from .vit import token_capacity, vit_patches
 from .attention import attention_maps
 from .fno import fno_modes
 from .spectra import spectrum_matches
@@ -46,6 +46,7 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "output_range", "permutation_invariant", "permutation_equivariant",
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
-           "unet_skips", "vit_patches", "attention_maps", "fno_modes", "spectrum_matches", "causal",
+           "unet_skips", "vit_patches", "token_capacity", "attention_maps", "fno_modes",
+           "spectrum_matches", "causal",
            "kv_cache_consistent", "tied_parameters", "ddp_consistent",
            "discriminator_scales", "gan_pairs"]

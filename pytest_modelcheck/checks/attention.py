@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 from ..core.errors import UsageError
 from ..core.result import CheckResult
-from ..core.units import is_int, is_number
+from ..core.units import is_number
 from .registry import SkipCheck, check
 from .subject import Subject
 
