@@ -1,6 +1,10 @@
 """vit_patches: the patch embedding (a convolution with kernel == stride, or a Linear on flattened
 patches) tiles each declared size and the token count matches the positional embedding's length
-(the parameter added to the patch tokens, found at dispatch); skipped without a patch embedding."""
+(the parameter added to the patch tokens, found at dispatch); skipped without a patch embedding.
+
+token_capacity: the model runs (finite outputs, loss and gradients, a stable loss) at token counts
+grown up to ``max_tokens`` by growing the input, and the most tokens whose step fits a memory
+budget are estimated on fake tensors."""
 from __future__ import annotations
 
 import math
