@@ -136,10 +136,15 @@ def attention_maps(collapse: Any = 0.9, uniform: Any = None, plot: Any = True,
     >>> r.passed, r.metrics["attention_layers"]
     (True, 2)
     """
-    from ..core.attention import capture_attention, save_attention_maps
+    from ..core.attention import MAX_WEIGHTS, capture_attention, save_attention_maps
 
     work, data = subject.model_copy("eval"), subject.batch_copy()
-    maps = capture_attention(work, data)
+    too_long: list = []
+    maps = capture_attention(work, data, skipped=too_long)
+    if not maps and too_long:
+        raise SkipCheck(f"every attention call has more than {MAX_WEIGHTS} weights per sample"
+                        f" (heads x queries x keys), too many to record ('{too_long[0]}'); use a"
+                        " batch with shorter sequences")
     if not maps:
         raise SkipCheck("no attention ran: no F.scaled_dot_product_attention, no"
                         " nn.MultiheadAttention and no softmax over the keys inside a module"
@@ -150,8 +155,12 @@ def attention_maps(collapse: Any = 0.9, uniform: Any = None, plot: Any = True,
     details = [f"{len(maps)} attention calls" + (f" over a {'x'.join(map(str, grid))} patch grid"
                                                  f" + {extra} extra tokens" if grid else "")]
     details += [_row(m) for m in maps]
+    if too_long:
+        details.append(f"not recorded (over {MAX_WEIGHTS} weights per sample): "
+                       + ", ".join(too_long))
     metrics: dict = {"attention_layers": len(maps), "layers": [_layer_facts(m) for m in maps],
-                     "collapsed": [m.layer for m in collapsed], "uniform": [m.layer for m in flat]}
+                     "collapsed": [m.layer for m in collapsed], "uniform": [m.layer for m in flat],
+                     "too_long": too_long}
     path = _plot_path(plot)
     if path is not None:
         saved = save_attention_maps(maps, path, grid=grid, extra=extra)

@@ -28,6 +28,9 @@ from typing import Any, Iterator, Optional
 #: Logits at or below this count as masked out (masks written as -1e4, -1e9, finfo.min, -inf).
 MASKED_LOGIT = -5e3
 _WORDS = ("attention", "attn")
+#: The most attention weights of one sample (heads x queries x keys) a call may have to be
+#: recorded (2**25 float32 weights: 128 MiB); longer sequences are listed as too large.
+MAX_WEIGHTS = 2 ** 25
 
 
 @dataclass
@@ -243,6 +246,9 @@ def _mha(func: Any, args: tuple, kwargs: dict, acc: _Accumulator) -> Any:
     import inspect
 
     bound = inspect.signature(func).bind(*args, **kwargs)
+    q, k = bound.arguments["query"], bound.arguments["key"]  # (L, B, E) or unbatched (L, E)
+    if int(q.shape[0]) * int(k.shape[0]) * int(bound.arguments["num_heads"]) > MAX_WEIGHTS:
+        return func(*args, **kwargs)  # too long to record
     want = bound.arguments.get("need_weights", True)
     average = bound.arguments.get("average_attn_weights", True)
     bound.arguments["need_weights"] = True
@@ -254,12 +260,20 @@ def _mha(func: Any, args: tuple, kwargs: dict, acc: _Accumulator) -> Any:
     return out, (weights.mean(dim=-3) if average else weights)
 
 
-def capture_attention(model: Any, batch: Any) -> list:
+def _per_sample(q: Any, k: Any) -> int:
+    """Weights per sample of an attention with queries ``q`` and keys ``k``: heads x L x S."""
+    heads = int(q.shape[-3]) if q.dim() >= 4 else 1
+    return heads * int(q.shape[-2]) * int(k.shape[-2])
+
+
+def capture_attention(model: Any, batch: Any, skipped: Optional[list] = None) -> list:
     """Run ``model`` on ``batch`` (a ``Batch``) once under ``no_grad`` and return one
     :class:`AttentionMap` per attention call, in call order, named by the innermost module
     that ran it (``"blocks.0.attn"``; a second call of one module gets ``" (call 2)"``).
 
-    The model runs as it is (put it in eval mode first to switch dropout off).
+    The model runs as it is (put it in eval mode first to switch dropout off). A call with more
+    than ``MAX_WEIGHTS`` weights per sample is not recorded; its name is appended to
+    ``skipped`` when given.
 
     >>> import torch
     >>> from pytest_modelcheck.core.batch import Batch
@@ -289,21 +303,32 @@ def capture_attention(model: Any, batch: Any) -> list:
         def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
             kwargs = kwargs or {}
             if func is F.scaled_dot_product_attention:
+                q, k = _sdpa_call(args, kwargs)[:2]
                 acc, name = new(stack)
-                _record_sdpa(acc, args, kwargs)
-                maps.append(acc.result(name, "scaled_dot_product_attention"))
+                if _per_sample(q, k) > MAX_WEIGHTS:
+                    (skipped if skipped is not None else []).append(name)
+                else:
+                    _record_sdpa(acc, args, kwargs)
+                    maps.append(acc.result(name, "scaled_dot_product_attention"))
             elif func is F.multi_head_attention_forward:
                 acc, name = new(stack)
                 out = _mha(func, args, kwargs, acc)
-                maps.append(acc.result(name, "MultiheadAttention"))
+                if acc.count:
+                    maps.append(acc.result(name, "MultiheadAttention"))
+                else:
+                    (skipped if skipped is not None else []).append(name)
                 return out
             elif func in softmaxes and _attention_owner(stack, modules):
                 out = func(*args, **kwargs)
                 dim = args[1] if len(args) > 1 else kwargs.get("dim")
                 x = args[0]
-                if isinstance(x, torch.Tensor) and x.dim() >= 2 and dim in (-1, x.dim() - 1) \
-                        and x.shape[-1] >= 2:
-                    acc, name = new(stack)
+                if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[-1] >= 2
+                        and dim in (-1, x.dim() - 1)):
+                    return out
+                acc, name = new(stack)
+                if (x.numel() // x.shape[0] if x.dim() >= 3 else x.numel()) > MAX_WEIGHTS:
+                    (skipped if skipped is not None else []).append(name)
+                else:
                     acc.add(_as_4d(out), _as_4d(x.detach() > MASKED_LOGIT))
                     maps.append(acc.result(name, "softmax"))
                 return out

@@ -190,3 +190,36 @@ def test_bad_marker_arguments_fail_at_setup_in_one_line(healthy_project):
     result.stdout.fnmatch_lines(["*@pytest.mark.attention_maps: collapse=0: expected a number in (0, 1]*"])
     out = result.stdout.str()
     assert "Traceback" not in out and "the test body must not run" not in out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="transformers is not installed")
+def test_hugging_face_sdpa_and_eager_attention_pass():
+    from tests.conformance.zoo import build_case
+
+    model, batch, _ = build_case("hf_vit")
+    r = attention_maps(plot=False, model=model, batch=batch)
+    assert r.passed is True, r.headline
+    assert [m["kind"] for m in r.metrics["layers"]] == ["scaled_dot_product_attention"] * 2
+    assert "over a 4x4 patch grid + 1 extra tokens" in r.details
+    model.set_attn_implementation("eager")  # the explicit softmax path
+    r = attention_maps(plot=False, model=model, batch=batch)
+    assert r.passed is True, r.headline
+    assert [m["kind"] for m in r.metrics["layers"]] == ["softmax"] * 2
+    model, batch, _ = build_case("hf_bert")  # padded sequences: an attention mask
+    r = attention_maps(plot=False, model=model, batch=batch)
+    assert r.passed is True and r.metrics["attention_layers"] == 2, r.headline
+
+
+def test_calls_too_long_to_record_are_listed(monkeypatch):
+    import pytest_modelcheck.core.attention as core
+
+    monkeypatch.setattr(core, "MAX_WEIGHTS", 1000)  # 4 heads x 65 x 65 per sample is more
+    r = attention_maps(plot=False, model=_vit3d(), batch=vit3d.make_batch(1))
+    assert r.passed is None and "more than 1000 weights per sample" in r.headline
+    enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1,
+                                enable_nested_tensor=False)
+    r = attention_maps(plot=False, model=enc, batch=torch.randn(1, 40, 8))  # 2 x 40 x 40
+    assert r.passed is None and "'layers.0.self_attn'" in r.headline
+    r = attention_maps(plot=False, model=enc, batch=torch.randn(1, 20, 8))  # 2 x 20 x 20
+    assert r.passed is True and r.metrics["too_long"] == []
