@@ -122,3 +122,13 @@ def test_bad_marker_arguments_fail_at_setup_in_one_line(healthy_project):
                                  "*@pytest.mark.token_capacity: memory_budget='lots': *"])
     out = result.stdout.str()
     assert "Traceback" not in out and "the test body must not run" not in out
+
+
+def test_model_batch_and_globals_are_unchanged():
+    from pytest_modelcheck.core.state import fingerprints_equal, global_state_fingerprint, model_fingerprint
+
+    model, (x, y) = _model(interpolate_pos=True), vit3d.make_batch(2)
+    before, x0, state = model_fingerprint(model), x.clone(), global_state_fingerprint()
+    token_capacity(217, memory_budget="1 MiB", model=model, batch=(x, y))
+    assert not fingerprints_equal(before, model_fingerprint(model))
+    assert torch.equal(x, x0) and global_state_fingerprint() == state
