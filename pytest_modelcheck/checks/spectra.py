@@ -1,9 +1,11 @@
 """spectrum_matches: the radially averaged power spectrum of the prediction follows the target's
-in every wavenumber band."""
+in every wavenumber band; no_aliasing: a finer grid adds no output power above the example
+grid's Nyquist."""
 from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.errors import UsageError
@@ -112,3 +114,207 @@ def spectrum_matches(max_band_ratio: Any = 2.0, bands: Any = 3, plot: Any = None
                    (" (smoothed or blurred output)" if ratio < 1 and name == ratios[-1][0] else ""))
     return subject.failed(f"{expected}, observed {ratio:.3g} in the {name} band (k={lo:g}-{hi:g})"
                           + (f" ({others})" if others else ""), details, metrics)
+
+
+# ------------------------------------------------------------------------------------ no_aliasing
+def _plot_path(plot: Any, stem: str) -> Any:
+    """Where a check saves its PNG: ``plot`` itself (a path), a new temporary file for True,
+    None for None/False."""
+    if plot is None or plot is False:
+        return None
+    if plot is True:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix=f"modelcheck-{stem}-", suffix=".png")
+        os.close(fd)
+        return path
+    return os.fspath(plot)
+
+
+def _validate_plot(plot: Any) -> Any:
+    if plot is not None and not isinstance(plot, (bool, str, os.PathLike)):
+        raise UsageError(f"plot={plot!r}: expected True (a temporary PNG), a file path for the"
+                         " PNG, or None/False for no plot")
+    return plot
+
+
+def _validate_aliasing(scale: Any = 2, max_ratio: Any = 5e-3, max_band_ratio: Any = 2.0,
+                       plot: Any = True, input_index: Any = 0) -> dict:
+    from .spatial import _validate_index
+
+    if not is_int(scale) or not 2 <= scale <= 8:
+        raise UsageError(f"scale={scale!r}: expected an int from 2 to 8, the factor by which the"
+                         " input grid is refined")
+    if not is_number(max_ratio) or not 0 < max_ratio < 1:
+        raise UsageError(f"max_ratio={max_ratio!r}: expected a fraction in (0, 1) of the"
+                         " fine-grid output's power allowed above the coarse grid's Nyquist")
+    if max_band_ratio is not None and (not is_number(max_band_ratio) or not max_band_ratio > 1
+                                       or not math.isfinite(max_band_ratio)):
+        raise UsageError(f"max_band_ratio={max_band_ratio!r}: expected a number > 1 (the"
+                         " fine/coarse spectra's ratio per band), or None to skip that comparison")
+    return {"scale": int(scale), "max_ratio": float(max_ratio),
+            "max_band_ratio": None if max_band_ratio is None else float(max_band_ratio),
+            "plot": _validate_plot(plot), "input_index": _validate_index(input_index)}
+
+
+def _with_input(batch: Any, input_index: int, new: Any) -> Any:
+    """A copy of ``batch`` whose input ``input_index`` is ``new``."""
+    from ..core.batch import Batch
+    from .spatial import _input_slot
+
+    kind, key = _input_slot(batch, input_index)
+    if kind == "kwargs":
+        return Batch(args=batch.args, kwargs={**batch.kwargs, key: new}, target=batch.target,
+                     has_target=batch.has_target, target_key=batch.target_key)
+    args = list(batch.args)
+    args[key] = new
+    return Batch(args=tuple(args), kwargs=batch.kwargs, target=batch.target,
+                 has_target=batch.has_target)
+
+
+@dataclass
+class _Resolutions:
+    """The model's outputs on the example grid and on the ``scale`` times finer one, and the
+    modules of the fine forward whose outputs hold power above the coarse Nyquist."""
+
+    coarse: Any
+    fine: Any
+    ndim: int
+    modules: list  # (name, type, fraction) in completion order, fine-grid forward
+
+
+def _first_field(output: Any) -> Any:
+    from ..core.batch import iter_tensors
+
+    return next((t for _, t in iter_tensors(output) if t.is_floating_point()), None)
+
+
+def _run_resolutions(subject: Subject, scale: int, input_index: int) -> _Resolutions:
+    """Runs the model (eval, no gradients, on a copy) on the example input and on its Fourier
+    interpolation to a ``scale`` times finer grid; SkipCheck when the input or the output is
+    not a field that follows the grid."""
+    import torch
+
+    from ..core.forward import run_forward
+    from ..core.spectra import fourier_upsample, power_beyond
+    from .spatial import _input_tensor, _module_stack
+
+    base = subject.batch_copy()
+    x = _input_tensor(base, input_index)
+    if not x.is_floating_point() or x.dim() < 3:
+        raise SkipCheck(f"the input of shape {tuple(x.shape)} is not a floating (B, C, *spatial)"
+                        " field, so it cannot be resampled")
+    ndim = min(x.dim() - 2, 3)
+    fine_in = fourier_upsample(x, scale, ndim)
+    work = subject.model_copy("eval")
+    modules: list = []
+
+    limits = tuple(int(n) // 2 for n in x.shape[-ndim:])  # cycles per box, on every grid
+
+    def record(name: str, mod: Any, args: Any, out: Any) -> None:
+        t = _first_field(out)
+        if t is not None and t.dim() >= ndim + 1 and min(t.shape[-ndim:]) >= 2:
+            modules.append((name, type(mod).__name__, power_beyond(t, limits, ndim)))
+
+    with torch.no_grad():
+        coarse = _first_field(run_forward(work, base))
+        with _module_stack(work, on_output=record):
+            fine = _first_field(run_forward(work, _with_input(base, input_index, fine_in)))
+    if coarse is None or fine is None or coarse.dim() < ndim + 1 or fine.dim() != coarse.dim() \
+            or tuple(fine.shape[-ndim:]) != tuple(n * scale for n in coarse.shape[-ndim:]):
+        got = [tuple(t.shape) if t is not None else None for t in (coarse, fine)]
+        raise SkipCheck(f"the output ({got[0]} on the example grid, {got[1]} on the {scale}x"
+                        " grid) is not a field whose grid follows the input's")
+    return _Resolutions(coarse, fine, ndim, modules)
+
+
+def _aliasing_plot(plot: Any, k: Any, p_fine: Any, p_coarse: Any, nyquist: float) -> Any:
+    import torch
+
+    from ..core.plots import save_power_spectrum
+
+    path = _plot_path(plot, "no_aliasing")
+    if path is None:
+        return None
+    padded = torch.full_like(p_fine, float("nan"))
+    padded[:len(p_coarse)] = p_coarse
+    return save_power_spectrum(k, {"fine grid": p_fine, "example grid": padded}, path,
+                               title="output power spectrum (mean removed, Hann window)",
+                               bands=[(f"k > {nyquist:g}", nyquist, float(k[-1]))])
+
+
+@check(default=False, validate=_validate_aliasing)
+def no_aliasing(scale: Any = 2, max_ratio: Any = 5e-3, max_band_ratio: Any = 2.0,
+                plot: Any = True, input_index: Any = 0, *, subject: Subject) -> CheckResult:
+    """A finer grid adds no output power above the example grid's Nyquist (no aliasing artefacts).
+
+    The example input (``input_index``, a ``(B, C, *spatial)`` field) is Fourier-interpolated
+    to a grid ``scale`` times finer: the same field, band-limited to the example grid's Nyquist
+    ``n/2``. The model runs on both (eval, no gradients, on a copy). A resolution-invariant
+    operator (an FNO: truncated spectral layers, pointwise maps) gives nearly the same field at
+    both, so the fine output's power beyond ``n/2`` must be at most ``max_ratio`` of its power
+    (each map's mean removed and a Hann window applied, so a non-periodic output's jump across
+    the box is not counted; boundary artefacts of zero padding are therefore not seen).
+    Nearest-neighbour or transposed-conv upsampling, strided convolutions and coarse-grid
+    shortcuts put their artefacts there; the failure names the first module whose output
+    exceeds the ratio. With ``max_band_ratio``, the radial spectra at the two grids must agree
+    band by band (low/mid/high, up to ``n/2``). ``plot`` saves both spectra as a PNG (True: a
+    temporary file) whose path is ``metrics["plot"]``.
+
+    >>> import torch
+    >>> x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    >>> no_aliasing(plot=None, model=torch.nn.Conv2d(1, 1, 1), batch=(x, x)).passed
+    True
+    """
+    from ..core.spectra import band_ratios, detrended, power_beyond, radial_power_spectrum
+
+    res = _run_resolutions(subject, scale, input_index)
+    coarse_n = tuple(int(n) for n in res.coarse.shape[-res.ndim:])
+    fraction = power_beyond(res.fine, tuple(n // 2 for n in coarse_n), res.ndim)
+    k, p_fine = radial_power_spectrum(detrended(res.fine, res.ndim), res.ndim)
+    kc, p_coarse = radial_power_spectrum(detrended(res.coarse, res.ndim), res.ndim)
+    ratios = band_ratios(kc, p_fine[:len(kc)], p_coarse, min(3, len(kc)))
+    metrics: dict[str, Any] = {"fraction_above_nyquist": fraction, "scale": scale,
+                               "grids": [list(coarse_n), [n * scale for n in coarse_n]],
+                               "bands": {name: r for name, _, _, r in ratios},
+                               "modules": [[n or "(model)", t, f] for n, t, f in res.modules]}
+    saved = _aliasing_plot(plot, k, p_fine, p_coarse, min(coarse_n) / 2)
+    if saved:
+        metrics["plot"] = saved
+    return _aliasing_verdict(subject, res, fraction, ratios, max_ratio, max_band_ratio, metrics)
+
+
+def _aliasing_verdict(subject: Subject, res: _Resolutions, fraction: float, ratios: list,
+                      max_ratio: float, max_band_ratio: Any, metrics: dict) -> CheckResult:
+    coarse_n = metrics["grids"][0]
+    grids = f"{_grid(coarse_n)} -> {_grid(metrics['grids'][1])}"
+    details = [f"grids {grids}: {fraction:.3g} of the fine output's power above k = "
+               f"{min(coarse_n) // 2} (limit {max_ratio:g})"]
+    details += [f"  band {name:>6} k={lo:g}-{hi:g}: P_fine/P_coarse {r:.4g}" for name, lo, hi, r in ratios]
+    if metrics.get("plot"):
+        details.append(f"plot: {metrics['plot']}")
+    expected = (f"expected at most {max_ratio:g} of the output's power above the example grid's"
+                f" Nyquist on a {metrics['scale']}x finer grid ({grids})")
+    if fraction > max_ratio:
+        culprit = next(((n, t, f) for n, t, f in res.modules if f > max_ratio), None)
+        where = (f"; first seen in the output of '{culprit[0] or 'the model'}' ({culprit[1]}):"
+                 f" {culprit[2]:.3g}" if culprit else "")
+        details.append("remedy: upsample by interpolation that adds no high frequencies (Fourier,"
+                       " bilinear), avoid nearest-neighbour/transposed-conv upsampling and strided"
+                       " shortcuts in a resolution-invariant operator")
+        return subject.failed(f"{expected}, observed {fraction:.3g} ({fraction / max_ratio:.1f}x"
+                              f" the limit): the model adds high-frequency content when the grid"
+                              f" is refined{where}", details, metrics)
+    if max_band_ratio is not None:
+        off = [r for r in ratios if not 1 / max_band_ratio <= r[3] <= max_band_ratio]
+        if off:
+            name, lo, hi, r = _worst_band(off)
+            return subject.failed(f"{expected} and spectra agreeing within {max_band_ratio:g}x per"
+                                  f" band, observed P_fine/P_coarse {r:.3g} in the {name} band"
+                                  f" (k={lo:g}-{hi:g}): the output changes with the grid", details,
+                                  metrics)
+    return subject.passed(f"{expected}, observed {fraction:.3g}", details, metrics)
+
+
+def _grid(sizes: Any) -> str:
+    return "x".join(str(n) for n in sizes)

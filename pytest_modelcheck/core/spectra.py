@@ -114,3 +114,114 @@ def band_ratios(k: Any, p_pred: Any, p_target: Any, bands: Any = 3) -> list:
             ratio = num / den
         out.append((name, lo, hi, ratio))
     return out
+
+
+def fourier_upsample(field: Any, scale: int, ndim: Optional[int] = None) -> Any:
+    """``field`` on a grid ``scale`` times finer along its last ``ndim`` dims, by Fourier
+    interpolation: its spectrum is zero-padded (the Nyquist mode of an even size is split
+    between ``+n/2`` and ``-n/2``), so the result is band-limited to the input grid's Nyquist
+    and equals ``field`` at every ``scale``-th point. ``ndim`` defaults as in
+    :func:`radial_power_spectrum`; the dtype and device are kept.
+
+    >>> import torch
+    >>> x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    >>> y = fourier_upsample(x, 2)
+    >>> tuple(y.shape), bool(torch.allclose(y[..., ::2, ::2], x, atol=1e-6))
+    ((1, 1, 16, 16), True)
+    >>> power_beyond(y, (4, 4), window=False) < 1e-12  # nothing above the 8-grid's Nyquist
+    True
+    """
+    import torch
+
+    if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
+        raise UsageError(f"scale={scale!r}: expected an int >= 1")
+    ndim = _spatial_ndim(field, ndim)
+    spec = torch.fft.fftn(field.detach().to(torch.float64), dim=tuple(range(-ndim, 0)))
+    for axis in range(-ndim, 0):
+        n = spec.shape[axis]
+        m = n * scale
+        shape = list(spec.shape)
+        shape[axis] = m
+        out = spec.new_zeros(shape)
+        pos, neg = (n + 1) // 2, (n - 1) // 2  # DC and positive, negative (no Nyquist)
+        out.narrow(axis, 0, pos).copy_(spec.narrow(axis, 0, pos))
+        out.narrow(axis, m - neg, neg).copy_(spec.narrow(axis, n - neg, neg))
+        if n % 2 == 0 and scale > 1:
+            half = spec.narrow(axis, n // 2, 1) * 0.5
+            out.narrow(axis, n // 2, 1).copy_(half)
+            out.narrow(axis, m - n // 2, 1).copy_(half)
+        elif n % 2 == 0:
+            out.narrow(axis, n // 2, 1).copy_(spec.narrow(axis, n // 2, 1))
+        spec = out
+    fine = torch.fft.ifftn(spec, dim=tuple(range(-ndim, 0))).real * float(scale) ** ndim
+    return fine.to(field.dtype)
+
+
+def _spatial_ndim(field: Any, ndim: Optional[int]) -> int:
+    if ndim is None:
+        ndim = field.dim() - 2 if field.dim() >= 4 else field.dim()
+    if not isinstance(ndim, int) or isinstance(ndim, bool) or not 1 <= ndim <= 3 or ndim > field.dim():
+        raise UsageError(f"ndim={ndim!r}: expected 1, 2 or 3 spatial dimensions, at most"
+                         f" field.dim()={field.dim()}")
+    return ndim
+
+
+def detrended(field: Any, ndim: Optional[int] = None) -> Any:
+    """A float64 CPU copy of ``field`` with each map's mean removed and a periodic Hann window
+    applied along its last ``ndim`` dims: its spectrum shows the field's own structure, not
+    the jump a non-periodic field makes across the box's wrap-around (which an FFT reads as
+    power at every wavenumber).
+
+    >>> import torch
+    >>> ramp = torch.linspace(0, 1, 16).expand(16, 16)  # non-periodic: jumps from 1 to 0
+    >>> power_beyond(ramp, (4, 4), window=False) > 100 * power_beyond(ramp, (4, 4))
+    True
+    >>> tuple(detrended(torch.ones(2, 8, 8)).abs().amax((-2, -1)).tolist())
+    (0.0, 0.0)
+    """
+    import torch
+
+    ndim = _spatial_ndim(field, ndim)
+    data = field.detach().to("cpu", torch.float64)
+    dims = tuple(range(-ndim, 0))
+    data = data - data.mean(dim=dims, keepdim=True)
+    for axis in dims:
+        shape = [1] * data.dim()
+        shape[axis] = data.shape[axis]
+        data = data * torch.hann_window(data.shape[axis], periodic=True,
+                                        dtype=torch.float64).view(shape)
+    return data
+
+
+def power_beyond(field: Any, limits: Any, ndim: Optional[int] = None, window: bool = True) -> float:
+    """The fraction of ``field``'s power (the mean, DC, left out) in modes with ``|k| > limit``
+    along any spatial axis (``limits`` one per axis, in cycles per box): the power a grid
+    whose Nyquist wavenumbers are ``limits`` cannot hold. With ``window`` the field is first
+    :func:`detrended` (mean removed, Hann window), so a non-periodic field is not counted as
+    having high-frequency content; 0.0 for a constant field.
+
+    >>> import math, torch
+    >>> x = torch.arange(32.0)
+    >>> wave = torch.sin(2 * math.pi * 3 * x / 32) + 0.1 * torch.sin(2 * math.pi * 12 * x / 32)
+    >>> round(power_beyond(wave, (8,), ndim=1, window=False), 4)  # 0.01 / (1 + 0.01)
+    0.0099
+    """
+    import torch
+
+    ndim = _spatial_ndim(field, ndim)
+    data = detrended(field, ndim) if window else field.detach().to("cpu", torch.float64)
+    spatial = tuple(data.shape[-ndim:])
+    limits = tuple(limits)
+    if len(limits) != ndim:
+        raise UsageError(f"limits={limits!r}: expected one limit per spatial axis ({ndim})")
+    power = torch.fft.fftn(data.reshape(-1, *spatial), dim=tuple(range(1, ndim + 1)))
+    power = power.abs().pow(2).sum(0)
+    power[(0,) * ndim] = 0.0
+    beyond = torch.zeros(spatial, dtype=torch.bool)
+    for i, (n, lim) in enumerate(zip(spatial, limits)):
+        k = (torch.fft.fftfreq(n, dtype=torch.float64) * n).abs() > lim + (1 if window else 0)
+        shape = [1] * ndim
+        shape[i] = n
+        beyond = beyond | k.view(shape)
+    total = float(power.sum())
+    return float(power[beyond].sum()) / total if total > 0 else 0.0
