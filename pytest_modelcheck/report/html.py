@@ -54,7 +54,7 @@ th[aria-sort=ascending] button::after{content:" \\25B2"}
 th[aria-sort=descending] button::after{content:" \\25BC"}
 td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 .id{overflow-wrap:anywhere;word-break:normal}
-td.id{min-width:16em}td.metric{min-width:11em}td.how{min-width:12em}
+.w{display:block;min-width:16em}.w.metric{min-width:11em}
 tr.regressed td,tr.failed td,tr.xpassed td{background:#fde2e1}tr.improved td{background:#e3f6e5}
 tr.inconclusive td{background:#fff4d6}tr.skipped-other td{color:#666}
 tr.xfailed td,tr.skipped td{color:#555}
@@ -86,7 +86,7 @@ table.health,table.health tbody,table.health tr,table.health td{display:block;wi
 table.health tr{border:1px solid #ccc;margin:.5em 0}
 table.health td{border:0;padding:.15em .5em;text-align:left;white-space:normal}
 table.health td[data-label]::before{content:attr(data-label) ": ";font-weight:600}
-td.id{min-width:0}
+table.health .w{min-width:0}
 }
 """
 
@@ -174,6 +174,18 @@ def _id(text: object) -> str:
     return "<wbr>".join(_e(part) for part in _ID_BREAK.split(str(text)) if part)
 
 
+def _prose(text: object) -> str:
+    """Escaped text whose long tokens (module paths, file paths, ids: over 30 characters) may
+    wrap at their separators (see :func:`_id`) and, if a part is still wider than the line,
+    anywhere in it (class ``id``); other words never break.
+
+    >>> print(_prose("NaN in 'encoder.blocks.3.attention.qkv_proj.weight' <x>"))
+    NaN in <span class="id">&#x27;encoder.<wbr>blocks.<wbr>3.<wbr>attention.<wbr>qkv_<wbr>proj.<wbr>weight&#x27;</span> &lt;x&gt;
+    """
+    return "".join(f'<span class="id">{_id(tok)}</span>' if len(tok) > 30 else _e(tok)
+                   for tok in re.split(r"(\s+)", str(text)) if tok)
+
+
 def _anchor(nodeid: str) -> str:
     """A unique HTML id for a test: its readable form plus a short hash of the exact id."""
     import hashlib
@@ -217,8 +229,8 @@ def curve_png(series: list, title: str, ylabel: str) -> Optional[bytes]:
         xs, ys = zip(*pts)
         ax.plot(xs, ys, color=colours[n % 3], linewidth=1.4, label=label,
                 linestyle="-" if n == 0 else "--")
-    ys = [y for _, pts in curves for _, y in pts]
-    if min(ys) > 0 and max(ys) / min(ys) > 20:
+    every = [y for _, pts in curves for _, y in pts]
+    if min(every) > 0 and max(every) / min(every) > 20:
         ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
@@ -380,8 +392,9 @@ def _number(row: dict, check: str, key: str) -> str:
     else:
         value = next((r.get("metrics", {}).get(key) for r in row["results"]
                       if r.get("check") == check and key in (r.get("metrics") or {})), None)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return repr(float(value)) if ok and math.isfinite(value) else ""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    return repr(float(value)) if math.isfinite(value) else ""
 
 
 def _health_table(rows: list, regressed_tests: set) -> list:
@@ -402,7 +415,7 @@ def _health_table(rows: list, regressed_tests: set) -> list:
         label = status.upper() + (" · regressed" if regressed else "")
         out.append(
             f'<tr class="{cls}" data-key="{_key(row, status, regressed)}">'
-            f'<td class="id" data-label="test"><a href="#{_anchor(row["nodeid"])}">'
+            f'<td class="id" data-label="test"><a class="w" href="#{_anchor(row["nodeid"])}">'
             f'{_id(c["test"])}</a></td>'
             f'<td data-label="status" data-v="{STATUSES.index(status)}">'
             f'<span class="{status}">{_e(label)}</span></td>'
@@ -430,7 +443,8 @@ def _comparison_table(comps: list) -> list:
             "skipped-other" if c.verdict.startswith("skipped") else "")
         out.append(f'<tr class="{cls}">' + "".join(
             f'<td{f" class={chr(34)}{k}{chr(34)}" if k else ""}>'
-            f'{_id(v) if i < 2 else _e(v)}</td>'
+            + (f'<span class="w{" metric" if i else ""}">{_id(v)}</span>' if i < 2 else _prose(v))
+            + "</td>"
             for i, (k, v) in enumerate(zip(classes, cells))) + "</tr>")
     out.append("</tbody></table></div>")
     return out
@@ -486,7 +500,7 @@ def _test_section(row: dict, regressed: list, images: list) -> list:
                      + (f": {reason}" if reason else ""))
     if model.get("type"):
         facts.append(f"model: {model['type']}")
-    out.append(f"<p>{_e(' · '.join(facts))}</p>")
+    out.append(f"<p>{_prose(' · '.join(facts))}</p>")
     if regressed:
         out.append('<div class="banner bad">regressed: '
                    + ", ".join(_id(c.metric) for c in regressed) + "</div>")
@@ -495,7 +509,7 @@ def _test_section(row: dict, regressed: list, images: list) -> list:
         st = {True: "passed", False: "failed", None: "skipped"}.get(r.get("passed"), "skipped")
         out.append(f'<div class="check"><h3><span class="{st}">{st.upper()}</span>'
                    f" {_e(r.get('check', '?'))}</h3>"
-                   f'<div class="headline">{_e(r.get("headline", ""))}</div>')
+                   f'<div class="headline">{_prose(r.get("headline", ""))}</div>')
         if r.get("details"):
             out.append(f"<pre>{_e(r['details'])}</pre>")
         out.append("</div>")
@@ -505,7 +519,7 @@ def _test_section(row: dict, regressed: list, images: list) -> list:
     plots += list(images)
     if plots:
         out.append("<div>" + "".join(_img(t, png) for t, png in plots) + "</div>")
-    out += [f'<p class="missing">{_e(n)}</p>' for n in notes]
+    out += [f'<p class="missing">{_prose(n)}</p>' for n in notes]
     out.append("</details>")
     return out
 

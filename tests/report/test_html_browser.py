@@ -171,3 +171,243 @@ def test_screenshot_shows_the_page_and_its_plots(tmp_path):
     # the loss curves' line colour #1f5fa8 = (31, 95, 168) is on screen
     line = (abs(rgb - [31, 95, 168]).sum(axis=-1) <= 12).sum()
     assert line > 200, line
+
+
+# -- layout of a 30-test run at desktop and phone widths ------------------------------------
+#
+# Headless Chromium will not lay a window out narrower than 500 CSS px, so each page is shown
+# in an <iframe srcdoc> of the exact width (the iframe is the page's viewport: media queries,
+# innerWidth and scrollWidth are the iframe's). A srcdoc frame shares the host page's origin,
+# so the host's script reads the report's layout directly; a frame with
+# sandbox="allow-same-origin" (no allow-scripts) shows the page as a browser without
+# JavaScript would.
+MEASURE = r"""
+function measure(frame) {
+  var win = frame.contentWindow, doc = frame.contentDocument, each = Array.prototype.forEach;
+  var res = {width: win.innerWidth, scrollWidth: doc.documentElement.scrollWidth,
+             broken: [], idBreaks: 0, words: 0, overflowingCells: [], cellStyles: [],
+             cells: 0};
+  var walker = doc.createTreeWalker(doc.body, NodeFilter.SHOW_TEXT), word = /[\p{L}\p{N}]{2,}/gu;
+  for (var n = walker.nextNode(); n; n = walker.nextNode()) {
+    var el = n.parentElement;
+    if (el.closest("pre,script,style") || !el.getClientRects().length) continue;
+    word.lastIndex = 0;
+    for (var m = word.exec(n.data); m; m = word.exec(n.data)) {
+      res.words += 1;
+      var range = doc.createRange();
+      range.setStart(n, m.index);
+      range.setEnd(n, m.index + m[0].length);
+      var rects = Array.prototype.filter.call(range.getClientRects(),
+                                              function (r) { return r.width > 0; });
+      var tops = rects.map(function (r) { return r.top; });
+      if (rects.length < 2 || Math.max.apply(null, tops) - Math.min.apply(null, tops) < 2) continue;
+      var box = el.closest("td,th,summary,figcaption,p,div,h1,h2,h3,body");
+      if (el.closest(".id")) res.idBreaks += 1;
+      res.broken.push({word: m[0], in: box.tagName, text: box.textContent.slice(0, 100),
+                       boxWidth: box.clientWidth});
+    }
+  }
+  each.call(doc.querySelectorAll("td,th"), function (c) {
+    if (!c.getClientRects().length) return;
+    res.cells += 1;
+    if (c.scrollWidth > c.clientWidth + 1) res.overflowingCells.push(c.textContent.slice(0, 80));
+    var cs = win.getComputedStyle(c);
+    if (cs.wordBreak !== "normal" || (cs.overflowWrap === "anywhere" && !c.classList.contains("id")))
+      res.cellStyles.push(c.textContent.slice(0, 40) + ": " + cs.wordBreak + "/" + cs.overflowWrap);
+  });
+  var bar = doc.getElementById("toolbar"), sections = doc.querySelectorAll("details.test");
+  res.toolbarShown = !!(bar && bar.getClientRects().length);
+  res.open = Array.prototype.map.call(sections, function (s) { return [s.id, s.open]; });
+  res.rowsShown = Array.prototype.filter.call(doc.querySelectorAll("#health tbody tr"),
+                                              function (r) { return r.getClientRects().length; }).length;
+  return res;
+}
+function interact(frame, done) {
+  var win = frame.contentWindow, doc = frame.contentDocument, out = {};
+  var rows = function () { return Array.prototype.slice.call(doc.querySelectorAll("#health tbody tr")); };
+  var shown = function (xs) { return xs.filter(function (x) { return x.getClientRects().length; }).length; };
+  var sections = function () { return Array.prototype.slice.call(doc.querySelectorAll("details.test")); };
+  var input = doc.getElementById("filter");
+  input.value = "UNet3D";
+  input.dispatchEvent(new win.Event("input"));
+  out.filtered = [shown(rows()), shown(sections()), doc.getElementById("shown").textContent];
+  input.value = "";
+  input.dispatchEvent(new win.Event("input"));
+  out.unfiltered = [shown(rows()), shown(sections())];
+  var params = function () { return rows().map(function (r) { return parseFloat(r.cells[2].getAttribute("data-v")); }); };
+  var button = doc.querySelectorAll("#health thead th")[2].querySelector("button");
+  button.click();
+  out.ascending = params();
+  button.click();
+  out.descending = params();
+  doc.getElementById("expand").click();
+  out.expanded = sections().filter(function (s) { return s.open; }).length;
+  doc.getElementById("collapse").click();
+  out.collapsed = sections().filter(function (s) { return s.open; }).length;
+  var target = sections()[sections().length - 1];
+  win.location.hash = "#" + target.id;
+  setTimeout(function () { out.hashOpened = target.open; done(out); }, 50);
+}
+window.addEventListener("load", function () {
+  setTimeout(function () {
+    var result = {};
+    var frames = document.querySelectorAll("iframe");
+    Array.prototype.forEach.call(frames, function (f) { result[f.id] = measure(f); });
+    interact(document.getElementById("desktop-js"), function (out) {
+      result.interactions = out;
+      Array.prototype.forEach.call(frames, function (f) { f.remove(); });
+      var pre = document.createElement("pre");
+      pre.id = "measure";
+      pre.textContent = JSON.stringify(result);
+      document.body.appendChild(pre);
+    });
+  }, 50);
+});
+"""
+
+
+def _host(frames, script=""):
+    """A host page of iframes: ``frames`` is ``[(id, width, height, page, scripts), ...]``."""
+    import html
+
+    tags = "".join(
+        f'<iframe id="{fid}" style="display:block;border:0;width:{w}px;height:{h}px"'
+        f'{"" if js else " sandbox=allow-same-origin"} srcdoc="{html.escape(page, quote=True)}">'
+        f"</iframe>" for fid, w, h, page, js in frames)
+    return (f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>body{{margin:0}}</style>'
+            f"</head><body>{tags}<script>{script}</script></body></html>")
+
+
+# The planted bug: the old stylesheet let any cell break anywhere, so a table squeezed into a
+# narrow page broke words ('regresse d'), and a page wider than a phone overflowed it.
+BUGGY_CELLS = ("<style>th,td{overflow-wrap:anywhere!important}"
+               ".w{display:inline!important;min-width:0!important}</style>")
+BUGGY_WIDTH = "<style>body{min-width:600px}</style>"
+
+
+@pytest.fixture(scope="module")
+def thirty(tmp_path_factory):
+    from test_html_report import thirty_test_run
+
+    from pytest_modelcheck.report.html import render_html
+
+    plots = tmp_path_factory.mktemp("plots")
+    rows, comps = thirty_test_run(plots)
+    return rows, comps, render_html(rows, comps)
+
+
+@pytest.fixture(scope="module")
+def measured(thirty, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("layout")
+    rows, comps, page = thirty
+    buggy = page.replace("</head>", BUGGY_CELLS + "</head>", 1)
+    wide = page.replace("</head>", BUGGY_WIDTH + "</head>", 1)
+    host = tmp / "host.html"
+    host.write_text(_host([("desktop-js", 1280, 2000, page, True),
+                           ("phone-js", 390, 2000, page, True),
+                           ("desktop-nojs", 1280, 2000, page, False),
+                           ("phone-nojs", 390, 2000, page, False),
+                           ("phone-buggy-cells", 390, 2000, buggy, False),
+                           ("phone-buggy-width", 390, 2000, wide, False)], MEASURE),
+                    encoding="utf-8")
+    proc = _chromium("--window-size=1300,2000", "--virtual-time-budget=10000", "--dump-dom",
+                     host.as_uri(), tmp_path=tmp)
+    found = re.search(r'<pre id="measure">(.*?)</pre>', proc.stdout, re.S)
+    assert found, f"the measurement did not run:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    import html
+
+    return json.loads(html.unescape(found.group(1)))
+
+
+@pytest.mark.parametrize("frame", ["desktop-js", "phone-js", "desktop-nojs", "phone-nojs"])
+def test_no_broken_words_and_no_horizontal_overflow(measured, frame):
+    """The 30-test report (6 failed tests, 4 regressions, long parametrized ids) at 1280 and
+    390 CSS px, with and without JavaScript, measured in headless Chromium:
+
+    * horizontal overflow: the document's ``scrollWidth`` against the viewport's
+      ``innerWidth`` (a wide table scrolls inside its own box, which does not count), and each
+      shown cell's ``scrollWidth`` against its ``clientWidth`` (nothing sticks out of a cell);
+    * broken words: every run of two or more letters or digits in every shown text node
+      (``<pre>`` blocks scroll instead of wrapping and are left out) is wrapped in a ``Range``;
+      ``Range.getClientRects()`` gives one box per line the run occupies, so boxes at two
+      heights mean the word was split across lines. Breaks between runs (at spaces, ``/``,
+      ``_``, ``-``, ``.``; node ids carry ``<wbr>`` there, which splits text nodes) are allowed;
+      every split inside a run counts, node ids included (their ``overflow-wrap: anywhere`` is
+      a last resort for a part longer than a whole line, which this run does not have; a table
+      column squeezed so narrow that an id part does not fit would be caught);
+    * every shown cell computes ``word-break: normal`` and only id cells ``anywhere``.
+
+    The planted-bug frames (``test_the_measurement_catches_...``) show that the same
+    measurement reports broken words and overflow where they happen.
+    """
+    m = measured[frame]
+    width = 1280 if frame.startswith("desktop") else 390
+    assert m["width"] == width, m["width"]
+    assert m["scrollWidth"] <= m["width"], m["scrollWidth"]
+    assert m["words"] > (3000 if frame.endswith("nojs") else 800), m["words"]
+    assert m["cells"] > 200, m["cells"]
+    assert m["broken"] == [], m["broken"][:10]
+    assert m["overflowingCells"] == [], m["overflowingCells"][:10]
+    assert m["cellStyles"] == [], m["cellStyles"][:10]
+
+
+def test_the_measurement_catches_broken_words_and_overflow(measured):
+    # negative controls: the old cell style breaks words such as 'regressed' and
+    # 'deterministic' mid-word at phone width; a page wider than the phone overflows it
+    broken = {b["word"] for b in measured["phone-buggy-cells"]["broken"]}
+    assert {"regressed", "deterministic"} & broken, sorted(broken)[:20]
+    # and node ids squeezed into a narrow column ('seg men tati on')
+    assert {"segmentation", "volumetric"} & broken, sorted(broken)[:20]
+    wide = measured["phone-buggy-width"]
+    assert wide["scrollWidth"] > wide["width"] == 390
+
+
+def test_without_javascript_all_is_shown_and_with_it_quiet_tests_collapse(measured, thirty):
+    from pytest_modelcheck.report.html import status_of
+
+    rows, comps, _ = thirty
+    regressed = {c.nodeid for c in comps if c.verdict == "regressed"}
+    loud = sum(1 for r in rows if status_of(r) in ("failed", "xpassed") or r["nodeid"] in regressed)
+    for frame in ("desktop-nojs", "phone-nojs"):
+        m = measured[frame]
+        assert not m["toolbarShown"] and m["rowsShown"] == 30
+        assert all(is_open for _, is_open in m["open"]) and len(m["open"]) == 30
+    for frame in ("desktop-js", "phone-js"):
+        m = measured[frame]
+        assert m["toolbarShown"] and m["rowsShown"] == 30
+        assert sum(is_open for _, is_open in m["open"]) == loud == 11
+        assert [is_open for _, is_open in m["open"]] == [True] * 11 + [False] * 19
+
+
+def test_filter_sort_collapse_and_links_work(measured):
+    got = measured["interactions"]
+    # 'UNet3D' (any case) matches the 10 long parametrized ids
+    assert got["filtered"] == [10, 10, "10 of 30 tests shown"]
+    assert got["unfiltered"] == [30, 30]
+    assert got["ascending"] == sorted(got["ascending"]) and len(set(got["ascending"])) == 30
+    assert got["descending"] == sorted(got["ascending"], reverse=True)
+    assert (got["expanded"], got["collapsed"]) == (30, 0)
+    assert got["hashOpened"] is True     # a link to a closed section opens it
+
+
+@pytest.mark.parametrize("width", [1280, 390])
+def test_screenshots_of_the_thirty_test_run(thirty, tmp_path, width):
+    """Screenshots at 1280 and 390 px (the latter through a 390 px iframe, see MEASURE)."""
+    _, _, page = thirty
+    host = tmp_path / "host.html"
+    host.write_text(_host([("shot", width, 2000, page, True)]), encoding="utf-8")
+    shot = tmp_path / f"report-{width}.png"
+    _chromium(f"--screenshot={shot}", f"--window-size={width},2000",
+              "--virtual-time-budget=5000", host.as_uri(), tmp_path=tmp_path)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000, len(data)
+    from matplotlib.image import imread
+
+    pixels = imread(str(shot))
+    assert pixels.shape[:2] == (2000, width)
+    rgb = (pixels[..., :3] * 255).round().astype(int)
+    assert len({tuple(p) for p in rgb[::5, ::5].reshape(-1, 3).tolist()}) > 50   # not blank
+    # the failed rows' background #fde2e1 = (253, 226, 225) is on screen
+    assert (abs(rgb - [253, 226, 225]).sum(axis=-1) <= 6).sum() > 2000
+    if os.environ.get("MODELCHECK_KEEP_SCREENSHOTS"):
+        shutil.copy(shot, os.environ["MODELCHECK_KEEP_SCREENSHOTS"])

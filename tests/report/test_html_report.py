@@ -133,7 +133,7 @@ def _parse(page):
 
 def _health_rows(page):
     table = re.search(r'<table class="health".*?</table>', page, re.S).group(0)
-    return re.findall(r"<tr class=\"([^\"]*)\"[^>]*><td[^>]*><a href=\"#([^\"]+)\">", table)
+    return re.findall(r"<tr class=\"([^\"]*)\"[^>]*><td[^>]*><a [^>]*href=\"#([^\"]+)\">", table)
 
 
 def test_failed_first_then_unexpected_passes_regressions_and_expected_failures(tmp_path):
@@ -216,7 +216,8 @@ def test_without_javascript_everything_is_shown(tmp_path):
                 and attrs.get("id") != "toolbar"]            # only the JS toolbar is hidden
     for row in rows:
         for r in row["results"]:
-            assert html.escape(r["headline"], quote=True) in no_js
+            assert html.escape(r["headline"], quote=True) in no_js.replace("<wbr>", "").replace(
+                '<span class="id">', "").replace("</span>", "")
     # the script closes only the sections that need no attention
     quiet = [s["id"] for s in parsed.sections if "data-quiet" in s]
     loud = [s for s in parsed.sections if "data-quiet" not in s]
