@@ -23,7 +23,7 @@ from .roundtrip import state_roundtrip
 from .portability import device_portable
 from .precision import dtype_stable
 from .activations import activations_healthy
-from .numerics import output_range
+from .numerics import head_range, output_range
 from .invariance import padding_invariant, permutation_equivariant, permutation_invariant
 from .language import causal, kv_cache_consistent, tied_parameters
 from .stability import operator_stable
@@ -36,6 +36,7 @@ from .attention import attention_maps
 from .fno import fno_modes
 from .spectra import spectrum_matches
 from .distributed import ddp_consistent
+from .norms import norm_stats
 from .gan import discriminator_scales, gan_pairs
 
 __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "get_check",
@@ -49,4 +50,4 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "unet_skips", "vit_patches", "token_capacity", "attention_maps", "fno_modes",
            "spectrum_matches", "causal",
            "kv_cache_consistent", "tied_parameters", "ddp_consistent",
-           "discriminator_scales", "gan_pairs"]
+           "discriminator_scales", "gan_pairs", "norm_stats", "head_range"]
