@@ -17,6 +17,8 @@ def batch():
 
 
 @pytest.mark.fno_modes(grid_sizes=[32, 48])
+@pytest.mark.mode_sweep(modes=(2, 4, 8))
+@pytest.mark.no_aliasing(scale=2)
 @pytest.mark.memory_under("128 MiB", phase="inference")
 @pytest.mark.throughput_at_least("1 samples/s")
 def test_fno_default_checks(modelcheck):

@@ -34,7 +34,8 @@ from .unet import unet_skips
 from .vit import token_capacity, vit_patches
 from .attention import attention_maps
 from .fno import fno_modes
-from .spectra import spectrum_matches
+from .fno_sweep import mode_sweep
+from .spectra import no_aliasing, spectrum_matches
 from .distributed import ddp_consistent
 from .norms import norm_stats
 from .gan import discriminator_scales, gan_pairs
@@ -48,6 +49,6 @@ __all__ = ["CheckSpec", "SkipCheck", "all_checks", "check", "default_checks", "g
            "padding_invariant", "operator_stable", "data_sane", "grad_norms_stable",
            "loss_components", "lr_schedule", "flops_under", "params_under",
            "unet_skips", "vit_patches", "token_capacity", "attention_maps", "fno_modes",
-           "spectrum_matches", "causal",
+           "mode_sweep", "no_aliasing", "spectrum_matches", "causal",
            "kv_cache_consistent", "tied_parameters", "ddp_consistent",
            "discriminator_scales", "gan_pairs", "norm_stats", "head_range"]

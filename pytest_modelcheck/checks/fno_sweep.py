@@ -142,6 +142,10 @@ def _sweep_plot(plot: Any, sweep: _Sweep) -> Any:
         ax.plot(sweep.levels, sweep.to_target, marker="s", label="rel. L2 to the target")
     ax.axvline(sweep.bound, color="grey", linestyle="--", label=f"model's modes ({sweep.bound})")
     ax.set_xscale("log", base=2)
+    positive = [v for v in sweep.change + (sweep.to_target or []) if 0 < v < math.inf]
+    if positive:  # small changes (an output dominated by its mean) stay visible; 0 stays 0
+        ax.set_yscale("symlog", linthresh=min(positive))
+    ax.set_ylim(bottom=0)
     ax.set_xticks(list(sweep.levels))
     ax.set_xticklabels([str(k) for k in sweep.levels])
     ax.set_xlabel("Fourier modes kept per spectral layer")

@@ -158,18 +158,15 @@ def _validate_aliasing(scale: Any = 2, max_ratio: Any = 5e-3, max_band_ratio: An
 
 
 def _with_input(batch: Any, input_index: int, new: Any) -> Any:
-    """A copy of ``batch`` whose input ``input_index`` is ``new``."""
-    from ..core.batch import Batch
+    """A copy of ``batch`` whose input ``input_index`` is ``new`` (other fields kept)."""
+    import dataclasses
+
     from .spatial import _input_slot
 
     kind, key = _input_slot(batch, input_index)
     if kind == "kwargs":
-        return Batch(args=batch.args, kwargs={**batch.kwargs, key: new}, target=batch.target,
-                     has_target=batch.has_target, target_key=batch.target_key)
-    args = list(batch.args)
-    args[key] = new
-    return Batch(args=tuple(args), kwargs=batch.kwargs, target=batch.target,
-                 has_target=batch.has_target)
+        return dataclasses.replace(batch, kwargs={**batch.kwargs, key: new})
+    return dataclasses.replace(batch, args=batch.args[:key] + (new,) + batch.args[key + 1:])
 
 
 @dataclass
