@@ -23,5 +23,7 @@ def batch():
 @pytest.mark.model_overfits(loss="mse")
 @pytest.mark.memory_under("256 MiB")
 @pytest.mark.throughput_at_least("1 samples/s")
+@pytest.mark.norm_stats(affine=True)
+@pytest.mark.head_range(loss="mse", steps=10)
 def test_vnet_health():
     """Skip connections line up for every size divisible by 2**depth; overfits one batch."""

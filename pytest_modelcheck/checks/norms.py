@@ -204,6 +204,8 @@ def norm_stats(frozen: Any = (), affine: Any = None, steps: Any = 2, seed: Any =
         return subject.failed(f"expected norm layers to behave as configured, observed {len(bad)}"
                               f" of {len(layers)} not: {first} ({layer.kind}) {found[first][0]}"
                               f"{more}", details, metrics)
+    tracked = sum(1 for layer in layers if layer.tracked and layer.has_stats)
     return subject.passed(f"expected norm layers to behave as configured, observed {len(layers)}"
-                          f" layers ({len(reached)} reached) move their statistics in train mode,"
-                          " keep them in eval, none collapsed", details, metrics)
+                          f" layers ({len(reached)} reached; {tracked} with running statistics,"
+                          " which move in train mode and stay fixed in eval), none collapsed",
+                          details, metrics)

@@ -458,11 +458,12 @@ def head_range(target_range: Any = None, steps: Any = 30, lr: Any = 1e-2, seed: 
         lossfn = resolve_loss(subject.loss, data, first)
         run = train_steps(work, data, lossfn, steps=steps, lr=lr, seed=seed)
         with torch.no_grad():
-            after = primary_output(run_forward(work.eval(), data))
+            after = primary_output(run_forward(work.train(), data))  # as the run fitted it
         metrics["after"] = _spread(after)
         metrics["loss"] = [run.initial, run.best]
         a = metrics["after"]
-        details.append(f"after {len(run.losses)} overfit steps (adam lr={lr:g}): outputs span"
+        details.append(f"after {len(run.losses)} overfit steps (adam lr={lr:g}; outputs of a"
+                       f" train-mode forward, as fitted): outputs span"
                        f" [{a['min']:.4g}, {a['max']:.4g}], mean {a['mean']:.4g} std"
                        f" {a['std']:.4g}; loss {run.initial:.4g} -> {run.best:.4g}")
     return _head_verdict(subject, lo, hi, bound, after, details, metrics)
