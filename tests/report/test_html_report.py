@@ -100,10 +100,14 @@ def thirty_test_run(plot_dir=None):
 
 
 class _Page(HTMLParser):
-    def __init__(self):
+    """The parsed page: its tags, health/comparison rows, test sections, images, scripts."""
+
+    def __init__(self, page):
         super().__init__()
         self.tags, self.rows, self.sections, self.imgs, self.scripts = [], [], [], [], []
         self._in_tbody = False
+        self.feed(page)
+        self.close()
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -124,11 +128,7 @@ class _Page(HTMLParser):
             self._in_tbody = False
 
 
-def _parse(page):
-    p = _Page()
-    p.feed(page)
-    p.close()
-    return p
+_parse = _Page
 
 
 def _health_rows(page):
