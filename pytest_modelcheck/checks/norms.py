@@ -34,9 +34,6 @@ from .subject import Subject
 
 __all__ = ["norm_stats", "layer_problems"]
 
-MAX_STEPS = 20  # a few steps show the statistics move; more only cost time
-
-
 def _validate(frozen: Any = (), affine: Any = None, steps: Any = 2, seed: Any = 0) -> dict:
     if isinstance(frozen, str):
         frozen = (frozen,)
@@ -47,11 +44,8 @@ def _validate(frozen: Any = (), affine: Any = None, steps: Any = 2, seed: Any = 
     if affine is not None and not isinstance(affine, bool):
         raise UsageError(f"affine={affine!r}: expected True (every norm layer has a learnable"
                          " weight and bias), False or None (no expectation)")
-    n = validate_steps(steps)
-    if n > MAX_STEPS:
-        raise UsageError(f"steps={steps!r}: expected at most {MAX_STEPS} (a few training steps"
-                         " show whether the running statistics move)")
-    return {"frozen": tuple(p.strip() for p in frozen), "affine": affine, "steps": n,
+    return {"frozen": tuple(p.strip() for p in frozen), "affine": affine,
+            "steps": validate_steps(steps),
             "seed": validate_seed(seed)}
 
 
