@@ -68,15 +68,15 @@ def _parse_index(text: str, given: str) -> tuple:
     return tuple(parts)
 
 
-def _bounds(value: Any, key: str) -> tuple:
+def _bounds(value: Any, key: str, name: str = "ranges", also: str = "") -> tuple:
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or not all(v is None or is_number(v) for v in value)):
-        raise UsageError(f"ranges{key}={value!r}: expected a (lo, hi) pair of numbers (None for"
-                         " no bound)")
+        raise UsageError(f"{name}{key}={value!r}: expected {also}a (lo, hi) pair of numbers (None"
+                         " for no bound)")
     lo = -math.inf if value[0] is None else float(value[0])
     hi = math.inf if value[1] is None else float(value[1])
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
-        raise UsageError(f"ranges{key}={value!r}: expected lo <= hi")
+        raise UsageError(f"{name}{key}={value!r}: expected lo <= hi")
     return lo, hi
 
 
@@ -290,15 +290,7 @@ def _validate_head(target_range: Any = None, steps: Any = 30, lr: Any = 1e-2, se
     from .registry import validate_seed, validate_steps
 
     if target_range is not None:
-        if (not isinstance(target_range, (tuple, list)) or len(target_range) != 2
-                or not all(v is None or is_number(v) for v in target_range)):
-            raise UsageError(f"target_range={target_range!r}: expected None (the batch's target)"
-                             " or a (lo, hi) pair of numbers (None for no bound)")
-        lo = -math.inf if target_range[0] is None else float(target_range[0])
-        hi = math.inf if target_range[1] is None else float(target_range[1])
-        if math.isnan(lo) or math.isnan(hi) or lo > hi:
-            raise UsageError(f"target_range={target_range!r}: expected lo <= hi")
-        target_range = (lo, hi)
+        target_range = _bounds(target_range, "", "target_range", "None (the batch's target) or ")
     n = validate_steps(steps)
     if n > 1000:
         raise UsageError(f"steps={steps!r}: expected at most 1000 (a short overfit run)")
