@@ -364,8 +364,10 @@ def pytest_runtest_call(item: pytest.Item) -> Any:
         _report_details(item, failed)
         text = _failure_text(failed) if failed else ""
         if regressed:
+            from .report.terminal import comparison_line
+
             text += ("\n" if text else "") + f"{len(regressed)} metric(s) regressed against the" \
-                " baseline:\n" + "\n".join(f"  {c.line()}" for c in regressed)
+                " baseline:\n" + "\n".join(f"  {comparison_line(c)}" for c in regressed)
         pytest.fail(text, pytrace=False)
     return outcome
 
@@ -383,3 +385,12 @@ def _compare_with_baseline(item: pytest.Item, results: list) -> list:
     item.user_properties.append((COMPARISON_PROPERTY, [c.to_dict() for c in comparisons]))
     return [c for c in comparisons if c.verdict == "regressed"]
 
+
+@pytest.hookimpl(wrapper=True, optionalhook=True)
+def pytest_benchmark_group_stats(config: pytest.Config, benchmarks: list, group_by: str) -> Any:
+    """pytest-benchmark's table is left to the user's --benchmark-* options: when the only
+    entries are our own timings and no such option was given, no group is displayed."""
+    groups = yield
+    from .report.benchmark_bridge import show_benchmark_table
+
+    return groups if show_benchmark_table(config, benchmarks) else []

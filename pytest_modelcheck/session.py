@@ -185,6 +185,20 @@ def _report_details(item: pytest.Item, results: list) -> None:
 
 
 # -- collecting results and reporting ------------------------------------------------------
+def _xfail_info(report: Any) -> Optional[dict]:
+    """``{"outcome": "xfailed"|"xpassed", "reason", "strict"}`` for a test marked xfail (the
+    row's optional ``xfail`` entry: readers of older rows see no such key), else None."""
+    reason = getattr(report, "wasxfail", None)
+    if reason is not None:
+        return {"outcome": "xfailed" if report.skipped else "xpassed", "reason": str(reason),
+                "strict": False}
+    longrepr = report.longrepr if isinstance(report.longrepr, str) else ""
+    if report.failed and longrepr.startswith("[XPASS(strict)]"):
+        return {"outcome": "xpassed", "reason": longrepr[len("[XPASS(strict)]"):].strip(),
+                "strict": True}
+    return None
+
+
 class ResultCollector:
     """Registered per session: gathers results from reports (xdist workers included) and writes
     the health summary and the JSON file on the controller."""
@@ -205,6 +219,9 @@ class ResultCollector:
         threads = next((v for k, v in report.user_properties if k == THREADS_PROPERTY), None)
         if threads is not None:
             row["threads"] = threads
+        xfail = _xfail_info(report)
+        if xfail is not None:
+            row["xfail"] = xfail
         self.state.rows.append(row)
         for k, v in report.user_properties:
             if k == COMPARISON_PROPERTY:
@@ -376,10 +393,13 @@ def _warn_inconclusive(item: pytest.Item, results: list) -> None:
 
 def _wrap_comparison(c: Any, width: int) -> list:
     """A comparison for the terminal: the test id on its own line when the whole does not fit,
-    long ids cut from the left (``...``), the metric and its change never lost."""
-    text = c.line()
+    a long id shortened with its file name kept (or whole), the metric and its change never
+    lost."""
+    from .report.terminal import comparison_line, short_nodeid
+
+    text = comparison_line(c)
     if len(text) <= width:
         return [text]
     rest = text[len(c.nodeid) + 1:]
-    node = c.nodeid if len(c.nodeid) <= width else "..." + c.nodeid[-(width - 3):]
+    node = short_nodeid(c.nodeid, width) or c.nodeid
     return [node, *("  " + rest[i:i + width - 2] for i in range(0, len(rest), width - 2))]

@@ -9,6 +9,11 @@ check already measured (``throughput_at_least`` records ``metrics["times_s"]``),
 timed twice. Without pytest-benchmark, or with it disabled (``--benchmark-disable``, or under
 pytest-xdist, where it disables itself), nothing happens.
 
+pytest-benchmark's terminal table is left to the user's pytest-benchmark options: when every
+entry is one of ours and no ``--benchmark-*`` option was given (command line, ``addopts``,
+``PYTEST_ADDOPTS``), :func:`show_benchmark_table` says no and the plugin's
+``pytest_benchmark_group_stats`` wrapper hands pytest-benchmark no group to display.
+
 Nothing here imports pytest or torch; pytest-benchmark is imported only when its session exists.
 """
 from __future__ import annotations
@@ -100,7 +105,7 @@ def add_timings(config_or_session: Any, nodeid: str, name: str, times_s: Any, *,
 
     short, full = benchmark_names(nodeid, name)
     source = _Source(short, full, group, dict(extra or {}))
-    entry = Metadata(source, iterations=1, options={"source": "pytest-modelcheck",
+    entry = Metadata(source, iterations=1, options={"source": SOURCE,
                                                     "rounds": len(times)})
     for t in times:
         entry.update(t)
@@ -134,3 +139,51 @@ def add_result_timings(config_or_session: Any, nodeid: str, results: list, *,
         if entry is not None:
             added.append(entry)
     return added
+
+
+SOURCE = "pytest-modelcheck"  # options["source"] of our entries
+
+
+def _is_ours(bench: Any) -> bool:
+    options = bench.get("options") if isinstance(bench, dict) else getattr(bench, "options", None)
+    return isinstance(options, dict) and options.get("source") == SOURCE
+
+
+def benchmark_options_given(config: Any) -> bool:
+    """Whether the user passed a ``--benchmark-*`` option: on the command line, in the ini
+    file's ``addopts`` or in ``PYTEST_ADDOPTS``.
+
+    >>> class Config:
+    ...     class invocation_params:
+    ...         args = ("--modelcheck", "--benchmark-columns=min,max")
+    ...     def getini(self, name):
+    ...         return []
+    >>> benchmark_options_given(Config())
+    True
+    """
+    import os
+    import shlex
+
+    args = list(getattr(getattr(config, "invocation_params", None), "args", ()) or ())
+    try:
+        args += list(config.getini("addopts") or ())
+    except (ValueError, AttributeError):
+        pass
+    try:
+        args += shlex.split(os.environ.get("PYTEST_ADDOPTS", ""))
+    except ValueError:
+        pass
+    return any(isinstance(a, str) and a.startswith("--benchmark") for a in args)
+
+
+def show_benchmark_table(config: Any, benchmarks: Any) -> bool:
+    """Whether pytest-benchmark should print its table: yes when some entry is not one of our
+    timings (the user benchmarks something) or the user gave a ``--benchmark-*`` option.
+
+    >>> ours = {"options": {"source": "pytest-modelcheck"}}
+    >>> show_benchmark_table(None, [ours]), show_benchmark_table(None, [ours, {"options": {}}])
+    (False, True)
+    """
+    if any(not _is_ours(b) for b in benchmarks or ()):
+        return True
+    return config is not None and benchmark_options_given(config)

@@ -10,20 +10,20 @@ import re
 from typing import Optional
 
 from ..core.baseline import METRIC_KINDS, MetricKind, format_value
-from .terminal import health_row
+from .terminal import METRIC_LABELS, failed_counts, health_row
 
 
 #: Characters that start markup in GitHub's renderer: code spans, links and images,
-#: emphasis, math. Each is written backslash-escaped in a cell (``~`` is left alone: it
-#: marks an estimate, and at worst strikes text through).
-_MARKUP = "\\`[]*$|"
+#: emphasis (``*``, ``_``), math. Each is written backslash-escaped in a cell (``~`` is left
+#: alone: it marks an estimate, and at worst strikes text through).
+_MARKUP = "\\`[]()*_$|"
 _AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(?=://)|(?<=\bwww)(?=\.)", re.IGNORECASE)
 
 
 def _cell(text: object) -> str:
     """A table cell: one line, no raw HTML (a test id or a model's error message with
     ``<script>`` stays text in a job summary), and no live markdown: backticks, brackets
-    (links, images), emphasis, math, pipes and the ``://`` / ``www.`` that GitHub links by
+    (links, images), parentheses, emphasis (``*``, ``_``), math, pipes and the ``://`` / ``www.`` that GitHub links by
     themselves are escaped, so a test id like ``t[[x](https://e.com)]`` renders as written.
 
     >>> _cell("a|b\\nc")
@@ -31,7 +31,9 @@ def _cell(text: object) -> str:
     >>> _cell("t[<script>]")
     't\\\\[&lt;script&gt;\\\\]'
     >>> print(_cell("t[`x` [a](https://e.com) www.e.com]"))
-    t\\[\\`x\\` \\[a\\](https\\://e.com) www\\.e.com\\]
+    t\\[\\`x\\` \\[a\\]\\(https\\://e.com\\) www\\.e.com\\]
+    >>> print(_cell("test_a_b*"))
+    test\\_a\\_b\\*
     """
     text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = "".join("\\" + ch if ch in _MARKUP else ch for ch in text)
@@ -52,20 +54,53 @@ def _table(header: list, rows: list) -> list:
     return lines
 
 
+#: what a metric's unit says it is, for the 'kind' column
+_KIND_BY_UNIT = {"bytes": "memory", "count": "count", "seconds": "time"}
+
+
+def metric_label(metric: str, kind: str) -> str:
+    """What a compared metric is, for the 'kind' column: ``memory`` (``estimated``, or
+    ``measured`` when compared like a timing), ``count``, ``op count``, ``host syncs``,
+    ``time``; the comparison's own kind (``deterministic``/``timed``) for others.
+
+    >>> metric_label("memory_under.peak_bytes", "timed"), metric_label("flops_under.flops", "deterministic")
+    ('memory (measured)', 'count')
+    >>> metric_label("no_host_sync.ops", "deterministic")
+    'op count'
+    """
+    if metric in ("no_host_sync.ops", "vectorized.ops_by_batch_size"):
+        return "op count"
+    if metric == "no_host_sync.count":
+        return "host syncs"
+    if metric == "throughput_at_least.calibration_s":
+        return "time (calibration)"
+    what = _KIND_BY_UNIT.get(_unit(metric))
+    if what is None:
+        return "shapes" if metric == "shapes_consistent.runs" else kind
+    if what == "memory":
+        return f"memory ({'measured' if kind == 'timed' else 'estimated'})"
+    return what
+
+
 def comparison_cells(c) -> list:
-    """Cells of one comparison: test, metric, old, new, change, kind, detail. Measured peak
-    memory, compared like a timing (same machine, a tolerance), is labelled 'measured'.
+    """Cells of one comparison: test, metric, old, new, change, kind, detail. The kind says
+    what the metric is (:func:`metric_label`); a metric whose key misleads is named beside it
+    (``no_host_sync.ops`` counts dispatched ops, not host syncs).
 
     >>> from pytest_modelcheck.core.baseline import Comparison
     >>> comparison_cells(Comparison("t::a", "memory_under.peak_bytes", "timed", 1024, 2048,
     ...                             1.0, "regressed"))
-    ['t::a', 'memory_under.peak_bytes', '1.00 KiB', '2.00 KiB', '+100.0%', 'measured', '']
+    ['t::a', 'memory_under.peak_bytes', '1.00 KiB', '2.00 KiB', '+100.0%', 'memory (measured)', '']
+    >>> comparison_cells(Comparison("t::a", "no_host_sync.ops", "deterministic", 120, 140,
+    ...                             1 / 6, "regressed", "exact"))[1:6]
+    ['no_host_sync.ops (dispatched ops: op count, not host syncs)', '120', '140', '+16.7%', 'op count']
     """
     unit = _unit(c.metric)
     change = f"{c.change:+.1%}" if c.change is not None else "-"
-    kind = "measured" if c.metric == "memory_under.peak_bytes" and c.kind == "timed" else c.kind
-    return [c.nodeid, c.metric, format_value(c.old, unit), format_value(c.new, unit), change,
-            kind, c.detail]
+    label = METRIC_LABELS.get(c.metric)
+    metric = f"{c.metric} ({label})" if label else c.metric
+    return [c.nodeid, metric, format_value(c.old, unit), format_value(c.new, unit), change,
+            metric_label(c.metric, c.kind), c.detail]
 
 
 def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
@@ -83,15 +118,18 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
     <BLANKLINE>
     | test | params | peak memory | throughput | checks passed | failed |
     |---|---|---|---|---|---|
-    | t.py::test_a | 1.23k | - | - | 0/1 | grads_finite |
+    | t.py::test\\_a | 1.23k | - | - | 0/1 | grads\\_finite |
     <BLANKLINE>
     """
     rows = sorted(rows, key=lambda r: r["nodeid"])
     n_checks = sum(len(r["results"]) for r in rows)
-    n_failed = sum(1 for r in rows for x in r["results"] if x["passed"] is False)
+    n_failed, n_xfailed, n_xpassed = failed_counts(rows)
+    expected = (f", {n_xfailed} failed as expected (xfail)" if n_xfailed else "") + (
+        f", {n_xpassed} test{'s' if n_xpassed != 1 else ''} passed though marked xfail (xpass)"
+        if n_xpassed else "")
     out = ["## Model checks", "",
            f"{len(rows)} model test{'s' if len(rows) != 1 else ''}, {n_checks}"
-           f" check{'s' if n_checks != 1 else ''}, {n_failed} failed.", ""]
+           f" check{'s' if n_checks != 1 else ''}, {n_failed} failed{expected}.", ""]
     if comparisons is not None:
         regressed = [c for c in comparisons if c.verdict == "regressed"]
         improved = [c for c in comparisons if c.verdict == "improved"]
@@ -127,7 +165,8 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
     out += ["### Model health", ""]
     out += _table(["test", "params", "peak memory", "throughput", "checks passed", "failed"],
                   [[c["test"], c["params"], c["peak"], c["throughput"], c["checks"],
-                    c["failed"] or "-"] for c in cells])
+                    "; ".join(x for x in (c["failed"], c["note"]) if x) or "-"]
+                   for c in cells])
     return "\n".join(out) + "\n"
 
 

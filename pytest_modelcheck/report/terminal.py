@@ -1,6 +1,8 @@
 """The model health summary printed at the end of a ``--modelcheck`` session."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 from ..core.units import format_bytes, format_count, format_rate
 
 
@@ -11,25 +13,155 @@ def _metric(results: list, check: str, key: str):
     return None, False
 
 
+def xfail_outcome(row: dict) -> str:
+    """How a test marked ``xfail`` ended: ``'xfailed'`` (failed as expected), ``'xpassed'``
+    (passed though marked xfail; with ``strict`` the test fails) or ``''`` (not an xfail
+    test, or a row recorded before the ``xfail`` entry existed).
+
+    >>> xfail_outcome({"xfail": {"outcome": "xfailed", "reason": "known NaN"}})
+    'xfailed'
+    >>> xfail_outcome({"nodeid": "t.py::test_a", "outcome": "passed"})
+    ''
+    """
+    info = row.get("xfail")
+    outcome = info.get("outcome") if isinstance(info, dict) else None
+    return outcome if outcome in ("xfailed", "xpassed") else ""
+
+
+def xfail_note(row: dict, failing: list) -> str:
+    """One line on an xfail test's row: ``failing`` (the checks that failed) were expected to
+    fail, or the test passed though marked xfail; ``""`` for other tests.
+
+    >>> xfail_note({"xfail": {"outcome": "xfailed", "reason": "known NaN"}}, ["grads_finite"])
+    'xfail (expected failure: known NaN): grads_finite'
+    >>> xfail_note({"xfail": {"outcome": "xpassed", "reason": "", "strict": True}}, [])
+    'XPASS(strict): marked xfail, but passed (strict: the test fails)'
+    """
+    outcome = xfail_outcome(row)
+    if not outcome:
+        return ""
+    info = row["xfail"]
+    reason = " ".join(str(info.get("reason") or "").split())
+    if outcome == "xfailed":
+        text = "xfail (expected failure" + (f": {reason}" if reason else "") + ")"
+        return text + (": " + ", ".join(failing) if failing else "")
+    if info.get("strict"):
+        return ("XPASS(strict): marked xfail" + (f" ({reason})" if reason else "")
+                + ", but passed (strict: the test fails)")
+    return "XPASS: marked xfail" + (f" ({reason})" if reason else "") + ", but passed"
+
+
 def health_row(row: dict) -> dict:
-    """Cells of one summary row from a collected test row (see ``ResultCollector``)."""
+    """Cells of one summary row from a collected test row (see ``ResultCollector``).
+
+    ``failed`` names the checks that failed; those of a test that failed as expected
+    (``xfail``) are under ``xfailed`` instead, and ``status`` (``'xfailed'``, ``'xpassed'``
+    or ``''``) and ``note`` (:func:`xfail_note`) say so.
+
+    >>> row = {"nodeid": "t.py::test_a", "xfail": {"outcome": "xfailed", "reason": ""},
+    ...        "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}
+    >>> c = health_row(row)
+    >>> c["checks"], c["failed"], c["xfailed"], c["note"]
+    ('0/1 (xfail)', '', 'grads_finite', 'xfail (expected failure): grads_finite')
+    """
     results = row["results"]
     params = row.get("model", {}).get("parameters")
     flops = row.get("model", {}).get("flops")
     peak, est = _metric(results, "memory_under", "peak_bytes")
     rate, _ = _metric(results, "throughput_at_least", "samples_per_s")
     passed = sum(1 for r in results if r["passed"] is True)
-    failed = [r["check"] for r in results if r["passed"] is False]
+    failing = [r["check"] for r in results if r["passed"] is False]
     skipped = sum(1 for r in results if r["passed"] is None)
+    status = xfail_outcome(row)
+    notes = [f"{skipped} skipped"] if skipped else []
+    notes += {"xfailed": ["xfail"], "xpassed": ["xpass"]}.get(status, [])
     return {
         "test": row["nodeid"],
         "params": format_count(params) if params is not None else "-",
         "flops": format_count(flops) if flops is not None else "-",
         "peak": (format_bytes(peak) + ("~" if est else "")) if peak is not None else "-",
         "throughput": format_rate(rate).replace(" samples/s", "/s") if rate else "-",
-        "checks": f"{passed}/{len(results)}" + (f" ({skipped} skipped)" if skipped else ""),
-        "failed": ", ".join(failed),
+        "checks": f"{passed}/{len(results)}" + (f" ({', '.join(notes)})" if notes else ""),
+        "failed": "" if status == "xfailed" else ", ".join(failing),
+        "xfailed": ", ".join(failing) if status == "xfailed" else "",
+        "status": status,
+        "note": xfail_note(row, failing),
     }
+
+
+def failed_counts(rows: list) -> tuple:
+    """(failed checks, checks that failed in tests marked xfail, xpassed tests): an expected
+    failure is not counted as a failure.
+
+    >>> bad = {"check": "grads_finite", "passed": False}
+    >>> failed_counts([{"results": [bad]},
+    ...                {"xfail": {"outcome": "xfailed"}, "results": [bad]}])
+    (1, 1, 0)
+    """
+    failed = xfailed = xpassed = 0
+    for row in rows:
+        n = sum(1 for r in row["results"] if r["passed"] is False)
+        status = xfail_outcome(row)
+        if status == "xfailed":
+            xfailed += n
+        else:
+            failed += n
+        xpassed += status == "xpassed"
+    return failed, xfailed, xpassed
+
+
+def short_nodeid(nodeid: str, room: int) -> Optional[str]:
+    """``nodeid`` fitted to ``room`` characters, its file name kept readable: the directories
+    go first (``…/``), then the middle of the test name (``…``). None when the file name and
+    a few characters of the test name do not fit: print the id on its own line then.
+
+    >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 40)
+    '…/test_fno.py::test_fno_default_checks'
+    >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 30)
+    '…/test_fno.py::test_fn…_checks'
+    >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 20) is None
+    True
+    """
+    if len(nodeid) <= room:
+        return nodeid
+    path, sep, name = nodeid.partition("::")
+    base = path.rsplit("/", 1)[-1]
+    head = ("…/" if base != path else "") + base + sep
+    if len(head) + len(name) <= room:
+        return head + name
+    keep = room - len(head) - 1  # characters of the test name around the "…"
+    if keep < _MIN_NAME:
+        return None
+    front = (keep + 1) // 2
+    return head + name[:front] + "…" + name[len(name) - (keep - front):]
+
+
+_MIN_NAME = 8  # characters of a test name worth showing around an ellipsis
+
+
+def comparison_line(c: Any) -> str:
+    """``c.line()`` of a baseline comparison, with op counts named as such (the dispatched
+    ops that ``no_host_sync`` counts are not host syncs).
+
+    >>> from pytest_modelcheck.core.baseline import Comparison
+    >>> comparison_line(Comparison("t::a", "no_host_sync.ops", "deterministic", 120, 140,
+    ...                            1 / 6, "regressed", "exact"))
+    't::a no_host_sync.ops (dispatched ops: op count, not host syncs): 120 -> 140 (+16.7%) regressed; exact'
+    """
+    text = c.line()
+    label = METRIC_LABELS.get(c.metric)
+    lead = f"{c.nodeid} {c.metric}:"
+    if label and text.startswith(lead):
+        text = f"{c.nodeid} {c.metric} ({label}):" + text[len(lead):]
+    return text
+
+
+#: Human names of compared metrics whose key alone misleads (op counts under no_host_sync).
+METRIC_LABELS = {
+    "no_host_sync.ops": "dispatched ops: op count, not host syncs",
+    "no_host_sync.count": "host syncs",
+    "vectorized.ops_by_batch_size": "dispatched ops per batch size: op count",
+}
 
 
 def _reason_kind(reason: str) -> str:
@@ -75,8 +207,11 @@ def threads_line(rows: list) -> str:
 def health_table(rows: list, width: int = 100) -> list:
     """Lines of the summary table, one row per model test, fitted to ``width`` columns.
 
-    The test id comes last and is shortened from the left when too long; failed checks are
-    listed on an indented line under their row so nothing is cut off.
+    The test id comes last; a long one keeps its file name (directories and then the middle
+    of the test name are shortened, see :func:`short_nodeid`), or is printed whole on its own
+    line (``test:``) when even that does not fit. Failed checks are listed on an indented line
+    under their row so nothing is cut off; a test marked xfail says so (``xfail`` / ``XPASS``)
+    and its expected failures are not listed as failed.
 
     >>> rows = [{"nodeid": "t.py::test_a", "model": {"parameters": 1234},
     ...          "results": [{"check": "grads_finite", "passed": False, "metrics": {}}]}]
@@ -91,13 +226,17 @@ def health_table(rows: list, width: int = 100) -> list:
     widths = {k: max(len(h), *(len(c[k]) for c in cells)) for k, h in cols}
     lead = sum(widths[k] + 2 for k, _ in cols)
     room = max(20, width - lead)
-
-    def short(text: str) -> str:
-        return text if len(text) <= room else "…" + text[-(room - 1):]
+    indent = " " * (widths["params"] + 2)
 
     lines = ["  ".join(h.ljust(widths[k]) for k, h in cols) + "  test"]
     for c in cells:
-        lines.append("  ".join(c[k].ljust(widths[k]) for k, _ in cols) + "  " + short(c["test"]))
+        short = short_nodeid(c["test"], room)
+        lines.append(("  ".join(c[k].ljust(widths[k]) for k, _ in cols) + "  "
+                      + (short or "")).rstrip())
+        if short is None:
+            lines.append(indent + "test: " + c["test"])
         if c["failed"]:
-            lines.append(" " * (widths["params"] + 2) + "failed: " + c["failed"])
+            lines.append(indent + "failed: " + c["failed"])
+        if c["note"]:
+            lines.append(indent + c["note"])
     return lines
