@@ -167,3 +167,54 @@ def test_add_result_timings_uses_results_with_times():
     assert entry.extra_info == {"samples_per_s": 800.0, "phase": "train"}
     assert benchmark_session(bs) is bs
     assert benchmark_names("a.py::t", "c") == ("t::c", "a.py::t::c")
+
+
+THROUGHPUT_ONLY = """
+    import pytest
+
+    @pytest.mark.throughput_at_least("1 samples/s", warmup=1, min_runs=3, max_time="1 s")
+    def test_speed():
+        pass
+"""
+
+
+@pytest.fixture
+def throughput_project(healthy_project, monkeypatch):
+    """The plugin's throughput check alone (no bridge conftest: the plugin feeds
+    pytest-benchmark itself), and no pytest-benchmark fixture."""
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_ADDOPTS", raising=False)
+    healthy_project.makepyfile(test_tp=THROUGHPUT_ONLY)
+    return healthy_project
+
+
+def test_no_benchmark_table_without_benchmark_options(throughput_project):
+    result = throughput_project.runpytest("--modelcheck")
+    result.assert_outcomes(passed=1)
+    out = result.stdout.str()
+    assert "model health summary" in out
+    assert "benchmark 'modelcheck'" not in out and "Legend:" not in out
+
+
+@pytest.mark.parametrize("option", ["--benchmark-columns=min,max", "--benchmark-sort=mean"])
+def test_benchmark_table_when_the_user_asks_for_it(throughput_project, option):
+    result = throughput_project.runpytest("--modelcheck", option)
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*benchmark 'modelcheck'*", "*test_speed::throughput_at_least*"])
+
+
+def test_benchmark_options_from_addopts_count(throughput_project, monkeypatch):
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--benchmark-columns=min,max")
+    result = throughput_project.runpytest("--modelcheck")
+    result.stdout.fnmatch_lines(["*benchmark 'modelcheck'*"])
+
+
+def test_user_benchmarks_keep_their_table(throughput_project):
+    throughput_project.makepyfile(test_user_bench="""
+        def test_sum(benchmark):
+            benchmark(sum, range(10))
+    """)
+    result = throughput_project.runpytest("--modelcheck")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_sum*"])
+    assert "Legend:" in result.stdout.str()
