@@ -247,3 +247,21 @@ def test_model_health_marker_runs_the_default_set(healthy_project):
     from pytest_modelcheck.checks import default_checks
     n = len(default_checks())
     result.stdout.fnmatch_lines([f"*{n}/{n}*::test_good"])
+
+
+def test_json_rows_carry_the_xfail_outcome(healthy_project, tmp_path):
+    healthy_project.makepyfile("""
+        import pytest
+        @pytest.mark.xfail(reason="known")
+        @pytest.mark.shapes_consistent(out=("B", 6))
+        def test_xf(): pass
+        @pytest.mark.shapes_consistent(out=("B", 5))
+        def test_ok(): pass
+    """)
+    path = tmp_path / "results.json"
+    healthy_project.runpytest("--modelcheck", f"--modelcheck-json={path}").assert_outcomes(
+        passed=1, xfailed=1)
+    tests = {t["nodeid"].rsplit("::", 1)[1]: t for t in json.loads(path.read_text())["tests"]}
+    assert tests["test_xf"]["xfail"] == {"outcome": "xfailed", "reason": "known", "strict": False}
+    assert tests["test_xf"]["outcome"] == "skipped"  # pytest's own outcome, as before
+    assert "xfail" not in tests["test_ok"]
