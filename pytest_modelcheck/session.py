@@ -401,5 +401,6 @@ def _wrap_comparison(c: Any, width: int) -> list:
     if len(text) <= width:
         return [text]
     rest = text[len(c.nodeid) + 1:]
-    node = short_nodeid(c.nodeid, width) or c.nodeid
+    short, whole = short_nodeid(c.nodeid, width)
+    node = short if whole else c.nodeid
     return [node, *("  " + rest[i:i + width - 2] for i in range(0, len(rest), width - 2))]

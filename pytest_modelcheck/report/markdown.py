@@ -16,14 +16,17 @@ from .terminal import METRIC_LABELS, failed_counts, health_row
 #: Characters that start markup in GitHub's renderer: code spans, links and images,
 #: emphasis (``*``, ``_``), math. Each is written backslash-escaped in a cell (``~`` is left
 #: alone: it marks an estimate, and at worst strikes text through).
-_MARKUP = "\\`[]()*_$|"
+_MARKUP = "\\`[]()*$|"
+#: An underscore that can open or close emphasis: not between two letters or digits
+#: (``test_a_b`` stays as written; ``_x_`` and ``a__b`` are escaped).
+_EMPHASIS_UNDERSCORE = re.compile(r"(?<![^\W_])_|_(?![^\W_])")
 _AUTOLINK = re.compile(r"(?<=[A-Za-z0-9])(?=://)|(?<=\bwww)(?=\.)", re.IGNORECASE)
 
 
 def _cell(text: object) -> str:
     """A table cell: one line, no raw HTML (a test id or a model's error message with
     ``<script>`` stays text in a job summary), and no live markdown: backticks, brackets
-    (links, images), parentheses, emphasis (``*``, ``_``), math, pipes and the ``://`` / ``www.`` that GitHub links by
+    (links, images), parentheses, emphasis (``*``, an ``_`` that is not inside a word), math, pipes and the ``://`` / ``www.`` that GitHub links by
     themselves are escaped, so a test id like ``t[[x](https://e.com)]`` renders as written.
 
     >>> _cell("a|b\\nc")
@@ -32,11 +35,12 @@ def _cell(text: object) -> str:
     't\\\\[&lt;script&gt;\\\\]'
     >>> print(_cell("t[`x` [a](https://e.com) www.e.com]"))
     t\\[\\`x\\` \\[a\\]\\(https\\://e.com\\) www\\.e.com\\]
-    >>> print(_cell("test_a_b*"))
-    test\\_a\\_b\\*
+    >>> print(_cell("test_a_b* _x_ a__b"))
+    test_a_b\\* \\_x\\_ a\\_\\_b
     """
     text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
     text = "".join("\\" + ch if ch in _MARKUP else ch for ch in text)
+    text = _EMPHASIS_UNDERSCORE.sub(r"\\_", text)
     text = _AUTOLINK.sub("\\\\", text)
     return text.replace("\r", " ").replace("\n", " ").strip()
 
@@ -118,7 +122,7 @@ def render_markdown(rows: list, comparisons: Optional[list] = None) -> str:
     <BLANKLINE>
     | test | params | peak memory | throughput | checks passed | failed |
     |---|---|---|---|---|---|
-    | t.py::test\\_a | 1.23k | - | - | 0/1 | grads\\_finite |
+    | t.py::test_a | 1.23k | - | - | 0/1 | grads_finite |
     <BLANKLINE>
     """
     rows = sorted(rows, key=lambda r: r["nodeid"])

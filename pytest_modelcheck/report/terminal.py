@@ -110,30 +110,36 @@ def failed_counts(rows: list) -> tuple:
     return failed, xfailed, xpassed
 
 
-def short_nodeid(nodeid: str, room: int) -> Optional[str]:
-    """``nodeid`` fitted to ``room`` characters, its file name kept readable: the directories
-    go first (``…/``), then the middle of the test name (``…``). None when the file name and
-    a few characters of the test name do not fit: print the id on its own line then.
+def short_nodeid(nodeid: str, room: int) -> tuple:
+    """``(text, whole)``: ``nodeid`` fitted to ``room`` characters, its file name kept
+    readable, and whether all of the file name is in it. The directories go first (``…/``),
+    then the middle of the test name; when the file name itself does not fit, its middle goes
+    (the test name is kept) and ``whole`` is False: print the full id on its own line then.
 
     >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 40)
-    '…/test_fno.py::test_fno_default_checks'
+    ('…/test_fno.py::test_fno_default_checks', True)
     >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 30)
-    '…/test_fno.py::test_fn…_checks'
-    >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 20) is None
-    True
+    ('…/test_fno.py::test_fn…_checks', True)
+    >>> short_nodeid("tests/test_summary_and_json.py::test_bad", 24)
+    ('test_summary_…::test_bad', False)
     """
     if len(nodeid) <= room:
-        return nodeid
+        return nodeid, True
     path, sep, name = nodeid.partition("::")
     base = path.rsplit("/", 1)[-1]
     head = ("…/" if base != path else "") + base + sep
     if len(head) + len(name) <= room:
-        return head + name
+        return head + name, True
     keep = room - len(head) - 1  # characters of the test name around the "…"
-    if keep < _MIN_NAME:
-        return None
-    front = (keep + 1) // 2
-    return head + name[:front] + "…" + name[len(name) - (keep - front):]
+    if keep >= _MIN_NAME:
+        front = (keep + 1) // 2
+        return head + name[:front] + "…" + name[len(name) - (keep - front):], True
+    tail = sep + name
+    if len(tail) + 1 + _MIN_NAME <= room:  # the start of the file name and the test name
+        return base[:room - 1 - len(tail)] + "…" + tail, False
+    text = base + tail
+    front = max(1, (room - 1) // 2)
+    return text[:front] + "…" + text[len(text) - max(1, room - 1 - front):], False
 
 
 _MIN_NAME = 8  # characters of a test name worth showing around an ellipsis
@@ -208,8 +214,9 @@ def health_table(rows: list, width: int = 100) -> list:
     """Lines of the summary table, one row per model test, fitted to ``width`` columns.
 
     The test id comes last; a long one keeps its file name (directories and then the middle
-    of the test name are shortened, see :func:`short_nodeid`), or is printed whole on its own
-    line (``test:``) when even that does not fit. Failed checks are listed on an indented line
+    of the test name are shortened, see :func:`short_nodeid`); when even the file name does not
+    fit, the row keeps its start and the test name, and the whole id follows on its own line
+    (``test:``). Failed checks are listed on an indented line
     under their row so nothing is cut off; a test marked xfail says so (``xfail`` / ``XPASS``)
     and its expected failures are not listed as failed.
 
@@ -230,10 +237,9 @@ def health_table(rows: list, width: int = 100) -> list:
 
     lines = ["  ".join(h.ljust(widths[k]) for k, h in cols) + "  test"]
     for c in cells:
-        short = short_nodeid(c["test"], room)
-        lines.append(("  ".join(c[k].ljust(widths[k]) for k, _ in cols) + "  "
-                      + (short or "")).rstrip())
-        if short is None:
+        short, whole = short_nodeid(c["test"], room)
+        lines.append("  ".join(c[k].ljust(widths[k]) for k, _ in cols) + "  " + short)
+        if not whole:
             lines.append(indent + "test: " + c["test"])
         if c["failed"]:
             lines.append(indent + "failed: " + c["failed"])
