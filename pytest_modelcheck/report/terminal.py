@@ -1,7 +1,7 @@
 """The model health summary printed at the end of a ``--modelcheck`` session."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from ..core.units import format_bytes, format_count, format_rate
 
