@@ -112,8 +112,8 @@ def failed_counts(rows: list) -> tuple:
 
 def short_nodeid(nodeid: str, room: int) -> tuple:
     """``(text, whole)``: ``nodeid`` fitted to ``room`` characters, its file name kept
-    readable, and whether all of the file name is in it. The directories go first (``…/``),
-    then the middle of the test name; when the file name itself does not fit, its middle goes
+    readable, and whether all of the file name is in it. The directories go first (``…/``,
+    then without the ``…/``), then the middle of the test name; when the file name itself does not fit, its middle goes
     (the test name is kept) and ``whole`` is False: print the full id on its own line then.
 
     >>> short_nodeid("tests/models/test_fno.py::test_fno_default_checks", 40)
@@ -127,13 +127,15 @@ def short_nodeid(nodeid: str, room: int) -> tuple:
         return nodeid, True
     path, sep, name = nodeid.partition("::")
     base = path.rsplit("/", 1)[-1]
-    head = ("…/" if base != path else "") + base + sep
-    if len(head) + len(name) <= room:
-        return head + name, True
-    keep = room - len(head) - 1  # characters of the test name around the "…"
-    if keep >= _MIN_NAME:
-        front = (keep + 1) // 2
-        return head + name[:front] + "…" + name[len(name) - (keep - front):], True
+    heads = [("…/" if base != path else "") + base + sep, base + sep]
+    for head in heads:
+        if len(head) + len(name) <= room:
+            return head + name, True
+    for head in heads:
+        keep = room - len(head) - 1  # characters of the test name around the "…"
+        if keep >= _MIN_NAME:
+            front = (keep + 1) // 2
+            return head + name[:front] + "…" + name[len(name) - (keep - front):], True
     tail = sep + name
     if len(tail) + 1 + _MIN_NAME <= room:  # the start of the file name and the test name
         return base[:room - 1 - len(tail)] + "…" + tail, False
