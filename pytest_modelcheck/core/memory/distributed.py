@@ -8,8 +8,11 @@ memory of distributed training"). No process group and no GPU are needed.
   reducer's gradient buckets (flat copies of the gradients, ``gradients_bytes`` in all).
 * ``fsdp`` (FSDP2 ``fully_shard``, FULL_SHARD, units as ``fsdp_units`` says):
   parameters, gradients and optimizer state are divided by ``world_size``; forward and
-  backward add the largest unit's all-gathered parameters twice (the current unit and the
-  prefetched one, where there are two units with parameters), backward also its unsharded gradients (the reduce-scatter input); the
+  backward add the all-gathered parameters of the root and of the largest pair of neighbouring
+  units (the one running and the one prefetched), backward also the largest unit's unsharded
+  gradients (the reduce-scatter input); the unit that takes the batch keeps its gathered
+  parameters, unsharded gradients and reduce-scatter input (three times its size) until the end
+  of backward, as FSDP2 has no post-backward hook on inputs that need no gradient; the
   optimizer step works on shards only. The peak is the largest of the three phases.
 """
 from __future__ import annotations
@@ -101,6 +104,21 @@ def largest_unit_bytes(model: Any) -> int:
     return max(unit_bytes(model))
 
 
+def gathered_bytes(sizes: list) -> int:
+    """Unsharded parameter bytes alive at once, from ``unit_bytes``: the root's own parameters
+    (FSDP2 keeps the root unsharded between forward and backward) plus the largest pair of
+    neighbouring units (the one running and the one prefetched next to it).
+
+    >>> gathered_bytes([80, 40, 8, 0])
+    120
+    >>> gathered_bytes([0])
+    0
+    """
+    *units, root = sizes
+    pairs = [a + b for a, b in zip(units, units[1:])] or units or [0]
+    return root + max(pairs)
+
+
 def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
     """The per-rank figures of ``estimate`` (a single-device ``MemoryEstimate``), as a dict.
 
@@ -127,7 +145,7 @@ def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
     shard = -(-params // world_size), -(-grads // world_size), -(-opt // world_size)
     sizes = unit_bytes(model) if world_size > 1 else [0]
     unit = max(sizes)
-    gathered = unit * min(2, sum(1 for b in sizes if b))  # the current unit + the prefetched
+    gathered = gathered_bytes(sizes)
     train = estimate.phase == "train"
     comm = gathered + (unit if train else 0)
     peaks = {str(k): int(v) for k, v in estimate.phase_peaks.items()}
@@ -136,6 +154,12 @@ def per_rank(estimate: Any, model: Any, world_size: int, strategy: str) -> dict:
     if train:
         phases.append(shard[0] + shard[1] + gathered + unit
                       + max(acts, peaks.get("backward", 0) - params - grads))
+        # the unit that takes the batch: its inputs need no gradient, so FSDP2's post-backward
+        # hook never fires for it; its parameters stay gathered until the final callback, which
+        # copies its unsharded gradients into the reduce-scatter input beside them
+        first = next((b for b in sizes[:-1] if b), 0)
+        phases.append(shard[0] + shard[1] + sizes[-1] + 3 * first
+                      + max(0, peaks.get("backward", 0) - params - grads))
         extra = max(0, peaks.get("optimizer step", 0) - params - grads - opt)
         phases.append(sum(shard) + -(-extra // world_size))
     row.update(parameters_bytes=shard[0], gradients_bytes=shard[1] if train else 0,
@@ -202,7 +226,9 @@ def _wrap(model: Any, strategy: str, world_size: int) -> Any:
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(work)
+        # every rank deep-copies the same model, so the initial broadcast of rank 0's state is
+        # not needed; its flat buffer is freed on a gloo thread, which the profiler misses
+        return DistributedDataParallel(work, init_sync=False)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -225,10 +251,16 @@ def _peak(prof: Any) -> int:
 
 def measure_per_rank(model: Any, batch: Any, loss: Any = None, *, world_size: int = 2,
                      strategy: str = "ddp", optimizer: Any = "adamw", lr: float = 1e-3,
-                     timeout: float = 300.0) -> list:
+                     timeout: float = 300.0, repeats: int = 1) -> list:
     """Measured peak bytes of every rank of one DDP/FSDP2 training step on ``world_size`` local
     gloo ranks (CPU), each holding ``batch`` (the per-rank batch). The model, batch and loss
     must pickle. Used to validate ``per_rank`` (benchmarks/distributed_memory.py).
+
+    A buffer whose last reference a gloo worker thread drops (an all-gather output, say) is
+    freed on that thread, where the profiler records no event: the buffer then looks alive to
+    the end of the step. Which thread drops it is a race, so a run's peak can only come out
+    too high, never too low; with ``repeats`` > 1 the step is run that many times and each
+    rank's lowest peak is returned.
 
     >>> import torch
     >>> peaks = measure_per_rank(torch.nn.Linear(64, 64), torch.ones(8, 64), world_size=2)
@@ -241,6 +273,11 @@ def measure_per_rank(model: Any, batch: Any, loss: Any = None, *, world_size: in
     from ..isolate import run_isolated
 
     world_size, strategy = check_distributed(world_size, strategy)
+    if repeats > 1:
+        runs = [measure_per_rank(model, batch, loss, world_size=world_size, strategy=strategy,
+                                 optimizer=optimizer, lr=lr, timeout=timeout)
+                for _ in range(repeats)]
+        return [min(run[r] for run in runs) for r in range(world_size)]
     peaks: list = [None] * world_size
     errors: list = []
     with tempfile.TemporaryDirectory(prefix="modelcheck-mem-") as tmp:
