@@ -87,6 +87,18 @@ CONFIGS = {
     "ddp_consistent": ({"local_batchnorm": True}, {}),
     "tied_parameters": ({"tied": [("frozen.weight", "encoder.0.weight")]},
                         {"tied": [("frozen.weight", "encoder.0.weight")]}),
+    "norm_stats": ({}, {"frozen": ("encoder.*",)}),  # encoder.1 is declared frozen but trains
+    "head_range": ({"target_range": (None, None)}, {"target_range": (None, None)},
+                   {"bounded_head": True}),
+    "discriminator_scales": ({"discriminator": "head", "plot": None},
+                             {"discriminator": "head", "plot": None}),
+    "gan_pairs": ({"pairs": lambda c, v: torch.cat([c, v[:, None]], 1)},
+                  {"pairs": lambda c, r, f: (torch.cat([c, r[:, None]], 1),
+                                             torch.cat([f[:, None], c], 1))}),
+    "mode_sweep": ({"plot": None}, {"plot": None, "dead_tol": 0.5}),
+    "no_aliasing": ({"plot": None}, {"plot": None, "max_ratio": 1e-9}),
+    "attention_maps": ({"plot": False}, {"plot": False}),
+    "token_capacity": ({"max_tokens": 100}, {"max_tokens": 100}),
 }
 
 
@@ -100,7 +112,8 @@ class Subject(nn.Module):
     """
 
     def __init__(self, raise_on_call=None, mutate_input=False, host_sync=False, python_loop=False,
-                 noisy_eval=False, cpu_constant=False, float64=False, positional=False):
+                 noisy_eval=False, cpu_constant=False, float64=False, positional=False,
+                 bounded_head=False):
         super().__init__()
         torch.manual_seed(0)
         self.encoder = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU())
@@ -121,6 +134,7 @@ class Subject(nn.Module):
         self.cpu_constant = cpu_constant
         self.float64 = float64
         self.positional = positional
+        self.bounded_head = bounded_head
         self.calls = 0
 
     def forward(self, x):
@@ -145,6 +159,8 @@ class Subject(nn.Module):
             out = out * torch.tensor(np.float64(1.0))
         if self.positional:  # position information leaks into the output
             out = out + torch.linspace(0, 1, out.shape[0], device=out.device).unsqueeze(1)
+        if self.bounded_head:  # a sigmoid on the output: bounded to (0, 1)
+            out = torch.sigmoid(out)
         return out
 
 
@@ -202,6 +218,24 @@ KNOWN_WRONG_OUTCOMES: dict = {
     ("tied_parameters", "passing"): "Subject ties no parameters: a declared pair fails as built",
     ("tied_parameters", "raises_on_first_forward"): "a declared pair fails as built, before any"
     " forward",
+    ("discriminator_scales", "passing"): "Subject's output (8, 4) and target (8,) are not"
+    " generated/real samples of one shape: the check skips",
+    ("discriminator_scales", "failing"): "Subject's output (8, 4) and target (8,) are not"
+    " generated/real samples of one shape: the check skips",
+    ("gan_pairs", "raises_on_first_forward"): "gan_pairs never runs the model: it probes the pair"
+    " builder",
+    ("mode_sweep", "passing"): "Subject runs no FFT: the check skips (no spectral layer found)",
+    ("mode_sweep", "failing"): "Subject runs no FFT: the check skips (no spectral layer found)",
+    ("no_aliasing", "passing"): "Subject's input is no (B, C, *spatial) field: the check skips"
+    " (before any forward)",
+    ("no_aliasing", "failing"): "Subject's input is no (B, C, *spatial) field: the check skips"
+    " (before any forward)",
+    ("no_aliasing", "raises_on_first_forward"): "Subject's input is no (B, C, *spatial) field:"
+    " the check skips (before any forward)",
+    ("attention_maps", "passing"): "Subject runs no attention: the check skips",
+    ("attention_maps", "failing"): "Subject runs no attention: the check skips",
+    ("token_capacity", "passing"): "Subject has no patch embedding: the check skips",
+    ("token_capacity", "failing"): "Subject has no patch embedding: the check skips",
 }
 
 
