@@ -166,6 +166,7 @@ def attention_maps(collapse: Any = 0.9, uniform: Any = None, plot: Any = True,
         saved = save_attention_maps(maps, path, grid=grid, extra=extra)
         if saved:
             metrics["plot"] = saved
+            metrics["plot_title"] = "attention per layer and head (batch mean)"
             details.append(f"plot: {saved}")
     expected = f"expected no attention layer collapsed onto one token (share < {collapse})" \
         if collapse is not None else "expected attention maps"

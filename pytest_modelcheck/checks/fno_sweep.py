@@ -198,6 +198,7 @@ def mode_sweep(modes: Any = (2, 4, 8, 16), max_rel_l2: Any = None, dead_tol: Any
     saved = _sweep_plot(plot, sweep)
     if saved:
         metrics["plot"] = saved
+        metrics["plot_title"] = "relative L2 over the kept Fourier modes"
     return _sweep_verdict(subject, sweep, max_rel_l2, dead_tol, metrics)
 
 

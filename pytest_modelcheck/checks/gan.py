@@ -275,6 +275,7 @@ def discriminator_scales(discriminator: Any = "discriminator", pairs: Any = None
                                  [s.name for s in facts])
         if saved:
             metrics["plot"] = saved
+            metrics["plot_title"] = "discriminator output per scale, real vs generated"
             details.append(f"plot: {saved}")
     expected = "expected every discriminator scale to respond to its input (no constant or" \
                " saturated output map" + (", separation >= " f"{min_separation:g}"

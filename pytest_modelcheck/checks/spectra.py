@@ -102,6 +102,7 @@ def spectrum_matches(max_band_ratio: Any = 2.0, bands: Any = 3, plot: Any = None
                                     title="radially averaged power spectrum", bands=ratios)
         metrics["plot"] = saved
         if saved:
+            metrics["plot_title"] = "radial power spectrum, prediction vs target"
             details.append(f"plot: {saved}")
     expected = f"expected P_pred/P_target within [{lo_ok:.3g}, {hi_ok:.3g}] in every band"
     if not outside:
@@ -278,6 +279,7 @@ def no_aliasing(scale: Any = 2, max_ratio: Any = 5e-3, max_band_ratio: Any = 2.0
     saved = _aliasing_plot(plot, k, p_fine, p_coarse, min(coarse_n) / 2)
     if saved:
         metrics["plot"] = saved
+        metrics["plot_title"] = "output power spectrum on the example and the finer grid"
     return _aliasing_verdict(subject, res, fraction, ratios, max_ratio, max_band_ratio, metrics)
 
 

@@ -294,7 +294,9 @@ def _read_png(path: str) -> tuple:
 def plots_of(result: dict) -> tuple:
     """``([(title, png), ...], [note, ...])`` for one check result: its loss curve, its
     learning-rate schedule (when no saved plot shows it) and every saved PNG its metrics name;
-    a note for each named PNG that cannot be embedded.
+    a note for each named PNG that cannot be embedded. A saved PNG is captioned with
+    ``metrics["plot_title"]`` (for ``plot``) or the ``title`` of a ``plots`` entry, else its file
+    name.
 
     >>> plots, notes = plots_of({"check": "c", "metrics": {"losses": [1.0, 0.5],
     ...                          "plot": "/nonexistent/p.png"}})
@@ -314,12 +316,19 @@ def plots_of(result: dict) -> tuple:
                         f"{check}: learning rate per step", "learning rate")
         if png:
             out.append((f"{check}: learning rate per step", png))
+    titles = {p.get("path"): p.get("title") for p in metrics.get("plots") or []
+              if isinstance(p, dict)}
+    if isinstance(metrics.get("plot"), str):
+        titles[metrics["plot"]] = metrics.get("plot_title")
     for path in saved:
         data, why = _read_png(path)
         if data is None:
             notes.append(f"{check}: plot {path} {why}")
         else:
-            out.append((f"{check}: {os.path.basename(path)}", data))
+            title = titles.get(path)
+            if not (isinstance(title, str) and title):
+                title = os.path.basename(path)
+            out.append((f"{check}: {title}", data))
     return out, notes
 
 

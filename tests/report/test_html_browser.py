@@ -424,3 +424,52 @@ def test_screenshots_of_the_thirty_test_run(thirty, tmp_path, width):
     assert (abs(rgb - [253, 226, 225]).sum(axis=-1) <= 6).sum() > 2000
     if os.environ.get("MODELCHECK_KEEP_SCREENSHOTS"):
         shutil.copy(shot, os.environ["MODELCHECK_KEEP_SCREENSHOTS"])
+
+
+def test_seed_pipeline_plots_show_in_the_browser(tmp_path):
+    """The figures of attention_maps (vit3d), discriminator_scales (pix2pixcc_gan), mode_sweep
+    and no_aliasing (fno), made by the checks themselves on the example models, are embedded
+    with their captions and decode in Chromium."""
+    import dataclasses
+
+    import torch
+
+    from example_models import fno, pix2pixcc_gan, vit3d
+    from pytest_modelcheck.checks import (attention_maps, discriminator_scales, mode_sweep,
+                                          no_aliasing)
+
+    torch.manual_seed(0)
+    runs = {
+        "example_models/test_vit3d.py::test_vit3d_health": [attention_maps(
+            plot=str(tmp_path / "attn.png"), model=vit3d.build_model(depth=2),
+            batch=vit3d.make_batch(2))],
+        "example_models/test_pix2pixcc_gan.py::test_pix2pixcc_discriminator_scales_and_pairs": [
+            discriminator_scales(discriminator="discriminator", pairs=pix2pixcc_gan.make_pairs,
+                                 plot=str(tmp_path / "scales.png"),
+                                 model=pix2pixcc_gan.build_model(),
+                                 batch=pix2pixcc_gan.make_batch(2))],
+        "example_models/test_fno.py::test_fno_default_checks": [
+            mode_sweep((2, 4, 8), plot=str(tmp_path / "sweep.png"), model=fno.build_model(),
+                       batch=fno.make_batch(2)),
+            no_aliasing(scale=2, plot=str(tmp_path / "alias.png"), model=fno.build_model(),
+                        batch=fno.make_batch(2))],
+    }
+    rows = [{"nodeid": nodeid, "outcome": "passed", "model": {},
+             "results": [dataclasses.asdict(r) for r in results]}
+            for nodeid, results in runs.items()]
+    for row in rows:
+        for r in row["results"]:
+            assert r["passed"] is True, r["headline"]
+            assert r["metrics"]["plot"].endswith(".png"), r["check"]
+    report = tmp_path / "report.html"
+    write_html(str(report), rows)
+    result, stderr = _probe(report, tmp_path)
+    shown = {img["alt"]: img for img in result["images"]}
+    for caption in ("attention_maps: attention per layer and head (batch mean)",
+                    "discriminator_scales: discriminator output per scale, real vs generated",
+                    "mode_sweep: relative L2 over the kept Fourier modes",
+                    "no_aliasing: output power spectrum on the example and the finer grid"):
+        assert caption in shown, sorted(shown)
+        img = shown[caption]
+        assert img["complete"] and img["width"] > 100 and img["height"] > 100, img
+    assert not result["errors"] and not _console_errors(stderr)
