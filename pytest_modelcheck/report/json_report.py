@@ -42,14 +42,51 @@ def results_document(rows: list) -> dict:
         "format": "pytest-modelcheck/1",
         "environment": {"python": platform.python_version(), "torch": torch_version,
                         "machine": platform.machine(), "processor": platform.processor()},
-        "summary": {
-            "tests": len(tests),
-            "checks": sum(len(t["results"]) for t in tests),
-            "failed_checks": sum(1 for t in tests for r in t["results"] if r["passed"] is False),
-        },
+        "summary": summary_of(tests),
         "cost_by_check": cost_by_check(tests),
         "tests": tests,
     }
+
+
+def expected_to_fail(test: dict) -> bool:
+    """Whether a test failed as its ``xfail`` marker expected (its failed checks are expected).
+
+    >>> expected_to_fail({"xfail": {"outcome": "xfailed", "reason": "slow loop"}})
+    True
+    >>> expected_to_fail({"xfail": {"outcome": "xpassed"}}), expected_to_fail({})
+    (False, False)
+    """
+    xfail = test.get("xfail")
+    return isinstance(xfail, dict) and xfail.get("outcome") == "xfailed"
+
+
+def failed_checks(tests: list) -> list:
+    """``nodeid::check`` of every failed check, except those of tests that failed as expected.
+
+    >>> failed_checks([{"nodeid": "t.py::a", "results": [{"check": "x", "passed": False}]},
+    ...                {"nodeid": "t.py::b", "xfail": {"outcome": "xfailed"},
+    ...                 "results": [{"check": "y", "passed": False}]}])
+    ['t.py::a::x']
+    """
+    return [f"{t.get('nodeid')}::{r.get('check')}" for t in tests if not expected_to_fail(t)
+            for r in t.get("results", []) if r.get("passed") is False]
+
+
+def summary_of(tests: list) -> dict:
+    """Tests, checks and failed checks; the failed checks of tests that failed as expected
+    (xfail) are counted apart, as ``expected_failed_checks``, when there are any.
+
+    >>> summary_of([{"results": [{"passed": False}]},
+    ...             {"xfail": {"outcome": "xfailed"}, "results": [{"passed": False}]}])
+    {'tests': 2, 'checks': 2, 'failed_checks': 1, 'expected_failed_checks': 1}
+    """
+    summary = {"tests": len(tests), "checks": sum(len(t.get("results", [])) for t in tests),
+               "failed_checks": len(failed_checks(tests))}
+    expected = sum(1 for t in tests if expected_to_fail(t)
+                   for r in t.get("results", []) if r.get("passed") is False)
+    if expected:
+        summary["expected_failed_checks"] = expected
+    return summary
 
 
 def cost_by_check(rows: list) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..core.shards import ShardConflict
-from .json_report import cost_by_check
+from .json_report import cost_by_check, summary_of
 
 FORMAT = "pytest-modelcheck/1"
 
@@ -60,12 +60,7 @@ def _document(tests: list, environments: list) -> dict:
     doc = {
         "format": FORMAT,
         "environment": first,
-        "summary": {
-            "tests": len(tests),
-            "checks": sum(len(t.get("results", [])) for t in tests),
-            "failed_checks": sum(1 for t in tests for r in t.get("results", [])
-                                 if r.get("passed") is False),
-        },
+        "summary": summary_of(tests),
         "cost_by_check": cost_by_check(tests),
         "tests": tests,
         "shards": len(environments),
