@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..core.trace import module_stack
 from ..core.errors import ModelError, UsageError
 from ..core.result import CheckResult
 from ..core.units import is_int, is_number
 from .registry import SkipCheck, check
-from .spatial import _input_tensor, _module_stack, _resized, _root_name, _storage, _validate_index, \
+from .spatial import _input_tensor, _resized, _root_name, _storage, _validate_index, \
     _validate_sizes
 from .subject import Subject
 
@@ -104,7 +105,7 @@ def _run_fft(work: Any, data: Any) -> dict:
 
     record: dict[str, Any] = {"layers": {}, "spectra": {}, "inverse": {}, "last": None,
                               "error": None}
-    with _module_stack(work) as stack:
+    with module_stack(work) as stack:
         try:
             with torch.no_grad(), _fft_mode(record, stack):
                 run_forward(work, data)

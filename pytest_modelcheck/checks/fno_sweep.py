@@ -99,7 +99,7 @@ def _run_sweep(subject: Subject, levels: tuple) -> _Sweep:
     import torch
 
     from ..core.forward import run_forward
-    from .spatial import _module_stack
+    from ..core.trace import module_stack
     from .spectra import _first_field
 
     base, work = subject.batch_copy(), subject.model_copy("eval")
@@ -117,7 +117,7 @@ def _run_sweep(subject: Subject, levels: tuple) -> _Sweep:
         for k in levels:
             if k >= bound:
                 continue
-            with _module_stack(work) as stack, _truncating_mode(names, stack, k):
+            with module_stack(work) as stack, _truncating_mode(names, stack, k):
                 outs[k] = _first_field(run_forward(work, base))
     target = base.target
     has_target = isinstance(target, torch.Tensor) and tuple(target.shape) == tuple(full.shape)

@@ -1,13 +1,13 @@
 """Helpers shared by the architecture checks (``unet``, ``vit``, ``fno``): declared sizes, the
-image input of a batch, resizing it, and the module stack of a running forward.
+image input of a batch, resizing it (the module stack of a running forward is
+``core.trace.module_stack``).
 
 >>> _label(20), _label((20, 24)), _labels([16, (8, 8)])
 ('20', '(20, 24)', '16, (8, 8)')
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator
+from typing import Any
 
 from ..core.errors import UsageError
 from ..core.units import is_int
@@ -107,36 +107,6 @@ def _resized(batch: Any, input_index: int, size: Any, ndim: int) -> Any:
 
 def _root_name(model: Any) -> str:
     return type(model).__name__
-
-
-@contextlib.contextmanager
-def _module_stack(model: Any, on_output: Any = None) -> Iterator[list]:
-    """Keep ``stack`` (yielded) equal to the module paths being run; removed in ``finally``.
-
-    ``on_output(name, module, args, output)`` is called after each module's forward.
-    """
-    names = {m: n for n, m in model.named_modules()}
-    stack: list = []
-
-    def push(mod: Any, args: Any) -> None:
-        stack.append(names.get(mod, ""))
-
-    def pop(mod: Any, args: Any, out: Any) -> None:
-        if stack:
-            stack.pop()
-        if on_output is not None:
-            on_output(names.get(mod, ""), mod, args, out)
-
-    handles = []
-    try:
-        for m in names:
-            handles.append(m.register_forward_pre_hook(push))
-            handles.append(m.register_forward_hook(pop))
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
-        stack.clear()
 
 
 def _storage(t: Any) -> int:

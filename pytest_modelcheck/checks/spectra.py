@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from ..core.trace import module_stack
 from ..core.errors import UsageError
 from ..core.result import CheckResult
 from ..core.units import is_int, is_number
@@ -195,7 +196,7 @@ def _run_resolutions(subject: Subject, scale: int, input_index: int) -> _Resolut
 
     from ..core.forward import run_forward
     from ..core.spectra import fourier_upsample, power_beyond
-    from .spatial import _input_tensor, _module_stack
+    from .spatial import _input_tensor
 
     base = subject.batch_copy()
     x = _input_tensor(base, input_index)
@@ -216,7 +217,7 @@ def _run_resolutions(subject: Subject, scale: int, input_index: int) -> _Resolut
 
     with torch.no_grad():
         coarse = _first_field(run_forward(work, base))
-        with _module_stack(work, on_output=record):
+        with module_stack(work, on_output=record):
             fine = _first_field(run_forward(work, _with_input(base, input_index, fine_in)))
     if coarse is None or fine is None or coarse.dim() < ndim + 1 or fine.dim() != coarse.dim() \
             or tuple(fine.shape[-ndim:]) != tuple(n * scale for n in coarse.shape[-ndim:]):

@@ -8,11 +8,12 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..core.trace import module_stack
 from ..core.errors import ModelError
 from ..core.result import CheckResult
 from ..core.units import is_int
 from .registry import SkipCheck, check
-from .spatial import (_input_tensor, _label, _labels, _module_stack, _resized, _root_name,
+from .spatial import (_input_tensor, _label, _labels, _resized, _root_name,
                       _validate_declared)
 from .subject import Subject
 
@@ -103,7 +104,7 @@ def _run_traced(work: Any, data: Any, ndim: int) -> dict:
 
     from ..core.forward import run_forward
 
-    with _module_stack(work, seen) as stack:
+    with module_stack(work, seen) as stack:
         try:
             with torch.no_grad(), _cat_mode(record, stack, _root_name(work)):
                 record["output"] = run_forward(work, data)

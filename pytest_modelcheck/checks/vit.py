@@ -11,11 +11,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from ..core.trace import module_stack
 from ..core.errors import ModelError
 from ..core.result import CheckResult
 from ..core.units import is_int
 from .registry import SkipCheck, check
-from .spatial import (_input_tensor, _label, _labels, _module_stack, _resized, _storage,
+from .spatial import (_input_tensor, _label, _labels, _resized, _storage,
                       _validate_declared)
 from .subject import Subject
 
@@ -125,7 +126,7 @@ def _pos_added(work: Any, data: Any, conv_name: Any, width: Any, image: tuple) -
         if name == found["patch_module"]:
             found["ran"] = True
 
-    with _module_stack(work, seen):
+    with module_stack(work, seen):
         try:
             with torch.no_grad(), PosMode():
                 run_forward(work, data)

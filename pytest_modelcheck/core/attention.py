@@ -20,10 +20,11 @@ This module imports neither pytest nor, until called, torch or matplotlib.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
+
+from .trace import module_stack
 
 #: Logits at or below this count as masked out (masks written as -1e4, -1e9, finfo.min, -inf).
 MASKED_LOGIT = -5e3
@@ -193,30 +194,6 @@ def _attention_owner(stack: list, modules: dict) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _module_path(model: Any) -> Iterator[list]:
-    """The stack of module paths being run (yielded list), kept by hooks removed afterwards."""
-    names = {m: n for n, m in model.named_modules()}
-    stack: list = []
-    handles = []
-
-    def push(mod: Any, args: Any) -> None:
-        stack.append(names.get(mod, ""))
-
-    def pop(mod: Any, args: Any, out: Any) -> None:  # returns None: the output is kept
-        if stack:
-            stack.pop()
-
-    try:
-        for m in names:
-            handles.append(m.register_forward_pre_hook(push))
-            handles.append(m.register_forward_hook(pop))
-        yield stack
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _sdpa_call(args: tuple, kwargs: dict) -> tuple:
     import inspect
 
@@ -334,7 +311,7 @@ def capture_attention(model: Any, batch: Any, skipped: Optional[list] = None) ->
                 return out
             return func(*args, **kwargs)
 
-    with _module_path(model) as stack, torch.no_grad(), Capture():
+    with module_stack(model) as stack, torch.no_grad(), Capture():
         run_forward(model, batch)
     return maps
 

@@ -6,8 +6,9 @@ partial trace then shows the last module that ran and the one that raised.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .batch import Batch, iter_tensors
 
@@ -152,3 +153,41 @@ def trace_model(model: Any, *inputs: Any, **kwargs: Any) -> FlowTrace:
     * <root> (Linear)
     """
     return trace_batch(model, Batch(args=inputs, kwargs=kwargs))
+
+
+@contextlib.contextmanager
+def module_stack(model: Any, on_output: Any = None) -> Iterator[list]:
+    """Keep the yielded list equal to the paths of the modules running now (outermost first),
+    through forward hooks removed in ``finally``; ``on_output(name, module, args, output)`` is
+    called after each module's forward.
+
+    >>> import torch
+    >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    >>> seen = []
+    >>> with module_stack(m, lambda name, mod, args, out: seen.append(name)) as stack:
+    ...     _ = m(torch.ones(1, 2))
+    >>> seen, stack
+    (['0', ''], [])
+    """
+    names = {m: n for n, m in model.named_modules()}
+    stack: list = []
+
+    def push(mod: Any, args: Any) -> None:
+        stack.append(names.get(mod, ""))
+
+    def pop(mod: Any, args: Any, out: Any) -> None:  # returns None: the output is kept
+        if stack:
+            stack.pop()
+        if on_output is not None:
+            on_output(names.get(mod, ""), mod, args, out)
+
+    handles = []
+    try:
+        for m in names:
+            handles.append(m.register_forward_pre_hook(push))
+            handles.append(m.register_forward_hook(pop))
+        yield stack
+    finally:
+        for h in handles:
+            h.remove()
+        stack.clear()
