@@ -9,13 +9,13 @@ import os
 from typing import Any, Optional
 
 from ..core.errors import UsageError
+from ..core.plots import plot_path
 from ..core.result import CheckResult
 from ..core.units import is_number
 from .registry import SkipCheck, check
 from .subject import Subject
 
 #: Where ``plot=True`` saves its PNG (a new file per run; the HTML report embeds it).
-PLOT_DIR = "pytest-modelcheck-plots"
 
 
 def _fraction(name: str, value: Any, allow_none: bool, what: str) -> Optional[float]:
@@ -68,20 +68,6 @@ def _token_grid(work: Any, data: Any, input_index: int, maps: list) -> tuple:
     if not 0 <= extra <= 16 or any(m.keys != maps[0].keys for m in maps):
         return None, 0
     return grid, extra
-
-
-def _plot_path(plot: Any) -> Optional[str]:
-    import tempfile
-
-    if plot is None or plot is False:
-        return None
-    if plot is True:
-        folder = os.path.join(tempfile.gettempdir(), PLOT_DIR)
-        os.makedirs(folder, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="attention_maps-", suffix=".png", dir=folder)
-        os.close(fd)
-        return path
-    return os.fspath(plot)
 
 
 def _token(t: int, extra: int) -> str:
@@ -161,7 +147,7 @@ def attention_maps(collapse: Any = 0.9, uniform: Any = None, plot: Any = True,
     metrics: dict = {"attention_layers": len(maps), "layers": [_layer_facts(m) for m in maps],
                      "collapsed": [m.layer for m in collapsed], "uniform": [m.layer for m in flat],
                      "too_long": too_long}
-    path = _plot_path(plot)
+    path = plot_path(plot, "attention_maps")
     if path is not None:
         saved = save_attention_maps(maps, path, grid=grid, extra=extra)
         if saved:

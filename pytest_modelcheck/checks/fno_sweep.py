@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..core.errors import UsageError
+from ..core.plots import plot_path
 from ..core.result import CheckResult
 from ..core.units import is_int, is_number
 from .fno import _label_of, _spectral_layers
 from .registry import SkipCheck, check
 from .spatial import _root_name
-from .spectra import _plot_path, _validate_plot
+from .spectra import _validate_plot
 from .subject import Subject
 
 SATURATED = 0.01  # relative change to the full output below which more modes "stop helping"
@@ -130,7 +131,7 @@ def _run_sweep(subject: Subject, levels: tuple) -> _Sweep:
 def _sweep_plot(plot: Any, sweep: _Sweep) -> Any:
     from ..core.plots import _figure
 
-    path = _plot_path(plot, "mode_sweep")
+    path = plot_path(plot, "mode_sweep")
     if path is None:
         return None
     fig = _figure(6, 4.5)

@@ -268,9 +268,10 @@ def discriminator_scales(discriminator: Any = "discriminator", pairs: Any = None
     metrics: dict = _scales_metrics(facts)
     details = _scale_lines(facts)
     if plot is not None:
-        from ..core.gan import default_plot_path, save_scales_plot
+        from ..core.gan import save_scales_plot
+        from ..core.plots import plot_path
 
-        path = default_plot_path(subject.check) if plot == "auto" else plot
+        path = plot_path(plot, subject.check)
         saved = save_scales_plot([s.layers for s in facts], [s.maps for s in facts], path,
                                  [s.name for s in facts])
         if saved:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..core.trace import module_stack
 from ..core.errors import UsageError
+from ..core.plots import plot_path
 from ..core.result import CheckResult
 from ..core.units import is_int, is_number
 from .registry import SkipCheck, check
@@ -119,20 +120,6 @@ def spectrum_matches(max_band_ratio: Any = 2.0, bands: Any = 3, plot: Any = None
 
 
 # ------------------------------------------------------------------------------------ no_aliasing
-def _plot_path(plot: Any, stem: str) -> Any:
-    """Where a check saves its PNG: ``plot`` itself (a path), a new temporary file for True,
-    None for None/False."""
-    if plot is None or plot is False:
-        return None
-    if plot is True:
-        import tempfile
-
-        fd, path = tempfile.mkstemp(prefix=f"modelcheck-{stem}-", suffix=".png")
-        os.close(fd)
-        return path
-    return os.fspath(plot)
-
-
 def _validate_plot(plot: Any) -> Any:
     if plot is not None and not isinstance(plot, (bool, str, os.PathLike)):
         raise UsageError(f"plot={plot!r}: expected True (a temporary PNG), a file path for the"
@@ -232,7 +219,7 @@ def _aliasing_plot(plot: Any, k: Any, p_fine: Any, p_coarse: Any, nyquist: float
 
     from ..core.plots import save_power_spectrum
 
-    path = _plot_path(plot, "no_aliasing")
+    path = plot_path(plot, "no_aliasing")
     if path is None:
         return None
     padded = torch.full_like(p_fine, float("nan"))

@@ -14,13 +14,12 @@ This module imports neither pytest nor, until called, torch.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import UsageError
+from .plots import ensure_folder
 
 #: A map is constant when its spread is at most this fraction of its magnitude (or of 1).
 CONSTANT_RTOL = 1e-6
@@ -296,34 +295,6 @@ def describe_sources(sources: list) -> str:
 
 
 # ------------------------------------------------------------------------------------ plots
-def default_plot_path(check: str) -> str:
-    """Where a check saves its figure when the user names no path: a per-user folder of the
-    temporary directory, one file per test (named from ``PYTEST_CURRENT_TEST``; outside pytest,
-    per process), so a rerun overwrites it and the HTML report finds it at the end of the run.
-
-    >>> p = default_plot_path("discriminator_scales")
-    >>> os.path.basename(p).startswith("discriminator_scales-"), p.endswith(".png")
-    (True, True)
-    """
-    import getpass
-
-    try:
-        user = re.sub(r"[^A-Za-z0-9_.-]", "_", getpass.getuser())
-    except Exception:  # noqa: BLE001 - no user name (containers): the uid or a constant
-        user = str(getattr(os, "getuid", lambda: "user")())
-    folder = os.path.join(tempfile.gettempdir(), f"pytest-modelcheck-of-{user}", "plots")
-    test = os.environ.get("PYTEST_CURRENT_TEST", "")
-    test = re.sub(r" \((setup|call|teardown)\)$", "", test)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", test).strip("_")[-150:] or f"pid{os.getpid()}"
-    return os.path.join(folder, f"{check}-{stem}.png")
-
-
-def ensure_folder(path: str) -> None:
-    """Create the folder of ``path`` (private to the user) if it is missing."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-
-
 def _map_image(t: Any) -> Any:
     """A 2D image of an output map: the first sample and channel, middle slices of extra dims."""
     a = t.detach().to("cpu").double()

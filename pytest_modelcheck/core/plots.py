@@ -7,10 +7,61 @@ nor, until called, torch or matplotlib.
 """
 from __future__ import annotations
 
+import os
+import re
+import tempfile
 import warnings
 from typing import Any, Optional
 
 from .errors import UsageError
+
+
+def default_plot_path(check: str) -> str:
+    """Where a check saves its figure when the user names no path: a per-user folder of the
+    temporary directory, one file per check and test (named from ``PYTEST_CURRENT_TEST``;
+    outside pytest, per process), so a rerun overwrites it instead of piling up files, and the
+    HTML report finds it at the end of the run.
+
+    >>> p = default_plot_path("discriminator_scales")
+    >>> os.path.basename(p).startswith("discriminator_scales-"), p.endswith(".png")
+    (True, True)
+    """
+    import getpass
+
+    try:
+        user = re.sub(r"[^A-Za-z0-9_.-]", "_", getpass.getuser())
+    except Exception:  # noqa: BLE001 - no user name (containers): the uid or a constant
+        user = str(getattr(os, "getuid", lambda: "user")())
+    folder = os.path.join(tempfile.gettempdir(), f"pytest-modelcheck-of-{user}", "plots")
+    test = os.environ.get("PYTEST_CURRENT_TEST", "")
+    test = re.sub(r" \((setup|call|teardown)\)$", "", test)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", test).strip("_")[-150:] or f"pid{os.getpid()}"
+    return os.path.join(folder, f"{check}-{stem}.png")
+
+
+def ensure_folder(path: str) -> None:
+    """Create the folder of ``path`` (private to the user) if it is missing."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+
+
+def plot_path(plot: Any, check: str) -> Optional[str]:
+    """Where a check's ``plot=`` argument says to save its PNG: None for None/False, the
+    default per-test file (``default_plot_path``, its folder created) for True or 'auto', else
+    the path given.
+
+    >>> plot_path(None, "mode_sweep"), plot_path("out/s.png", "mode_sweep")
+    (None, 'out/s.png')
+    >>> plot_path(True, "mode_sweep").endswith(".png")
+    True
+    """
+    if plot is None or plot is False:
+        return None
+    if plot is True or plot == "auto":
+        path = default_plot_path(check)
+        ensure_folder(path)
+        return path
+    return os.fspath(plot)
 
 
 def _figure(width: float, height: float) -> Any:
