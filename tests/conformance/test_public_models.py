@@ -38,6 +38,25 @@ def test_default_set_passes_on_public_architecture(name):
     assert {"grads_finite", "model_overfits", "params_learn"} <= set(ran), ran
 
 
+#: declared checks that apply to any architecture: they must find nothing wrong with a healthy one
+BROAD_DECLARED = ["norm_stats", "attention_maps"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_broad_declared_checks_pass_on_public_architecture(name):
+    package = zoo.CASES[name].package
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install -e '.[conformance]')")
+    from pytest_modelcheck import check_model
+
+    model, batch, declared = zoo.build_case(name)   # facts for the default set: not routed here
+    report = check_model(model, batch, loss=declared.get("loss"), checks=BROAD_DECLARED,
+                         plot=False)
+    assert [r.check for r in report.results] == BROAD_DECLARED
+    failed = [f"{r.check}: {r.headline}" for r in report.results if r.passed is False]
+    assert not failed, f"{name}: false alarms on a healthy public model:\n" + "\n".join(failed)
+
+
 def test_zoo_covers_the_declared_breadth():
     by_package = {}
     for case in zoo.CASES.values():
