@@ -61,7 +61,9 @@ def ddp_consistent(world_size: Any = 2, backend: Any = "gloo", steps: Any = 2, r
     ``timeout``) or raised, parameters without a gradient on some rank, a loss that sums over
     samples (gradients off by the world size), buffers that differ between ranks, BatchNorm
     layers that would need SyncBatchNorm (``local_batchnorm=True`` accepts per-rank statistics).
-    Dropout is switched off in the copies. The model and loss must pickle (a model class from
+    Dropout (modules, ``F.dropout``, SDPA's ``dropout_p``) and stochastic depth are switched off
+    in the copies; a parameter's update is compared net of float32 rounding of its values, with
+    the model's typical update as the floor. The model and loss must pickle (a model class from
     a module, a loss by name or a top-level function).
 
     >>> import torch

@@ -16,18 +16,19 @@ the order of floating-point sums. What differs, and why, is what this module gat
 
 Each rank runs in a child process started by :func:`run_isolated` (``subprocess``, never
 ``fork``), with a process-group timeout; a rank that outlives ``timeout`` is killed, and so is
-every rank when this process is interrupted, so no process is left behind. Dropout modules are
-switched off in every copy (each rank draws different random numbers, which no single-process
+every rank when this process is interrupted, so no process is left behind. Dropout (modules, and
+dropout called as a function) is switched off in every copy (each rank draws different random numbers, which no single-process
 run can match). The model, the batch and the loss must pickle: a model class importable from
 a module, a loss given by name or as a top-level function.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .errors import UsageError, describe_error
 
@@ -69,10 +70,18 @@ class DDPFacts:
         return {r: rec.error for r, rec in enumerate(self.ranks) if rec is not None and rec.error}
 
     def update_errors(self) -> dict:
-        """Parameter name -> relative difference of rank 0's update from the reference's."""
+        """Parameter name -> relative difference of rank 0's update from the reference's
+        (``update_difference``; the model's typical update sets the floor of each scale)."""
+        import math
+
         rank0 = self.ranks[0]
-        return {name: _relative(self.initial[name], self.reference.params[name], p)
-                for name, p in rank0.params.items() if name in self.reference.params}
+        names = [n for n in rank0.params if n in self.reference.params]
+        moved = sum(float((self.reference.params[n] - self.initial[n]).double().norm()) ** 2
+                    for n in names)
+        count = sum(self.initial[n].numel() for n in names)
+        typical = math.sqrt(moved / count) if count else 0.0
+        return {n: update_difference(self.initial[n], self.reference.params[n], rank0.params[n],
+                                     typical) for n in names}
 
     def grad_ratio(self) -> Optional[float]:
         """Norm of rank 0's step-1 gradients over the single process's (None without both)."""
@@ -103,12 +112,38 @@ class DDPFacts:
         return out
 
 
-def _relative(start: Any, ref: Any, mine: Any) -> float:
-    """``|Δmine - Δref| / |Δref|`` with a floor, so a parameter that barely moves compares in
-    absolute terms."""
+#: A parameter whose update is smaller than this fraction of the model's typical update (per
+#: element) is compared against that fraction instead of its own update: its gradient is a sum
+#: that nearly cancels, which float32 rounding decides.
+UPDATE_FLOOR = 1e-3
+#: Rounding of the parameters themselves: this many units in the last place of each element
+#: (norm-wise) is no difference.
+ULPS = 4
+
+
+def update_difference(start: Any, ref: Any, mine: Any, typical: float = 0.0) -> float:
+    """How far one parameter's update ``mine - start`` is from ``ref - start``, relative:
+    ``(|Δmine - Δref| - ULPS ulp(start)) / (|Δref| + UPDATE_FLOOR * typical * sqrt(numel))``,
+    with ``typical`` the model's root-mean-square update per element. A parameter whose update
+    is a few float32 units in the last place of its values, or far below the model's typical
+    update, compares in absolute terms (ConvNeXt's layer scales, MLP-Mixer's LayerNorm weights).
+
+    >>> import torch
+    >>> start = torch.ones(4)
+    >>> round(update_difference(start, start + 0.1, start + 0.12), 3)
+    0.2
+    >>> update_difference(start, start + 1e-7, start + 2e-7, typical=0.1)  # rounding: no difference
+    0.0
+    """
+    import torch
+
     d_ref, d_mine = (ref - start).double(), (mine - start).double()
-    scale = float(d_ref.norm()) + 1e-8 * (float(start.double().norm()) + 1.0)
-    return float((d_mine - d_ref).norm()) / scale
+    eps = torch.finfo(start.dtype).eps if start.is_floating_point() else 0.0
+    rounding = ULPS * eps * float(start.double().norm())
+    gap = max(0.0, float((d_mine - d_ref).norm()) - rounding)
+    scale = (float(d_ref.norm()) + UPDATE_FLOOR * typical * start.numel() ** 0.5
+             + 1e-8 * (float(start.double().norm()) + 1.0))
+    return gap / scale
 
 
 def shard_batch(batch: Any, world_size: int) -> list:
@@ -142,8 +177,21 @@ def samples(batch: Any, start: int, stop: int) -> Any:
     return part
 
 
+#: Modules that drop whole samples' residual branches at random in training (stochastic depth),
+#: by class name: torchvision's ``StochasticDepth`` (``p``), timm's ``DropPath``
+#: (``drop_prob``), and the DropBlock variants (``drop_prob``).
+RANDOM_DROP_CLASSES = ("StochasticDepth", "DropPath", "DropBlock")
+
+
 def without_dropout(model: Any) -> Any:
-    """The model with every dropout module's probability set to 0 (it is a copy)."""
+    """The model with every dropout module's probability set to 0 (it is a copy), stochastic
+    depth (``RANDOM_DROP_CLASSES``) included.
+
+    >>> import torch
+    >>> m = without_dropout(torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    >>> m[0].p
+    0.0
+    """
     import torch
 
     kinds = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d,
@@ -151,7 +199,54 @@ def without_dropout(model: Any) -> Any:
     for module in model.modules():
         if isinstance(module, kinds):
             module.p = 0.0
+        elif any(name in type(module).__name__ for name in RANDOM_DROP_CLASSES):
+            for attr in ("p", "drop_prob"):
+                if isinstance(getattr(module, attr, None), float):
+                    setattr(module, attr, 0.0)
     return model
+
+
+@contextlib.contextmanager
+def functional_dropout_off() -> Iterator[None]:
+    """Dropout called as a function (``F.dropout``, ``torch.dropout``, the variants, and the
+    ``dropout_p`` of ``F.scaled_dot_product_attention``) is the identity inside this block, as
+    ``without_dropout`` makes the dropout modules: T5's attention, for one, calls
+    ``F.dropout(weights, p=config.dropout_rate, training=self.training)`` with no module. The
+    masks of a sharded and a whole batch can never agree, so dropout would read as a mismatch.
+
+    >>> import torch
+    >>> x = torch.ones(4)
+    >>> with functional_dropout_off():
+    ...     torch.nn.functional.dropout(x, p=0.9, training=True).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.overrides import TorchFunctionMode
+
+    names = ("dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout",
+             "feature_alpha_dropout")
+    dropouts = {getattr(F, n) for n in names if hasattr(F, n)}
+    dropouts |= {getattr(torch, n) for n in ("dropout", "feature_dropout", "alpha_dropout",
+                                             "feature_alpha_dropout") if hasattr(torch, n)}
+    sdpa = F.scaled_dot_product_attention
+
+    class NoDropout(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in dropouts:
+                x = args[0] if args else kwargs["input"]
+                inplace = kwargs.get("inplace", args[3] if len(args) > 3 else False)
+                return x if inplace is True else x.clone()
+            if func is sdpa:
+                if len(args) > 4:
+                    args = (*args[:4], 0.0, *args[5:])
+                else:
+                    kwargs["dropout_p"] = 0.0
+            return func(*args, **kwargs)
+
+    with NoDropout():
+        yield
 
 
 def train_record(model: Any, batch: Any, loss: Any, steps: int, lr: float = LR) -> StepRecord:
@@ -170,8 +265,9 @@ def train_record(model: Any, batch: Any, loss: Any, steps: int, lr: float = LR) 
         for step in range(steps):
             record.step = step
             opt.zero_grad(set_to_none=True)
-            out = run_forward(model, batch)
-            total, _ = resolve_loss(loss, batch, out).compute(out, batch, inner)
+            with functional_dropout_off():
+                out = run_forward(model, batch)
+                total, _ = resolve_loss(loss, batch, out).compute(out, batch, inner)
             total.backward()
             if step == 0:
                 record.grads = {n: p.grad.detach().cpu().clone()
@@ -201,6 +297,9 @@ def _error_text(exc: BaseException, inner: Any) -> str:
     return f"forward raised {type(original).__name__}{place}: {first_line(original)}"
 
 
+_KEEP_ALIVE: list = []
+
+
 def _rank_main(rank: int, world_size: int, store: str, backend: str, model: Any, shard: Any,
                loss: Any, steps: int, timeout: float) -> StepRecord:
     """One rank: join the process group, wrap the model in DDP, train on the rank's shard (on
@@ -225,6 +324,10 @@ def _rank_main(rank: int, world_size: int, store: str, backend: str, model: Any,
                 wrapped = DistributedDataParallel(model)
         except Exception as exc:  # noqa: BLE001 - DDP refused the model: a fact
             return StepRecord(error=describe_error(exc), step=-1)
+        # kept alive to the end of the rank process, which replies and leaves with os._exit:
+        # freeing a DDP module (its reducer and gloo work) after the process group is gone
+        # can hang or abort in C++ destructors
+        _KEEP_ALIVE.append(wrapped)
         return train_record(wrapped, shard, loss, steps)
     finally:
         dist.destroy_process_group()
@@ -246,6 +349,7 @@ def run_ranks(model: Any, shards: list, loss: Any, steps: int, backend: str,
     records: list = [None] * world
     timed_out: list = []
     crashed: dict = {}
+    not_sent: dict = {}
     with tempfile.TemporaryDirectory(prefix="modelcheck-ddp-") as tmp:
         store = os.path.join(tmp, "store")
 
@@ -258,12 +362,22 @@ def run_ranks(model: Any, shards: list, loss: Any, steps: int, backend: str,
                 timed_out.append(r)
             except IsolatedCrash as exc:
                 crashed[r] = str(exc)
+            except NotIsolatable as exc:  # the child could not unpickle the call (an import)
+                not_sent[r] = str(exc)
+            except Exception as exc:  # noqa: BLE001 - any other failure to run the rank
+                crashed[r] = describe_error(exc)
+            finally:
+                if records[r] is None and r not in timed_out and r not in crashed \
+                        and r not in not_sent:
+                    crashed[r] = "the rank process returned nothing"
 
         threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+    if not_sent:
+        raise NotIsolatable(next(iter(not_sent.values())))
     return records, sorted(timed_out), crashed
 
 

@@ -67,6 +67,60 @@ class HangsOnRank1(MLP):
         return self.net(x)
 
 
+class FunctionalDropout(MLP):
+    """Dropout called as a function, as T5's attention does: no module to switch off."""
+
+    def forward(self, x):
+        h = nn.functional.dropout(self.net[1](self.net[0](x)), p=0.5, training=self.training)
+        weights = torch.softmax(h[:, None, :4] @ h[:, :4, None], dim=-1)
+        h = h + nn.functional.scaled_dot_product_attention(h[:, None, None], h[:, None, None],
+                                                           h[:, None, None], dropout_p=0.5)[:, 0, 0]
+        return self.net[3](h * weights[:, 0])
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as timm writes it: each sample's branch dropped at random."""
+
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = x.new_empty(x.shape[0], 1).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class WithDropPath(MLP):
+    def __init__(self):
+        super().__init__()
+        self.branch = nn.Linear(16, 16)
+        self.drop_path = DropPath(0.5)
+
+    def forward(self, x):
+        h = self.net[1](self.net[0](x))
+        return self.net[3](h + self.drop_path(self.branch(h)))
+
+
+_IN_THE_TEST_PROCESS = False
+
+
+def _rebuild(state):
+    if not _IN_THE_TEST_PROCESS:  # a fresh rank process: as a missing compiled operator would
+        raise RuntimeError("operator mylib::fused_op does not exist")
+    model = OnlyHere()
+    model.load_state_dict(state)
+    return model
+
+
+class OnlyHere(MLP):
+    """Pickles in this process but cannot be rebuilt in a rank process."""
+
+    def __reduce__(self):
+        return _rebuild, (self.state_dict(),)
+
+
 def summed_mse(out, target):
     return ((out - target) ** 2).sum()
 
@@ -152,6 +206,38 @@ def test_a_model_that_cannot_be_sent_to_the_ranks_is_skipped_with_the_reason():
     result = ddp_consistent(model=Local(), batch=make_batch(), loss="mse")
     assert result.passed is None
     assert "cannot be sent to the rank processes" in result.headline
+
+
+@pytest.mark.parametrize("model", [FunctionalDropout, WithDropPath])
+def test_functional_dropout_and_stochastic_depth_are_off_in_every_copy(model):
+    """No false alarm from random masks: a sharded batch never draws the whole batch's mask."""
+    result = ddp_consistent(model=model(), batch=make_batch(), loss="mse")
+    assert result.passed, result.headline
+    assert result.metrics["max_update_rel_diff"] < 1e-4
+
+
+def test_a_model_the_rank_processes_cannot_rebuild_is_skipped_with_the_reason(monkeypatch):
+    monkeypatch.setitem(globals(), "_IN_THE_TEST_PROCESS", True)
+    result = ddp_consistent(model=OnlyHere(), batch=make_batch(), loss="mse", timeout="20s")
+    assert result.passed is None, result.headline
+    assert "cannot be sent to the rank processes" in result.headline
+    assert "operator mylib::fused_op does not exist" in result.headline
+
+
+def test_update_difference_ignores_rounding_and_cancelled_gradients():
+    from pytest_modelcheck.core.distributed import update_difference
+
+    start = torch.ones(512)
+    # MLP-Mixer's LayerNorm weight: an update of a few float32 ulps, one element one ulp apart
+    ref = start + 2e-5 / 512 ** 0.5
+    mine = ref.clone()
+    mine[0] = torch.nextafter(mine[0], torch.tensor(2.0))
+    assert update_difference(start, ref, mine, typical=1e-4) == 0.0
+    # a bias whose gradient nearly cancels: judged against the model's typical update
+    bias = torch.full((64,), 1e-6)
+    assert update_difference(bias, bias + 1e-11, bias + 2e-11, typical=1e-4) < 1e-3
+    # a real difference stays one: a gradient twice as large
+    assert update_difference(start, start + 1e-2, start + 2e-2, typical=1e-4) > 0.9
 
 
 @pytest.mark.parametrize("kwargs, expected", [

@@ -57,6 +57,30 @@ def test_broad_declared_checks_pass_on_public_architecture(name):
     assert not failed, f"{name}: false alarms on a healthy public model:\n" + "\n".join(failed)
 
 
+CHILD_SITE = os.path.join(os.path.dirname(__file__), "child_site")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_consistent_passes_on_public_architecture(name, monkeypatch):
+    """DDP on 2 gloo ranks matches one process; per-GPU BatchNorm statistics declared where the
+    model has BatchNorm (torchvision's reference training uses them unless --sync-bn)."""
+    package = zoo.CASES[name].package
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install -e '.[conformance]')")
+    from pytest_modelcheck import check_model
+
+    # the rank processes import torchvision while unpickling the model: see child_site/
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [CHILD_SITE] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    model, batch, declared = zoo.build_case(name)
+    report = check_model(model, batch, loss=declared.get("loss"), checks=["ddp_consistent"],
+                         local_batchnorm=True)
+    (result,) = report.results
+    if result.passed is None and "cannot be sent to the rank processes" in result.headline:
+        pytest.skip(f"{name}: {result.headline}")  # a case whose loss is a local function
+    assert result.passed is True, f"{name}: {result.headline}\n{result.details}"
+
+
 def test_zoo_covers_the_declared_breadth():
     by_package = {}
     for case in zoo.CASES.values():
