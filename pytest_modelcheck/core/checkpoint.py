@@ -416,15 +416,44 @@ def _open(path: Any, allow_unsafe: bool, verify: bool, need_values: bool) -> tup
     return fmt, size, _torch_load(path, fmt, allow_unsafe, verify), None
 
 
+def _module_state(x: Any) -> Any:
+    """The state dict of a whole pickled ``nn.Module`` (``torch.save(model)``, loaded with
+    ``allow_unsafe=True``), or None for anything else."""
+    if isinstance(x, dict) or not (callable(getattr(x, "state_dict", None))
+                                   and callable(getattr(x, "named_parameters", None))):
+        return None
+    try:
+        state = x.state_dict()
+    except Exception:  # noqa: BLE001 - an object that only looks like a module
+        return None
+    return state if _is_state_dict(state) else None
+
+
 def _split(obj: Any) -> tuple:
     """(state key, state dict, the rest of a wrapper dict); the standard wrapper keys
     (``model_state_dict``, ``state_dict``, ...) are looked for first, so a wrapper holding a
-    few tensors of its own (a step counter) is not taken for the state dict."""
+    few tensors of its own (a step counter) is not taken for the state dict. A whole pickled
+    module, alone or under one of those keys, gives its ``state_dict()``.
+
+    >>> import torch
+    >>> key, state, rest = _split({"model": torch.nn.Linear(2, 1), "epoch": 3})
+    >>> key, sorted(state), rest
+    ('model (a pickled Linear module)', ['bias', 'weight'], {'epoch': 3})
+    """
+    module_state = _module_state(obj)
+    if module_state is not None:
+        return (f"<a pickled {type(obj).__name__} module>",
+                {k: v for k, v in module_state.items() if _is_tensor(v)}, {})
     if isinstance(obj, dict):
         for key in STATE_KEYS:
             if key in obj and _is_state_dict(obj[key]):
                 return key, {k: v for k, v in obj[key].items() if _is_tensor(v)}, \
                     {k: v for k, v in obj.items() if k != key}
+            module_state = _module_state(obj.get(key))
+            if module_state is not None:
+                return (f"{key} (a pickled {type(obj[key]).__name__} module)",
+                        {k: v for k, v in module_state.items() if _is_tensor(v)},
+                        {k: v for k, v in obj.items() if k != key})
     if _is_state_dict(obj):
         return "", {k: v for k, v in obj.items() if _is_tensor(v)}, \
             {k: v for k, v in obj.items() if not _is_tensor(v)}

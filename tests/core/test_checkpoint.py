@@ -266,6 +266,23 @@ def test_allow_unsafe_loads_a_trusted_pickled_object(tmp_path):
     assert info.total_numel == 2 and info.config == {"lr": 0.1}
 
 
+@pytest.mark.parametrize("saved, key", [
+    (lambda m: m, "<a pickled Sequential module>"),                    # torch.save(model)
+    (lambda m: {"model": m, "epoch": 4}, "model (a pickled Sequential module)"),
+])
+def test_a_whole_pickled_module_is_read_through_its_state_dict(tmp_path, saved, key):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    path = tmp_path / "full.pt"
+    torch.save(saved(model), path)
+    info = inspect_checkpoint(path, model=model, allow_unsafe=True)
+    assert info.state_key == key
+    assert set(info.tensors) == set(model.state_dict()) and info.total_numel == 28
+    assert info.matches_model, info.render()
+    assert "Weights:             'model (a pickled" in info.render() or key.startswith("<")
+    other = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5))
+    assert not inspect_checkpoint(path, model=other, allow_unsafe=True).matches_model
+
+
 @pytest.fixture
 def good_file(tmp_path):
     path = tmp_path / "good.pt"
