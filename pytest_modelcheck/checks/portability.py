@@ -42,7 +42,10 @@ def plain_tensor_attributes(model: Any) -> list:
 
 def _device_probe(model: Any, batch: Any, device: Any) -> dict:
     """Run a copy of ``model`` moved to ``device`` on ``batch`` moved there; record every op that
-    mixes ``device`` with real CPU tensors or makes a CPU tensor (0-d CPU scalars mix freely)."""
+    mixes ``device`` with real CPU tensors or makes a CPU tensor (0-d CPU scalars mix freely)
+    that is not then moved to ``device`` (itself or a CPU tensor computed from it)."""
+    import weakref
+
     import torch
 
     from ..core._torch_compat import dispatch_mode_base
@@ -57,9 +60,28 @@ def _device_probe(model: Any, batch: Any, device: Any) -> dict:
     def strays(tensors: list) -> list:
         return [t for t in tensors if t.device.type == "cpu" and t.dim() > 0]
 
-    def note(kind: str, func: Any, t: Any, module: str) -> None:
-        found.append({"kind": kind, "op": _op_name(func), "module": module,
-                      "source": user_source(), "shape": tuple(t.shape)})
+    def note(kind: str, func: Any, t: Any, module: str) -> dict:
+        entry = {"kind": kind, "op": _op_name(func), "module": module,
+                 "source": user_source(), "shape": tuple(t.shape)}
+        found.append(entry)
+        return entry
+
+    # a CPU tensor made in forward, and the CPU tensors computed from it, carry the entry that
+    # reported it; once one of them is moved to the target (x.to(device)), it was made on the
+    # CPU on purpose (a cached coordinate grid, say) and the entry is withdrawn
+    origin: dict = {}
+
+    def origins(tensors: list) -> list:
+        found_entries: list = []
+        for t in tensors:
+            ref, entries = origin.get(id(t), (None, ()))
+            if ref is not None and ref() is t:
+                found_entries += [e for e in entries if all(e is not f for f in found_entries)]
+        return found_entries
+
+    def mark(tensors: list, entries: list) -> None:
+        for t in tensors:
+            origin[id(t)] = (weakref.ref(t), tuple(entries))
 
     with _ModuleStack(work) as mods:
         class Recorder(dispatch_mode_base()):  # type: ignore[misc]
@@ -70,10 +92,19 @@ def _device_probe(model: Any, batch: Any, device: Any) -> dict:
                 if on_target and strays(ins) and len(found) < 20:
                     note("mix", func, strays(ins)[0], mods.current)
                 out = func(*args, **kwargs)
+                outs = _flat_tensors(out)
                 if not ins or not strays(ins):
-                    made = strays(_flat_tensors(out))
+                    made = strays(outs)
                     if made and len(found) < 20:
-                        note("made", func, made[0], mods.current)
+                        mark(made, [note("made", func, made[0], mods.current)])
+                else:
+                    parents = origins(strays(ins))
+                    if parents and not on_target and outs \
+                            and all(t.device.type == target.type for t in outs):
+                        # moved to the target: made on the CPU on purpose
+                        found[:] = [f for f in found if all(f is not e for e in parents)]
+                    elif parents and strays(outs):
+                        mark(strays(outs), parents)
                 return out
 
         error = None

@@ -159,6 +159,56 @@ def _save_and_load(work: Any) -> Any:
     return torch.load(buf, weights_only=True)
 
 
+def unsafe_globals(text: str) -> list:
+    """The globals ``torch.load(weights_only=True)`` refused, from its error message.
+
+    >>> unsafe_globals("WeightsUnpickler error: Unsupported global: GLOBAL torch._C._nn.gelu was"
+    ...                " not an allowed global by default.")
+    ['torch._C._nn.gelu']
+    """
+    import re
+
+    return list(dict.fromkeys(re.findall(r"Unsupported global: GLOBAL ([\w.]+)", text)))
+
+
+def _unloadable(subject: Subject, work: Any, exc: Exception) -> CheckResult:
+    """The failure for a state_dict that ``torch.load(weights_only=True)`` refuses: the entries
+    that are not tensors and do not load alone, and the globals they reference."""
+    import io
+
+    import torch
+
+    text = str(exc)
+    refused = unsafe_globals(text)
+    culprits = []
+    for key, value in work.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            continue
+        buf = io.BytesIO()
+        try:
+            torch.save({key: value}, buf)
+            buf.seek(0)
+            torch.load(buf, weights_only=True)
+        except Exception:  # noqa: BLE001 - this entry is one that does not load
+            culprits.append(f"'{key}' ({type(value).__name__})")
+    if refused or culprits:
+        what = (f"entry {culprits[0]}{and_more(culprits)} of the state_dict" if culprits
+                else "the state_dict")
+        refs = f" references {', '.join(refused)}" if refused else " holds objects"
+        headline = (f"expected the state_dict to survive torch.save/torch.load(weights_only=True),"
+                    f" observed {what}{refs}, which weights_only loading (torch.load's default"
+                    " since torch 2.6) refuses")
+    else:
+        first = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+        headline = (f"expected the state_dict to survive torch.save/torch.load(weights_only=True),"
+                    f" observed {type(exc).__name__}: {first[:300]}")
+    details = ["remedy: keep non-tensor metadata (configuration, functions, classes) out of the"
+               " state_dict (save it beside, as plain types), or let loaders allowlist it with"
+               " torch.serialization.add_safe_globals([...])"]
+    return subject.failed(headline, details, {"stage": "save_load", "refused_globals": refused,
+                                              "entries": culprits})
+
+
 def _fresh_instance(factory: Any, work: Any, gen: Any, device: Any) -> Any:
     """``factory()`` in eval mode on the device, or a deep copy of ``work`` with its state_dict
     overwritten by noise."""
@@ -286,10 +336,7 @@ def state_roundtrip(factory: Any = None, *, subject: Subject) -> CheckResult:
     try:
         saved = _save_and_load(work)
     except Exception as exc:  # noqa: BLE001 - any failure here is the finding
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        return subject.failed(f"expected the state_dict to survive torch.save/torch.load("
-                              f"weights_only=True), observed {type(exc).__name__}: {msg}",
-                              metrics={"stage": "save_load"})
+        return _unloadable(subject, work, exc)
     metrics: dict = {"keys": len(saved), "factory": factory is not None}
     gen = torch.Generator().manual_seed(1234)
     fresh = _fresh_instance(factory, work, gen, subject.device)

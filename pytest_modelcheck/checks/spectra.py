@@ -158,6 +158,10 @@ def _with_input(batch: Any, input_index: int, new: Any) -> Any:
     return dataclasses.replace(batch, args=batch.args[:key] + (new,) + batch.args[key + 1:])
 
 
+#: The example input is band-limited to this fraction of its grid's Nyquist before resampling.
+INPUT_BAND = 0.5
+
+
 @dataclass
 class _Resolutions:
     """The model's outputs on the example grid and on the ``scale`` times finer one, and the
@@ -182,7 +186,7 @@ def _run_resolutions(subject: Subject, scale: int, input_index: int) -> _Resolut
     import torch
 
     from ..core.forward import run_forward
-    from ..core.spectra import fourier_upsample, power_beyond
+    from ..core.spectra import band_limited, fourier_upsample, power_beyond
     from .spatial import _input_tensor
 
     base = subject.batch_copy()
@@ -191,15 +195,20 @@ def _run_resolutions(subject: Subject, scale: int, input_index: int) -> _Resolut
         raise SkipCheck(f"the input of shape {tuple(x.shape)} is not a floating (B, C, *spatial)"
                         " field, so it cannot be resampled")
     ndim = min(x.dim() - 2, 3)
+    # half the Nyquist: a pointwise nonlinearity's harmonics of the finest scales stay on the
+    # example grid, so what the fine grid holds beyond it comes from the model, not the data
+    x = band_limited(x, INPUT_BAND, ndim)
+    base = _with_input(base, input_index, x)
     fine_in = fourier_upsample(x, scale, ndim)
+    fine_grid = tuple(fine_in.shape[-ndim:])
     work = subject.model_copy("eval")
     modules: list = []
 
     limits = tuple(int(n) // 2 for n in x.shape[-ndim:])  # cycles per box, on every grid
 
     def record(name: str, mod: Any, args: Any, out: Any) -> None:
-        t = _first_field(out)
-        if t is not None and t.dim() >= ndim + 1 and min(t.shape[-ndim:]) >= 2:
+        t = _first_field(out)  # fields on the fine grid only (not flattened or pooled maps)
+        if t is not None and t.dim() >= ndim + 1 and tuple(t.shape[-ndim:]) == fine_grid:
             modules.append((name, type(mod).__name__, power_beyond(t, limits, ndim)))
 
     with torch.no_grad():
@@ -234,9 +243,11 @@ def no_aliasing(scale: Any = 2, max_ratio: Any = 5e-3, max_band_ratio: Any = 2.0
                 plot: Any = True, input_index: Any = 0, *, subject: Subject) -> CheckResult:
     """A finer grid adds no output power above the example grid's Nyquist (no aliasing artefacts).
 
-    The example input (``input_index``, a ``(B, C, *spatial)`` field) is Fourier-interpolated
-    to a grid ``scale`` times finer: the same field, band-limited to the example grid's Nyquist
-    ``n/2``. The model runs on both (eval, no gradients, on a copy). A resolution-invariant
+    The example input (``input_index``, a ``(B, C, *spatial)`` field) is first band-limited to
+    half its grid's Nyquist (``n/4``), so that the harmonics a pointwise nonlinearity makes of
+    its finest scales still fit the example grid (with a full-band input, white noise, every
+    healthy FNO would put them beyond it), then Fourier-interpolated to a grid ``scale`` times
+    finer: the same field on both grids. The model runs on both (eval, no gradients, on a copy). A resolution-invariant
     operator (an FNO: truncated spectral layers, pointwise maps) gives nearly the same field at
     both, so the fine output's power beyond ``n/2`` must be at most ``max_ratio`` of its power
     (each map's mean removed and a Hann window applied, so a non-periodic output's jump across

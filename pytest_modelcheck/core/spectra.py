@@ -166,6 +166,33 @@ def _spatial_ndim(field: Any, ndim: Optional[int]) -> int:
     return ndim
 
 
+def band_limited(field: Any, fraction: float, ndim: Optional[int] = None) -> Any:
+    """``field`` with every Fourier mode above ``fraction`` of its grid's Nyquist (along any of
+    its last ``ndim`` dims) removed; dtype and device kept. ``fraction=0.5`` leaves room for the
+    harmonics a pointwise nonlinearity makes of the finest kept scales (twice their wavenumber)
+    on the same grid.
+
+    >>> import math, torch
+    >>> x = torch.arange(16.0)
+    >>> wave = torch.sin(2 * math.pi * 2 * x / 16) + torch.sin(2 * math.pi * 7 * x / 16)
+    >>> low = band_limited(wave[None, None], 0.5, ndim=1)[0, 0]
+    >>> bool(torch.allclose(low, torch.sin(2 * math.pi * 2 * x / 16), atol=1e-6))
+    True
+    """
+    import torch
+
+    ndim = _spatial_ndim(field, ndim)
+    dims = tuple(range(-ndim, 0))
+    spec = torch.fft.fftn(field.detach().to(torch.float64), dim=dims)
+    for axis in dims:
+        n = spec.shape[axis]
+        k = (torch.fft.fftfreq(n, dtype=torch.float64, device=spec.device) * n).abs()
+        shape = [1] * spec.dim()
+        shape[axis] = n
+        spec = spec * (k <= fraction * n / 2).view(shape)
+    return torch.fft.ifftn(spec, dim=dims).real.to(field.dtype)
+
+
 def detrended(field: Any, ndim: Optional[int] = None) -> Any:
     """A float64 CPU copy of ``field`` with each map's mean removed and a periodic Hann window
     applied along its last ``ndim`` dims: its spectrum shows the field's own structure, not

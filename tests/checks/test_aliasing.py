@@ -56,6 +56,27 @@ def test_healthy_fno_twin_passes_with_matching_spectra():
     assert r.metrics["grids"] == [[16, 16], [32, 32]] and "plot" not in r.metrics
 
 
+def test_a_healthy_fno_on_a_full_band_input_passes():
+    """White noise fills the grid up to its Nyquist; the FNO's pointwise nonlinearity makes
+    harmonics beyond it, which the finer grid resolves. Without band-limiting the input first,
+    this healthy model read as aliasing (0.049 of its power above the Nyquist)."""
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(3))
+    r = no_aliasing(plot=None, model=_small_fno(), batch=(x, x))
+    assert r.passed is True, r.headline
+    assert r.metrics["fraction_above_nyquist"] < 1e-3
+    planted = no_aliasing(plot=None, model=CoarseShortcut(), batch=(x, x))
+    assert planted.passed is False and "'up' (Upsample)" in planted.headline
+
+
+def test_band_limited_keeps_the_low_modes_and_removes_the_rest():
+    from pytest_modelcheck.core.spectra import band_limited
+
+    x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    low = band_limited(x, 0.5)
+    assert power_beyond(low, (4, 4), window=False) < 1e-12
+    assert torch.allclose(band_limited(low, 0.5), low, atol=1e-6)
+
+
 def test_a_coarse_shortcut_with_bilinear_upsampling_changes_the_spectrum_with_the_grid():
     r = no_aliasing(plot=None, model=CoarseShortcut("bilinear"), batch=_batch())
     assert r.passed is False

@@ -397,6 +397,29 @@ class RoundtripNet(nn.Module):
         return self.scaled(self.body(x))
 
 
+class MetadataNet(RoundtripNet):
+    """neuraloperator's habit: the constructor's arguments, a function among them, saved in the
+    state_dict, which torch.load(weights_only=True) then refuses."""
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        state["_metadata"] = {"width": 6, "non_linearity": torch.nn.functional.gelu}
+        return state
+
+    def load_state_dict(self, state, *args, **kwargs):
+        state = {k: v for k, v in state.items() if k != "_metadata"}
+        return super().load_state_dict(state, *args, **kwargs)
+
+
+def test_state_roundtrip_names_metadata_that_weights_only_loading_refuses():
+    r = state_roundtrip(model=MetadataNet(), batch=_x())
+    assert r.passed is False
+    assert ("observed entry '_metadata' (dict) of the state_dict references"
+            " torch._C._nn.gelu, which weights_only loading") in r.headline
+    assert "add_safe_globals" in r.details and "\x1b" not in r.headline
+    assert state_roundtrip(model=RoundtripNet(), batch=_x()).passed is True
+
+
 def test_state_roundtrip_names_a_plain_tensor_attribute():
     torch.manual_seed(0)
     r = state_roundtrip(model=RoundtripNet("plain"), batch=_x())

@@ -94,6 +94,36 @@ def test_device_portable_names_the_line_that_created_a_cpu_tensor(kind, op):
     assert "created a cpu tensor of shape [" in r.headline and "model is on meta" in r.headline
 
 
+class CachedGrid(nn.Module):
+    """neuraloperator's grid embedding: coordinates made with torch.linspace on the CPU, combined
+    with meshgrid, then moved with .to(x.device) before they meet the input."""
+
+    def forward(self, x):
+        n = x.shape[-1]
+        gx, gy = torch.meshgrid(torch.linspace(0, 1, n + 1)[:-1], torch.linspace(0, 1, n + 1)[:-1],
+                                indexing="ij")
+        grid = torch.stack([gx, gy]).to(x.device).to(x.dtype)
+        return torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], dim=1)
+
+
+class ForgottenGrid(CachedGrid):
+    """The same grid, not moved: it meets the input on the CPU."""
+
+    def forward(self, x):
+        n = x.shape[-1]
+        gx, gy = torch.meshgrid(torch.linspace(0, 1, n), torch.linspace(0, 1, n), indexing="ij")
+        return x + (gx + gy)
+
+
+def test_device_portable_accepts_a_cpu_tensor_moved_to_the_device_before_use():
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    r = device_portable(model=CachedGrid(), batch=x)
+    assert r.passed is True, r.headline
+    r = device_portable(model=ForgottenGrid(), batch=x)
+    assert r.passed is False
+    assert "created a cpu tensor of shape [8]" in r.headline or "mixed a meta tensor" in r.headline
+
+
 def test_device_portable_names_the_op_that_used_a_tensor_literal():
     # torch.tensor([...]) is built outside the dispatcher; the first op using it is reported
     r = device_portable(model=Net("tensor_literal"), batch=_batch())
