@@ -68,7 +68,8 @@ def _rebuild(mod: Any) -> Any:
     if any(p.default is p.empty and p.kind is p.KEYWORD_ONLY for p in params) or \
             len(required) > 3:
         return None, False
-    want = {k: tuple(v.shape) for k, v in mod.state_dict(keep_vars=True).items()}
+    want = {k: tuple(v.shape) for k, v in mod.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor)}  # extra state (metadata) is not a tensor
     want.update({f"buffer:{k}": tuple(v.shape) for k, v in mod.named_buffers()})
     if required and sum(v.numel() for v in mod.parameters()) > 10_000_000:
         return None, False
@@ -86,7 +87,8 @@ def _rebuild(mod: Any) -> Any:
             continue
         if not required:
             return rebuilt, False
-        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict(keep_vars=True).items()}
+        got = {k: tuple(v.shape) for k, v in rebuilt.state_dict(keep_vars=True).items()
+               if isinstance(v, torch.Tensor)}
         got.update({f"buffer:{k}": tuple(v.shape) for k, v in rebuilt.named_buffers()})
         if got == want:
             return rebuilt, True
@@ -228,6 +230,8 @@ def _fresh_instance(factory: Any, work: Any, gen: Any, device: Any) -> Any:
         return fresh.to(device).eval()
     fresh = copy.deepcopy(work)
     for t in fresh.state_dict(keep_vars=True).values():
+        if not isinstance(t, torch.Tensor):  # extra state, such as saved metadata
+            continue
         _scramble(t.data if isinstance(t, torch.nn.Parameter) else t, gen)
     return fresh
 

@@ -411,6 +411,24 @@ class MetadataNet(RoundtripNet):
         return super().load_state_dict(state, *args, **kwargs)
 
 
+class ExtraStateNet(RoundtripNet):
+    """Plain-typed extra state (torch's get_extra_state): a non-tensor state_dict entry that
+    weights_only loading accepts."""
+
+    def get_extra_state(self):
+        return {"version": "0.1.0", "width": 6}
+
+    def set_extra_state(self, state):
+        self.loaded_state = state
+
+
+def test_state_roundtrip_passes_with_plain_extra_state():
+    model = ExtraStateNet()
+    assert not isinstance(model.state_dict()["_extra_state"], torch.Tensor)
+    r = state_roundtrip(model=model, batch=_x())
+    assert r.passed is True, r.headline
+
+
 def test_state_roundtrip_names_metadata_that_weights_only_loading_refuses():
     r = state_roundtrip(model=MetadataNet(), batch=_x())
     assert r.passed is False
