@@ -87,7 +87,9 @@ def grads_finite(allow_unused: Any = (), *, subject: Subject) -> CheckResult:
         if len(missing) > 20:
             details.append(f"  ... and {len(missing) - 20} more")
         details.append("remedy: a branch not used in forward, a .detach()/.item()/no_grad in the"
-                       " middle, or integer ops cut the graph; if intended, pass allow_unused=[...]")
+                       " middle, or integer ops cut the graph; if intended (layers built but not"
+                       " used in this configuration), pass allow_unused=[...] and note that"
+                       " DistributedDataParallel then needs find_unused_parameters=True")
 
     origin = None
     if bad_outputs or problems or nonfinite:

@@ -18,11 +18,14 @@ def plain_tensor_attributes(model: Any) -> list:
     """``[(path, type name), ...]`` of tensors stored as plain module attributes.
 
     Such tensors are neither parameters nor registered buffers, so ``model.to(device)``,
-    ``state_dict()`` and ``copy.deepcopy`` bookkeeping leave them behind.
+    ``state_dict()`` and ``copy.deepcopy`` bookkeeping leave them behind. Empty placeholders
+    (MONAI's ``self.att_mat = torch.Tensor()``, overwritten in forward) hold nothing to leave
+    behind and are not listed.
 
     >>> import torch
     >>> m = torch.nn.Linear(2, 2)
     >>> m.scale = torch.ones(2)
+    >>> m.cache = torch.Tensor()
     >>> plain_tensor_attributes(m)
     [('scale', 'Linear')]
     """
@@ -35,7 +38,7 @@ def plain_tensor_attributes(model: Any) -> list:
         managed = hook_managed_attributes(mod)
         for key, value in vars(mod).items():
             if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
-                    and key not in managed:
+                    and key not in managed and value.numel() > 0:
                 found.append((f"{name}.{key}" if name else key, type(mod).__name__))
     return found
 

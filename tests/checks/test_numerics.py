@@ -159,6 +159,14 @@ def test_plain_tensor_attributes_ignores_parameters_and_buffers():
     assert plain_tensor_attributes(Net("plain_attribute")) == [("offset", "Net")]
 
 
+def test_an_empty_placeholder_attribute_is_no_stray():
+    """MONAI's SABlock keeps ``self.att_mat = torch.Tensor()`` for attention it may save."""
+    model = Net()
+    model.att_mat = torch.Tensor()
+    assert plain_tensor_attributes(model) == []
+    assert device_portable(model=model, batch=_batch()).passed is True
+
+
 def test_device_portable_takes_no_user_arguments():
     with pytest.raises(UsageError, match="expected device_portable"):
         device_portable(1, model=Net(), batch=_batch())
