@@ -366,10 +366,6 @@ def run_ranks(model: Any, shards: list, loss: Any, steps: int, backend: str,
                 not_sent[r] = str(exc)
             except Exception as exc:  # noqa: BLE001 - any other failure to run the rank
                 crashed[r] = describe_error(exc)
-            finally:
-                if records[r] is None and r not in timed_out and r not in crashed \
-                        and r not in not_sent:
-                    crashed[r] = "the rank process returned nothing"
 
         threads = [threading.Thread(target=rank, args=(r,), daemon=True) for r in range(world)]
         for t in threads:

@@ -184,13 +184,23 @@ def band_limited(field: Any, fraction: float, ndim: Optional[int] = None) -> Any
     ndim = _spatial_ndim(field, ndim)
     dims = tuple(range(-ndim, 0))
     spec = torch.fft.fftn(field.detach().to(torch.float64), dim=dims)
-    for axis in dims:
-        n = spec.shape[axis]
-        k = (torch.fft.fftfreq(n, dtype=torch.float64, device=spec.device) * n).abs()
-        shape = [1] * spec.dim()
-        shape[axis] = n
-        spec = spec * (k <= fraction * n / 2).view(shape)
+    spatial = tuple(spec.shape[-ndim:])
+    spec = spec * ~_modes_beyond(spatial, [fraction * n / 2 for n in spatial], spec.device)
     return torch.fft.ifftn(spec, dim=dims).real.to(field.dtype)
+
+
+def _modes_beyond(spatial: tuple, limits: Any, device: Any = None) -> Any:
+    """Boolean mask over an FFT grid of shape ``spatial``: the modes with ``|k| > limit`` along
+    any axis (``k`` in cycles per box, one limit per axis)."""
+    import torch
+
+    beyond = torch.zeros(spatial, dtype=torch.bool, device=device)
+    for i, (n, lim) in enumerate(zip(spatial, limits)):
+        k = (torch.fft.fftfreq(n, dtype=torch.float64, device=device) * n).abs() > lim
+        shape = [1] * len(spatial)
+        shape[i] = n
+        beyond = beyond | k.view(shape)
+    return beyond
 
 
 def detrended(field: Any, ndim: Optional[int] = None) -> Any:
@@ -244,11 +254,6 @@ def power_beyond(field: Any, limits: Any, ndim: Optional[int] = None, window: bo
     power = torch.fft.fftn(data.reshape(-1, *spatial), dim=tuple(range(1, ndim + 1)))
     power = power.abs().pow(2).sum(0)
     power[(0,) * ndim] = 0.0
-    beyond = torch.zeros(spatial, dtype=torch.bool)
-    for i, (n, lim) in enumerate(zip(spatial, limits)):
-        k = (torch.fft.fftfreq(n, dtype=torch.float64) * n).abs() > lim + (1 if window else 0)
-        shape = [1] * ndim
-        shape[i] = n
-        beyond = beyond | k.view(shape)
+    beyond = _modes_beyond(spatial, [lim + (1 if window else 0) for lim in limits])
     total = float(power.sum())
     return float(power[beyond].sum()) / total if total > 0 else 0.0

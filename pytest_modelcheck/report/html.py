@@ -24,7 +24,7 @@ import re
 from typing import Any, Optional
 
 from .markdown import comparison_cells
-from .terminal import health_row
+from .terminal import health_row, xfail_outcome
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -345,9 +345,8 @@ def status_of(row: dict) -> str:
     ...     {"passed": False}]})
     ('xfailed', 'failed')
     """
-    info = row.get("xfail")
-    if isinstance(info, dict) and info.get("outcome") in ("xfailed", "xpassed"):
-        return str(info["outcome"])
+    if xfail_outcome(row):
+        return xfail_outcome(row)
     outcome = str(row.get("outcome") or "").lower()
     if outcome in ("xfailed", "xfail"):
         return "xfailed"

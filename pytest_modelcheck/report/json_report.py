@@ -7,6 +7,7 @@ import platform
 from typing import Any, Optional
 
 from ..core.files import atomic_write_text
+from .terminal import xfail_outcome
 
 
 def json_safe(value: Any, _found: Optional[list] = None) -> Any:
@@ -56,8 +57,7 @@ def expected_to_fail(test: dict) -> bool:
     >>> expected_to_fail({"xfail": {"outcome": "xpassed"}}), expected_to_fail({})
     (False, False)
     """
-    xfail = test.get("xfail")
-    return isinstance(xfail, dict) and xfail.get("outcome") == "xfailed"
+    return xfail_outcome(test) == "xfailed"
 
 
 def failed_checks(tests: list) -> list:
